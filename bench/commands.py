@@ -1,0 +1,7 @@
+"""PLACEHOLDER (being written): bench group."""
+import click
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks."""

@@ -1,0 +1,52 @@
+"""The batch contract every loader backend honours, and the augmentation parameters they share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+BACKENDS: tuple[str, ...] = ("ffcv", "dali", "torch", "resident")
+OVERSAMPLE_STRATEGIES: tuple[str, ...] = ("none", "balanced", "sqrt", "joint")
+
+# ImageNet statistics on the 0-255 scale; the trunk is trained from scratch but these keep
+# activations in a sane range and match what the team's earlier runs used.
+MEAN_255: tuple[float, float, float] = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+STD_255: tuple[float, float, float] = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Train-time augmentation; every backend applies the same parameters."""
+
+    scale: tuple[float, float] = (0.35, 1.0)  # random resized crop: fraction of the image area
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random resized crop: aspect ratio range (w/h)
+    hflip: bool = True  # p = 0.5
+    vflip: bool = True  # p = 0.5; leaves have no fixed up/down in a hand-held photo
+    rot90: bool = False  # random multiples of 90 degrees (aerial imagery has no up)
+    brightness: float = 0.2  # multiplicative jitter, factor in [1 - b, 1 + b]
+    contrast: float = 0.2  # factor in [1 - c, 1 + c] around the image mean
+    saturation: float = 0.2  # factor in [1 - s, 1 + s] around the grey image
+    val_crop_fraction: float = 0.875  # validation: resize shorter side to size / fraction, centre crop
+
+
+class Batch(NamedTuple):
+    """One batch, identical in layout on every backend."""
+
+    images: torch.Tensor  # (B, 3, H, W), float16/float32, normalised; channels_last on CUDA
+    position: torch.Tensor  # (B,) int64 class index
+    grade: torch.Tensor  # (B,) float32 grade value on the dataset's scale
+    sample_id: torch.Tensor  # (B,) int64, the manifest's sample id
+
+
+class CornpipeError(Exception):
+    """An error the user caused or can fix; the CLI prints `Error: <message>` (one line), exit 1."""
+
+
+class LoaderError(CornpipeError):
+    """A shard set or request that cannot be loaded; the message is one line for the user."""
+
+
+class MissingDependency(LoaderError):
+    """A backend's library is not installed; the message names the pip package."""

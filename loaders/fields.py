@@ -1,0 +1,84 @@
+"""Names shared by the writer (`convert`) and every reader (`make_loader`, `verify`, `inspect`).
+
+This module is the on-disk contract of a shard set. Writing and reading are separate steps that
+share these names (the ffcv habit); change a name here and both sides move together.
+
+Shard set layout (the OUT of `cornpipe convert`):
+
+    manifest.json            see MANIFEST_* below
+    rejected.csv             columns REJECTED_COLUMNS: every input that was not converted, and why
+    train.beton / val.beton  FFCV: fields IMAGE (RGBImageField), POSITION (IntField),
+                             GRADE (FloatField), SAMPLE_ID (IntField), SOURCE_ID (IntField);
+                             row r of the .beton is row r of the split (manifest sample "row")
+    train-000000.tar ...     webdataset shards; samples of the split in row order, SHARD_SIZE a shard.
+                             Members of one sample share the key f"{sample_id:08d}":
+                               <key>.jpg       the image, JPEG, same resolution as in the .beton
+                               <key>.position  int64 little-endian (8 bytes): position class index
+                               <key>.grade     float32 little-endian (4 bytes): grade value on the scale
+                               <key>.id        int64 little-endian (8 bytes): sample id
+                               <key>.json      {"id","position","grade","source","stage","path"} (for people)
+    train-000000.idx ...     DALI webdataset index of the tar beside it (format of DALI's wds2idx,
+                             v1.2: per sample its members' ext, offset, size, name), which also gives
+                             random access to one sample's bytes by offset.
+
+manifest.json keys:
+    format_version  FORMAT_VERSION
+    positions       class names, index = position label ("lower", "middle", "upper")
+    sources         source names, index = SOURCE_ID (e.g. "9l" ... "19t")
+    grade_scale     allowed grades, ascending (e.g. [0, 3, 5, 7, 9] or [0, 1, ..., 25])
+    params          the convert parameters (write_mode, max_resolution, jpeg_quality, val_fraction,
+                    seed, shard_size, ...)
+    splits          {"train": {"count": n, "beton": "train.beton",
+                               "shards": [{"tar": ..., "index": ..., "count": k}, ...]}, "val": ...}
+    counts          found / converted / rejected totals and per split x source x position x grade
+    samples         one object a converted sample: {"id", "split", "row", "path" (original, relative
+                    to SRC), "source", "stage", "position", "grade", "width", "height", "sha256" (of
+                    the input file)}; ids are 0..N-1 over both splits, "row" is the index in its split
+    files           {"<file name>": {"sha256": hex, "bytes": n}} for every file written except
+                    manifest.json itself
+"""
+
+from __future__ import annotations
+
+FORMAT_VERSION = 1
+
+# FFCV field names (also the batch contract's names)
+IMAGE = "image"
+POSITION = "position"
+GRADE = "grade"
+SAMPLE_ID = "sample_id"
+SOURCE_ID = "source_id"
+
+POSITION_NAMES: tuple[str, ...] = ("lower", "middle", "upper")
+POSITION_CODES: tuple[str, ...] = ("l", "m", "t")  # folder suffix: 9l = stage 9, lower leaf
+STAGES: tuple[int, ...] = (9, 14, 19)
+SOURCES: tuple[str, ...] = tuple(f"{s}{c}" for s in STAGES for c in POSITION_CODES)
+DEFAULT_GRADE_SCALE: tuple[int, ...] = (0, 3, 5, 7, 9)
+
+SPLITS: tuple[str, ...] = ("train", "val")
+MANIFEST = "manifest.json"
+REJECTED = "rejected.csv"
+REJECTED_COLUMNS: tuple[str, ...] = ("path", "reason")
+SHARD_SIZE = 1000  # samples per tar shard
+
+TAR_IMAGE_EXT = "jpg"
+TAR_POSITION_EXT = "position"
+TAR_GRADE_EXT = "grade"
+TAR_ID_EXT = "id"
+TAR_META_EXT = "json"
+
+
+def beton_name(split: str) -> str:
+    return f"{split}.beton"
+
+
+def shard_name(split: str, shard: int) -> str:
+    return f"{split}-{shard:06d}.tar"
+
+
+def index_name(split: str, shard: int) -> str:
+    return f"{split}-{shard:06d}.idx"
+
+
+def sample_key(sample_id: int) -> str:
+    return f"{sample_id:08d}"
