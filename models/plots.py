@@ -1,0 +1,91 @@
+"""Run plots: loss/metric curves over epochs and the position confusion matrix (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+# (metric key, axis title) for each curve panel; train and val drawn in each
+CURVE_PANELS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("loss",), "total loss"),
+    (("position_accuracy", "position_macro_f1"), "position accuracy / macro-F1"),
+    (("grade_mae",), "grade MAE (scale units)"),
+)
+
+
+def _series(records: Sequence[dict[str, Any]], split: str, key: str) -> np.ndarray:
+    vals = [(r.get(split) or {}).get(key) for r in records]
+    return np.array([np.nan if v is None else float(v) for v in vals], dtype=np.float64)
+
+
+def _ci_series(records: Sequence[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray] | None:
+    lo, hi = [], []
+    for r in records:
+        ci = ((r.get("val") or {}).get("ci") or {}).get(key)
+        lo.append(np.nan if not ci else float(ci[0]))
+        hi.append(np.nan if not ci else float(ci[1]))
+    if all(np.isnan(lo)):
+        return None
+    return np.array(lo), np.array(hi)
+
+
+def plot_curves(records: Sequence[dict[str, Any]], path: Path, best_epoch: int | None = None) -> Path:
+    """Loss, position accuracy/macro-F1 and grade MAE against epoch; val 95% CI shaded when known."""
+    epochs = np.array([r["epoch"] for r in records])
+    fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(5 * len(CURVE_PANELS), 4), constrained_layout=True)
+    colours = {"train": "tab:blue", "val": "tab:orange"}
+    styles = ("-", "--")
+    for ax, (keys, title) in zip(axes, CURVE_PANELS, strict=True):
+        for key, style in zip(keys, styles, strict=False):
+            for split in ("train", "val"):
+                y = _series(records, split, key)
+                if np.all(np.isnan(y)):
+                    continue
+                ax.plot(epochs, y, style, marker="o", ms=3, color=colours[split], label=f"{split} {key}")
+                band = _ci_series(records, key) if split == "val" else None
+                if band is not None:
+                    ax.fill_between(epochs, band[0], band[1], color=colours[split], alpha=0.15, linewidth=0)
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best (epoch {best_epoch})")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(confusion: Sequence[Sequence[int]], names: Sequence[str], path: Path, title: str) -> Path:
+    """Counts and row-normalised (recall per true class) side by side."""
+    cm = np.asarray(confusion, dtype=np.float64)
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    size = max(4.0, 1.2 * len(names) + 2)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size, size), constrained_layout=True)
+    for ax, data, sub, fmt in ((axes[0], cm, "counts", "{:.0f}"), (axes[1], norm, "row-normalised", "{:.2f}")):
+        image = ax.imshow(data, cmap="Blues", vmin=0, vmax=max(data.max(), 1e-9) if sub == "counts" else 1.0)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(sub)
+        threshold = data.max() / 2 if data.max() > 0 else 0.5
+        for i in range(data.shape[0]):
+            for j in range(data.shape[1]):
+                ax.text(j, i, fmt.format(data[i, j]), ha="center", va="center",
+                        color="white" if data[i, j] > threshold else "black", fontsize=9)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
