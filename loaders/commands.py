@@ -1,26 +1,122 @@
-"""PLACEHOLDER (being written): synth, convert, inspect, verify commands."""
+"""Data commands: `synth` (built-in dataset), `convert`, `inspect`, `verify`.
+
+Thin edges over loaders.synth / loaders.convert / loaders.inspect: parse options, call the function,
+turn a CornpipeError into `Error: <one line>` with exit code 1.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
 import click
 
+from loaders.base import CornpipeError
+from loaders.imageio import DEFAULT_MAX_PIXELS
+from loaders.synth_command import synth
+from loaders.writers import WRITE_MODES
 
-def _todo() -> None:
-    raise click.ClickException("not implemented yet")
-
-
-@click.command()
-def synth() -> None:
-    _todo()
+__all__ = ["convert", "inspect_command", "synth", "verify"]
 
 
-@click.command()
-def convert() -> None:
-    _todo()
+def _grade_scale(ctx: click.Context, param: click.Parameter, value: str | None) -> Sequence[float] | None:
+    if value is None:
+        return None
+    from loaders.synth import parse_grade_scale
+
+    try:
+        return parse_grade_scale(value)
+    except CornpipeError as exc:
+        raise click.BadParameter(str(exc)) from exc
 
 
-@click.command("inspect")
-def inspect_command() -> None:
-    _todo()
+@click.command(short_help="Convert raw images + labels once into FFCV and DALI shards.")
+@click.argument("paths", nargs=-1, metavar="[SRC] OUT", type=click.Path(path_type=Path))
+@click.option("--manifest", "manifest_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="CSV with columns path,position,grade[,source,stage] (paths relative to the CSV), "
+                   "instead of SRC.")
+@click.option("--grade-scale", callback=_grade_scale, metavar="SCALE",
+              help="Allowed grades, e.g. 0,3,5,7,9 (default) or 0-25; every label is checked against it.")
+@click.option("--val-fraction", type=float, default=0.2, show_default=True,
+              help="Share of images in the validation split (stratified by position x grade).")
+@click.option("--max-resolution", type=int, default=512, show_default=True,
+              help="Longest image side in px after resizing (LANCZOS; never upscaled).")
+@click.option("--write-mode", type=click.Choice(WRITE_MODES), default="jpg", show_default=True,
+              help="How the .beton stores pixels: JPEG, raw, or smart (raw for small images).")
+@click.option("--jpeg-quality", type=int, default=90, show_default=True)
+@click.option("--workers", type=int, default=None, help="Processes for decoding/writing [default: all cores].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val split.")
+@click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True,
+              help="Decompression-bomb limit: larger inputs are rejected.")
+@click.option("--shard-size", type=int, default=1000, show_default=True, help="Samples per tar shard.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def convert(paths: tuple[Path, ...], manifest_csv: Path | None, grade_scale: Sequence[float] | None,
+            val_fraction: float, max_resolution: int, write_mode: str, jpeg_quality: int,
+            workers: int | None, seed: int, max_pixels: int, shard_size: int, force: bool) -> None:
+    """Convert SRC (folders 9l 9m ... 19t with labels.csv or grade sub-folders), or --manifest CSV,
+    into OUT: train/val .beton, webdataset tar shards with DALI index files, manifest.json and
+    rejected.csv. Every input is either converted or listed in rejected.csv with its reason."""
+    from loaders.convert import convert_dataset
+
+    if manifest_csv is not None:
+        if len(paths) != 1:
+            raise click.UsageError("with --manifest give only OUT (the images are found from the CSV)")
+        src, out = None, paths[0]
+    else:
+        if len(paths) != 2:
+            raise click.UsageError("give SRC and OUT (or --manifest CSV and OUT)")
+        src, out = paths
+        if not src.is_dir():
+            raise click.ClickException(f"{src} is not a folder")
+    if workers is not None and workers < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--workers")
+    try:
+        summary = convert_dataset(
+            src, out, manifest_csv=manifest_csv, grade_scale=grade_scale, val_fraction=val_fraction,
+            max_resolution=max_resolution, write_mode=write_mode, jpeg_quality=jpeg_quality,
+            workers=workers, seed=seed, force=force, shard_size=shard_size, max_pixels=max_pixels,
+            progress=sys.stderr.isatty(),
+        )
+    except CornpipeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    counts = ", ".join(f"{k} {v}" for k, v in summary.split_counts.items())
+    click.echo(f"wrote {summary.out} ({counts})")
+    if summary.rejected:
+        reasons = "; ".join(f"{n}x {r}" for r, n in sorted(summary.reasons.items(), key=lambda kv: -kv[1]))
+        click.echo(f"rejected: {reasons} (see {summary.out / 'rejected.csv'})")
+    click.echo(summary.line())
 
 
-@click.command()
-def verify() -> None:
-    _todo()
+@click.command("inspect", short_help="Show what a shard set holds.")
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def inspect_command(out: Path, as_json: bool) -> None:
+    """Counts per split x source x position x grade, image sizes and bytes on disk of OUT."""
+    from loaders.inspect import dumps, inspect_shards, render_inspect
+
+    try:
+        info = inspect_shards(out)
+    except CornpipeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(dumps(info))
+        return
+    from rich.console import Console
+
+    render_inspect(info, Console(width=120) if not sys.stdout.isatty() else Console())
+
+
+@click.command(short_help="Check every file and image of a shard set.")
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def verify(out: Path) -> None:
+    """Re-hash every file of OUT against its manifest and decode every image from the .beton files and
+    the tar shards. Exit 0 only when all is intact; otherwise name the damaged file."""
+    from loaders.inspect import verify_shards
+
+    try:
+        report = verify_shards(out)
+    except CornpipeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"ok: {report['files']} files match their sha256; decoded {report['beton_images']} images "
+               f"from .beton and {report['tar_images']} from tar shards in {report['seconds']:.1f} s")

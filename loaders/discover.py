@@ -1,0 +1,365 @@
+"""Find every input of a survey and its labels, before any pixel is decoded.
+
+Two layouts are understood:
+
+- a directory SRC with one folder per source `<stage><l|m|t>` (`9l`, `14m`, `19t`, ...), grades either in
+  the folder's `labels.csv` (columns `file,grade`; `file` relative to the source folder) or in grade
+  sub-folders (`SRC/9l/5/leaf.jpg`). Files directly in SRC that are not images (a README, a summary)
+  are dataset metadata and not inputs; everything else found is an input.
+- a manifest CSV with columns `path,position,grade` and optional `source,stage`; `path` is relative to
+  the CSV's folder and may not leave it. Every row is an input.
+
+Label problems become rejections (`Rejection(path, reason)`), never exceptions; only a layout that cannot
+be used at all raises `DatasetError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import posixpath
+import re
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loaders.base import CornpipeError
+from loaders.fields import DEFAULT_GRADE_SCALE, POSITION_CODES, POSITION_NAMES
+from loaders.imageio import IMAGE_EXTENSIONS
+
+LABELS_FILE = "labels.csv"
+SOURCE_RE = re.compile(r"^(\d+)([lmt])$", re.IGNORECASE)
+POSITION_ALIASES: dict[str, int] = {
+    **{name: i for i, name in enumerate(POSITION_NAMES)},
+    **{code: i for i, code in enumerate(POSITION_CODES)},
+    **{str(i): i for i in range(len(POSITION_NAMES))},
+    "top": 2, "u": 2, "bottom": 0, "low": 0, "mid": 1,
+}
+
+
+class DatasetError(CornpipeError):
+    """The input layout cannot be used at all (one-line message)."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An input file with complete, valid labels; its pixels are checked later."""
+
+    path: Path  # absolute path of the file
+    rel: str  # posix path relative to SRC (or the manifest's folder): the name users see
+    source: str
+    stage: int | None
+    position: int  # index into POSITION_NAMES
+    grade: float  # a value of the grade scale
+
+
+@dataclass(frozen=True)
+class Rejection:
+    path: str  # relative to SRC (or the manifest's folder)
+    reason: str
+
+
+@dataclass
+class Discovery:
+    root: Path
+    grade_scale: tuple[float, ...]
+    samples: list[Candidate] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+
+    @property
+    def found(self) -> int:
+        return len(self.samples) + len(self.rejected)
+
+
+def format_number(value: float) -> str:
+    """5.0 -> '5', 2.5 -> '2.5' (grades as people write them)."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def format_scale(scale: Sequence[float]) -> str:
+    return ",".join(format_number(g) for g in scale)
+
+
+def normalise_scale(grade_scale: Sequence[float] | None) -> tuple[float, ...]:
+    scale = tuple(float(g) for g in (DEFAULT_GRADE_SCALE if grade_scale is None else grade_scale))
+    if not scale:
+        raise DatasetError("the grade scale is empty")
+    if any(not math.isfinite(g) for g in scale):
+        raise DatasetError(f"the grade scale {format_scale(scale)} has a non-finite value")
+    if len(set(scale)) != len(scale):
+        raise DatasetError(f"the grade scale {format_scale(scale)} repeats a value")
+    return tuple(sorted(scale))
+
+
+def parse_grade(text: str | None, scale: tuple[float, ...]) -> float | str:
+    """The grade on the scale, or a rejection reason (str)."""
+    text = (text or "").strip()
+    if not text:
+        return "missing grade"
+    try:
+        value = float(text)
+    except ValueError:
+        return f"grade '{text}' is not a number"
+    for g in scale:
+        if math.isclose(value, g, rel_tol=0.0, abs_tol=1e-6):
+            return g
+    return f"grade {text} is not on the grade scale {format_scale(scale)}"
+
+
+def parse_position(text: str | None) -> int | None:
+    key = (text or "").strip().lower()
+    return POSITION_ALIASES.get(key)
+
+
+def _nfc(text: str) -> str:
+    return unicodedata.normalize("NFC", text)
+
+
+def _clean_rel(text: str) -> str | None:
+    """Normalise a relative path from a CSV cell; None when absolute or escaping its folder."""
+    text = text.strip().replace("\\", "/")
+    if not text or text.startswith("/") or re.match(r"^[A-Za-z]:", text):
+        return None
+    norm = posixpath.normpath(text)
+    if norm == ".." or norm.startswith("../") or norm == ".":
+        return None
+    return norm
+
+
+def _is_hidden(rel_parts: Sequence[str]) -> bool:
+    return any(part.startswith(".") for part in rel_parts)
+
+
+def _files_under(folder: Path) -> list[Path]:
+    """Non-hidden regular files under folder, sorted by path."""
+    out = []
+    for p in folder.rglob("*"):
+        if _is_hidden(p.relative_to(folder).parts):
+            continue
+        if p.is_file():
+            out.append(p)
+    return sorted(out)
+
+
+def _read_csv(path: Path, required: Sequence[str], display: str) -> list[tuple[int, dict[str, str]]]:
+    """Rows (line number, {lower-cased column: cell}) of a CSV, checking the header."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                raise DatasetError(f"{display} is empty (needs columns {','.join(required)})")
+            columns = [h.strip().lower() for h in header]
+            missing = [c for c in required if c not in columns]
+            if missing:
+                raise DatasetError(
+                    f"{display} lacks column(s) {','.join(missing)} (needs {','.join(required)})"
+                )
+            rows = []
+            for row in reader:
+                if not any(cell.strip() for cell in row):
+                    continue
+                rows.append((reader.line_num, dict(zip(columns, row, strict=False))))
+            return rows
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{display} is not UTF-8 text ({exc.reason})") from exc
+    except csv.Error as exc:
+        raise DatasetError(f"{display} is not a readable CSV ({exc})") from exc
+
+
+def _image_extension_reason(path: Path) -> str | None:
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        return None
+    ext = path.suffix or "(none)"
+    return f"not an image file (extension {ext})"
+
+
+def discover(src: Path | str | None, manifest_csv: Path | str | None = None,
+             grade_scale: Sequence[float] | None = None) -> Discovery:
+    """Every input under `src` (directory layout) or listed in `manifest_csv`, with its labels."""
+    scale = normalise_scale(grade_scale)
+    if manifest_csv is not None:
+        return _discover_manifest(Path(manifest_csv), scale)
+    if src is None:
+        raise DatasetError("give a source folder or --manifest CSV")
+    root = Path(src)
+    if not root.is_dir():
+        raise DatasetError(f"{root} is not a folder")
+    return _discover_folders(root, scale)
+
+
+def _discover_folders(root: Path, scale: tuple[float, ...]) -> Discovery:
+    found = Discovery(root=root.resolve(), grade_scale=scale)
+    sources = []
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            if SOURCE_RE.match(entry.name):
+                sources.append(entry)
+            else:
+                reason = (f"unknown source folder '{entry.name}' (expected <stage><l|m|t>, "
+                          "e.g. 9l 14m 19t)")
+                for f in _files_under(entry):
+                    found.rejected.append(Rejection(f.relative_to(root).as_posix(), reason))
+        elif entry.is_file() and entry.suffix.lower() in IMAGE_EXTENSIONS:
+            found.rejected.append(Rejection(entry.name, "image not inside a source folder (<stage><l|m|t>)"))
+    if not sources:
+        raise DatasetError(f"no source folders (<stage><l|m|t>, e.g. 9l 14m 19t) found in {root}")
+    for folder in sources:
+        _discover_source(root, folder, scale, found)
+    found.samples.sort(key=lambda c: c.rel)
+    found.rejected.sort(key=lambda r: r.path)
+    return found
+
+
+def _discover_source(root: Path, folder: Path, scale: tuple[float, ...], found: Discovery) -> None:
+    match = SOURCE_RE.match(folder.name)
+    assert match is not None
+    stage, code = int(match.group(1)), match.group(2).lower()
+    source = f"{stage}{code}"
+    position = POSITION_CODES.index(code)
+    labels_path = folder / LABELS_FILE
+    files = [f for f in _files_under(folder) if f != labels_path]
+
+    def rel(p: Path) -> str:
+        return p.relative_to(root).as_posix()
+
+    def accept(f: Path, grade_text: str | None) -> None:
+        bad_ext = _image_extension_reason(f)
+        if bad_ext:
+            found.rejected.append(Rejection(rel(f), bad_ext))
+            return
+        grade = parse_grade(grade_text, scale)
+        if isinstance(grade, str):
+            found.rejected.append(Rejection(rel(f), grade))
+            return
+        found.samples.append(Candidate(f.resolve(), rel(f), source, stage, position, grade))
+
+    if labels_path.is_file():
+        display = rel(labels_path)
+        rows = _read_csv(labels_path, ("file", "grade"), display)
+        by_file: dict[str, list[tuple[int, str]]] = {}
+        for line, row in rows:
+            name = _clean_rel(row.get("file") or "")
+            if name is None:
+                cell = (row.get("file") or "").strip()
+                reason = ("row without a file name" if not cell
+                          else f"file '{cell}' escapes the source folder")
+                found.rejected.append(Rejection(f"{display}:{line}", reason))
+                continue
+            by_file.setdefault(_nfc(name), []).append((line, (row.get("grade") or "").strip()))
+        on_disk = {_nfc(f.relative_to(folder).as_posix()): f for f in files}
+        for key, f in on_disk.items():
+            entries = by_file.get(key)
+            if not entries:
+                found.rejected.append(Rejection(rel(f), f"no row for this file in {display}"))
+                continue
+            grades = {g for _, g in entries}
+            if len(grades) > 1:
+                lines = ", ".join(str(n) for n, _ in entries)
+                found.rejected.append(Rejection(
+                    rel(f), f"conflicting grades {', '.join(sorted(grades))} in {display} (lines {lines})"))
+                continue
+            accept(f, entries[0][1])
+        for key, entries in by_file.items():
+            if key not in on_disk:
+                found.rejected.append(Rejection(
+                    f"{folder.name}/{key}",
+                    f"listed in {display} (line {entries[0][0]}) but the file does not exist"))
+        return
+
+    for f in files:
+        parts = f.relative_to(folder).parts
+        if len(parts) == 1:
+            found.rejected.append(Rejection(
+                rel(f), f"no grade: {folder.name} has no {LABELS_FILE} and the file is not in a grade folder"))
+            continue
+        if _is_number(parts[0]):
+            accept(f, parts[0])
+        else:
+            found.rejected.append(Rejection(rel(f), f"grade folder '{parts[0]}' is not a number"))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _discover_manifest(csv_path: Path, scale: tuple[float, ...]) -> Discovery:
+    if not csv_path.is_file():
+        raise DatasetError(f"manifest {csv_path} does not exist")
+    root = csv_path.resolve().parent
+    found = Discovery(root=root, grade_scale=scale)
+    rows = _read_csv(csv_path, ("path", "position", "grade"), csv_path.name)
+    first_line: dict[str, int] = {}
+    for line, row in rows:
+        cell = (row.get("path") or "").strip()
+        where = f"{csv_path.name}:{line}"
+        if not cell:
+            found.rejected.append(Rejection(where, "row without a path"))
+            continue
+        rel = _clean_rel(cell)
+        if rel is None:
+            found.rejected.append(Rejection(cell, "path escapes the manifest's folder (absolute or '..')"))
+            continue
+        rel = _nfc(rel)
+        if rel in first_line:
+            found.rejected.append(Rejection(
+                rel, f"listed again in {csv_path.name} (line {line}; first on line {first_line[rel]})"))
+            continue
+        first_line[rel] = line
+        path = root / rel
+        if not path.is_file():
+            found.rejected.append(Rejection(
+                rel, f"listed in {csv_path.name} (line {line}) but the file does not exist"))
+            continue
+        bad_ext = _image_extension_reason(path)
+        if bad_ext:
+            found.rejected.append(Rejection(rel, bad_ext))
+            continue
+        labels = _manifest_labels(row, scale)
+        if isinstance(labels, str):
+            found.rejected.append(Rejection(rel, labels))
+            continue
+        source, stage, position, grade = labels
+        found.samples.append(Candidate(path.resolve(), rel, source, stage, position, grade))
+    if not rows:
+        raise DatasetError(f"manifest {csv_path.name} has no rows")
+    found.samples.sort(key=lambda c: c.rel)
+    found.rejected.sort(key=lambda r: r.path)
+    return found
+
+
+def _manifest_labels(row: dict[str, str], scale: tuple[float, ...]) -> tuple[str, int | None, int, float] | str:
+    position_text = (row.get("position") or "").strip()
+    position = parse_position(position_text)
+    if position is None:
+        return (f"unknown position '{position_text}' (use lower/middle/upper, l/m/t or 0/1/2)"
+                if position_text else "missing position")
+    grade = parse_grade(row.get("grade"), scale)
+    if isinstance(grade, str):
+        return grade
+    stage_text = (row.get("stage") or "").strip()
+    stage: int | None = None
+    if stage_text:
+        try:
+            stage = int(float(stage_text))
+        except ValueError:
+            return f"stage '{stage_text}' is not a number"
+    source = (row.get("source") or "").strip()
+    match = SOURCE_RE.match(source)
+    if match:
+        code = match.group(2).lower()
+        if POSITION_CODES.index(code) != position:
+            return f"source {source} is a {POSITION_NAMES[POSITION_CODES.index(code)]} source but position is {POSITION_NAMES[position]}"
+        source = source.lower()
+        if stage is None:
+            stage = int(match.group(1))
+    if not source:
+        source = f"{stage}{POSITION_CODES[position]}" if stage is not None else POSITION_CODES[position]
+    return source, stage, position, grade

@@ -1,0 +1,245 @@
+"""`cornpipe inspect` (what is in a shard set) and `cornpipe verify` (is every byte still intact)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from loaders import fields as F
+from loaders.base import LoaderError
+from loaders.discover import format_number
+from loaders.manifest import sha256_file
+from loaders.shards import BetonFile, ShardSet
+
+
+class VerifyError(LoaderError):
+    """A shard set failed verification; the message names the damaged file."""
+
+
+def _stats(values: list[int]) -> dict:
+    if not values:
+        return {"min": None, "median": None, "max": None}
+    a = np.asarray(values)
+    return {"min": int(a.min()), "median": float(np.median(a)), "max": int(a.max())}
+
+
+def _kind(name: str) -> str:
+    if name.endswith(".beton"):
+        return "beton"
+    if name.endswith(".tar"):
+        return "tar"
+    if name.endswith(".idx"):
+        return "idx"
+    return "other"
+
+
+def inspect_shards(root: Path | str) -> dict:
+    """JSON-safe summary: counts per split x source x position x grade, image sizes, bytes on disk."""
+    shards = ShardSet(root)
+    m = shards.manifest
+    rows = []
+    for split in shards.splits:
+        cells = Counter((s["source"], s["position"], s["grade"]) for s in shards.samples(split))
+        for (source, position, grade), n in sorted(cells.items(), key=lambda kv: (
+                shards.sources.index(kv[0][0]) if kv[0][0] in shards.sources else 1 << 30, kv[0][1], kv[0][2])):
+            rows.append({"split": split, "source": source, "position": shards.positions[position],
+                         "grade": grade, "count": n})
+    sizes = {}
+    for split in shards.splits:
+        samples = shards.samples(split)
+        sizes[split] = {
+            "width": _stats([s["width"] for s in samples]),
+            "height": _stats([s["height"] for s in samples]),
+            "orig_width": _stats([s.get("orig_width", s["width"]) for s in samples]),
+            "orig_height": _stats([s.get("orig_height", s["height"]) for s in samples]),
+        }
+    disk: dict[str, int] = Counter()
+    for p in Path(root).iterdir():
+        if p.is_file():
+            disk[_kind(p.name)] += p.stat().st_size
+    reasons = Counter()
+    rejected_path = Path(root) / F.REJECTED
+    if rejected_path.is_file():
+        with open(rejected_path, newline="", encoding="utf-8") as f:
+            for r in csv.DictReader(f):
+                reasons[(r.get("reason") or "").split(" (")[0]] += 1
+    return {
+        "root": str(root),
+        "format_version": m["format_version"],
+        "positions": shards.positions,
+        "sources": shards.sources,
+        "grade_scale": m["grade_scale"],
+        "params": m["params"],
+        "found": m["counts"]["found"],
+        "converted": m["counts"]["converted"],
+        "rejected": m["counts"]["rejected"],
+        "splits": {s: shards.count(s) for s in shards.splits},
+        "cells": rows,
+        "image_sizes": sizes,
+        "bytes": {**{k: disk.get(k, 0) for k in ("beton", "tar", "idx", "other")}, "total": sum(disk.values())},
+        "rejected_reasons": dict(reasons.most_common()),
+    }
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def render_inspect(info: dict, console) -> None:
+    """Print the inspect summary as rich tables."""
+    from rich.table import Table
+
+    p = info["params"]
+    console.print(f"[bold]{info['root']}[/bold]: found {info['found']}, converted {info['converted']}, "
+                  f"rejected {info['rejected']}; " + ", ".join(f"{k} {v}" for k, v in info["splits"].items()))
+    console.print(f"grade scale {','.join(format_number(g) for g in info['grade_scale'])}; write mode "
+                  f"{p['write_mode']}, max resolution {p['max_resolution']} px, JPEG quality {p['jpeg_quality']}")
+    grades = info["grade_scale"]
+    table = Table(title="images per split x source x position x grade")
+    for col in ("split", "source", "position"):
+        table.add_column(col)
+    for g in grades:
+        table.add_column(f"g{format_number(g)}", justify="right")
+    table.add_column("total", justify="right")
+    groups: dict[tuple, dict] = {}
+    for r in info["cells"]:
+        groups.setdefault((r["split"], r["source"], r["position"]), {})[r["grade"]] = r["count"]
+    for (split, source, position), by_grade in groups.items():
+        table.add_row(split, source, position, *[str(by_grade.get(g, 0) or "") for g in grades],
+                      str(sum(by_grade.values())))
+    console.print(table)
+    sizes = Table(title="image sizes (px): stored (original)")
+    for col in ("split", "width min/median/max", "height min/median/max"):
+        sizes.add_column(col)
+    for split, s in info["image_sizes"].items():
+        def fmt(a: dict, b: dict) -> str:
+            return f"{a['min']}/{a['median']:g}/{a['max']} ({b['min']}/{b['median']:g}/{b['max']})"
+        if s["width"]["min"] is not None:
+            sizes.add_row(split, fmt(s["width"], s["orig_width"]), fmt(s["height"], s["orig_height"]))
+    console.print(sizes)
+    b = info["bytes"]
+    console.print("on disk: " + ", ".join(f"{k} {_human(b[k])}" for k in ("beton", "tar", "idx", "other"))
+                  + f", total {_human(b['total'])}")
+    if info["rejected_reasons"]:
+        console.print("rejected: " + "; ".join(f"{n}x {r}" for r, n in info["rejected_reasons"].items()))
+
+
+# --------------------------------------------------------------------------- verify
+
+def _check_files(shards: ShardSet) -> int:
+    root = shards.root
+    listed = shards.manifest["files"]
+    needed = [F.REJECTED]
+    for split in shards.splits:
+        needed.append(shards.beton_path(split).name)
+        for tar, idx in shards.shards(split):
+            needed += [tar.name, idx.name]
+    for name in needed:
+        if name not in listed:
+            raise VerifyError(f"{root / F.MANIFEST} is damaged ({name} has no sha256 entry)")
+    for name, entry in listed.items():
+        path = root / name
+        if not path.is_file():
+            raise VerifyError(f"{path} is missing")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise VerifyError(f"{path} is damaged ({size} bytes, manifest says {entry['bytes']})")
+        if sha256_file(path) != entry["sha256"]:
+            raise VerifyError(f"{path} is damaged (sha256 mismatch)")
+    return len(listed)
+
+
+def _check_beton(shards: ShardSet, split: str) -> int:
+    path = shards.beton_path(split)
+    samples = shards.samples(split)
+    try:
+        beton = BetonFile(path)
+        if len(beton) != len(samples):
+            raise VerifyError(f"{path} is damaged ({len(beton)} samples, manifest says {len(samples)})")
+        position, grade, sample_id = shards.labels(split)
+        source_id = np.array([shards.sources.index(s["source"]) for s in samples])
+        for name, want in ((F.POSITION, position), (F.GRADE, grade), (F.SAMPLE_ID, sample_id),
+                           (F.SOURCE_ID, source_id)):
+            got = beton.column(name)
+            if not np.allclose(got.astype(np.float64), want.astype(np.float64)):
+                raise VerifyError(f"{path} is damaged (field {name} differs from the manifest)")
+        for row, s in enumerate(samples):
+            image = beton.image(row)
+            if image.shape != (s["height"], s["width"], 3):
+                raise VerifyError(f"{path} is damaged (row {row} is {image.shape[1]}x{image.shape[0]}, "
+                                  f"manifest says {s['width']}x{s['height']})")
+    except VerifyError:
+        raise
+    except LoaderError as exc:
+        raise VerifyError(str(exc)) from exc
+    return len(samples)
+
+
+def _check_tar(shards: ShardSet, split: str) -> int:
+    from loaders.imageio import decode_jpeg_rgb
+
+    samples = shards.samples(split)
+    row = 0
+    for tar, idx in shards.shards(split):
+        index = shards.index(idx)
+        try:
+            with tarfile.open(tar) as tf:
+                members = [m for m in tf.getmembers() if m.isfile()]
+        except (tarfile.TarError, OSError) as exc:
+            raise VerifyError(f"{tar} is damaged ({exc})") from exc
+        flat = [(ext, off, size) for entry in index for ext, (off, size) in entry.items()]
+        if [(m.name.split(".", 1)[1], m.offset_data, m.size) for m in members] != flat:
+            raise VerifyError(f"{idx} does not match {tar.name} (offsets or members differ)")
+        for k in range(len(index)):
+            s = samples[row]
+            key = F.sample_key(s["id"])
+            names = {m.name for m in members[5 * k:5 * k + 5]}
+            if f"{key}.{F.TAR_IMAGE_EXT}" not in names:
+                raise VerifyError(f"{tar} is damaged (sample {k} is not id {s['id']})")
+            pos = int(np.frombuffer(shards.read_member(split, row, F.TAR_POSITION_EXT), "<i8")[0])
+            grade = float(np.frombuffer(shards.read_member(split, row, F.TAR_GRADE_EXT), "<f4")[0])
+            sid = int(np.frombuffer(shards.read_member(split, row, F.TAR_ID_EXT), "<i8")[0])
+            if (pos, sid) != (s["position"], s["id"]) or not np.isclose(grade, s["grade"]):
+                raise VerifyError(f"{tar} is damaged (labels of sample {s['id']} differ from the manifest)")
+            try:
+                image = decode_jpeg_rgb(shards.read_image_bytes(split, row))
+            except LoaderError:
+                raise
+            except Exception as exc:
+                raise VerifyError(f"{tar} is damaged (image of sample {s['id']} does not decode: {exc})") from exc
+            if image.shape != (s["height"], s["width"], 3):
+                raise VerifyError(f"{tar} is damaged (image of sample {s['id']} has the wrong size)")
+            row += 1
+    if row != len(samples):
+        raise VerifyError(f"{shards.root} is damaged ({split} shards hold {row} samples, manifest says {len(samples)})")
+    return row
+
+
+def verify_shards(root: Path | str) -> dict:
+    """Re-hash every file against the manifest and decode every image of both formats.
+
+    Returns a summary; raises VerifyError (one line naming the damaged file) at the first problem.
+    """
+    start = time.perf_counter()
+    shards = ShardSet(root)
+    files = _check_files(shards)
+    beton = tar = 0
+    for split in shards.splits:
+        beton += _check_beton(shards, split)
+        tar += _check_tar(shards, split)
+    return {"root": str(root), "files": files, "beton_images": beton, "tar_images": tar,
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
+def dumps(info: dict) -> str:
+    return json.dumps(info, indent=1, ensure_ascii=False)

@@ -1,0 +1,31 @@
+"""Session fixtures shared by every test module: one tiny synthetic survey and its shard set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SYNTH_PER_SOURCE = 6  # images per source folder (9 sources -> 54 images)
+SYNTH_IMAGE_SIZE = 96  # px
+SHARDS_MAX_RESOLUTION = 96  # px, longest side in the shard set
+
+
+@pytest.fixture(scope="session")
+def synth_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic survey in the team's folder layout (9 sources, labels.csv each)."""
+    from loaders.synth import make_synthetic
+
+    out = tmp_path_factory.mktemp("synth") / "raw"
+    make_synthetic(out, per_source=SYNTH_PER_SOURCE, image_size=SYNTH_IMAGE_SIZE, seed=0, workers=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(synth_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`synth_raw` converted (jpg mode, longest side 96 px, default 0.2 validation share). Read-only."""
+    from loaders.convert import convert_dataset
+
+    out = tmp_path_factory.mktemp("shards") / "shards"
+    convert_dataset(synth_raw, out, max_resolution=SHARDS_MAX_RESOLUTION, write_mode="jpg", workers=2, seed=0)
+    return out
