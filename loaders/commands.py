@@ -31,7 +31,7 @@ def _grade_scale(ctx: click.Context, param: click.Parameter, value: str | None) 
         raise click.BadParameter(str(exc)) from exc
 
 
-@click.command(short_help="Convert raw images + labels once into FFCV and DALI shards.")
+@click.command(short_help="Convert raw images + labels once into FFCV and webdataset/DALI shards.")
 @click.argument("paths", nargs=-1, metavar="[SRC] OUT", type=click.Path(path_type=Path))
 @click.option("--manifest", "manifest_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="CSV with columns path,position,grade[,source,stage] (paths relative to the CSV), "
@@ -50,13 +50,19 @@ def _grade_scale(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Decompression-bomb limit: larger inputs are rejected.")
 @click.option("--shard-size", type=int, default=1000, show_default=True, help="Samples per tar shard.")
+@click.option("--formats", default="beton,wds", show_default=True, metavar="LIST",
+              help="What to write: beton,wds (both) or wds (tar shards + DALI index only: no FFCV needed; "
+                   "enough for the torch, resident and dali backends, not ffcv). The tar shards are always "
+                   "written: every backend but ffcv, inspect and verify read them.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def convert(paths: tuple[Path, ...], manifest_csv: Path | None, grade_scale: Sequence[float] | None,
             val_fraction: float, max_resolution: int, write_mode: str, jpeg_quality: int,
-            workers: int | None, seed: int, max_pixels: int, shard_size: int, force: bool) -> None:
+            workers: int | None, seed: int, max_pixels: int, shard_size: int, formats: str,
+            force: bool) -> None:
     """Convert SRC (folders 9l 9m ... 19t with labels.csv or grade sub-folders), or --manifest CSV,
-    into OUT: train/val .beton, webdataset tar shards with DALI index files, manifest.json and
-    rejected.csv. Every input is either converted or listed in rejected.csv with its reason."""
+    into OUT: train/val .beton (unless --formats wds), webdataset tar shards with DALI index files,
+    manifest.json and rejected.csv. Every input is either converted or listed in rejected.csv with its
+    reason."""
     from loaders.convert import convert_dataset
 
     if manifest_csv is not None:
@@ -76,7 +82,7 @@ def convert(paths: tuple[Path, ...], manifest_csv: Path | None, grade_scale: Seq
             src, out, manifest_csv=manifest_csv, grade_scale=grade_scale, val_fraction=val_fraction,
             max_resolution=max_resolution, write_mode=write_mode, jpeg_quality=jpeg_quality,
             workers=workers, seed=seed, force=force, shard_size=shard_size, max_pixels=max_pixels,
-            progress=sys.stderr.isatty(),
+            formats=formats, progress=sys.stderr.isatty(),
         )
     except CornpipeError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -110,13 +116,16 @@ def inspect_command(out: Path, as_json: bool) -> None:
 @click.command(short_help="Check every file and image of a shard set.")
 @click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def verify(out: Path) -> None:
-    """Re-hash every file of OUT against its manifest and decode every image from the .beton files and
-    the tar shards. Exit 0 only when all is intact; otherwise name the damaged file."""
+    """Re-hash every file of OUT against its manifest and decode every image from the .beton files (when
+    written) and the tar shards. Exit 0 only when all is intact; otherwise name the damaged file."""
     from loaders.inspect import verify_shards
 
     try:
         report = verify_shards(out)
     except CornpipeError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"ok: {report['files']} files match their sha256; decoded {report['beton_images']} images "
-               f"from .beton and {report['tar_images']} from tar shards in {report['seconds']:.1f} s")
+    if "beton" in report["formats"]:
+        decoded = f"{report['beton_images']} images from .beton and {report['tar_images']} from tar shards"
+    else:
+        decoded = f"{report['tar_images']} images from tar shards (no .beton: converted with --formats wds)"
+    click.echo(f"ok: {report['files']} files match their sha256; decoded {decoded} in {report['seconds']:.1f} s")

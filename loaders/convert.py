@@ -2,8 +2,12 @@
 
 Flow: discover inputs and labels -> decode, repair and resize every image in `workers` processes
 (staging the pixels and the tar JPEG in the temporary folder) -> drop duplicates -> stratified split ->
-per split: the .beton (FFCV's DatasetWriter) and the tar shards + DALI index -> rejected.csv ->
-manifest.json with the sha256 of every file -> fsync -> rename the temporary folder to OUT.
+per split: the .beton (FFCV's DatasetWriter; only with "beton" in `formats`) and the tar shards + DALI
+index -> rejected.csv -> manifest.json with the sha256 of every file -> fsync -> rename the temporary
+folder to OUT.
+
+`formats` is "beton,wds" (default) or "wds": the tar shards are always written, since the torch,
+resident and dali backends, inspect and verify read them; "wds" alone needs no FFCV installed.
 
 Writing is atomic (loaders/atomic.py): an interrupted run leaves no OUT, and the next run cleans up.
 """
@@ -62,6 +66,7 @@ class ConvertParams:
     shard_size: int = F.SHARD_SIZE  # samples per tar shard
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit, pixels of the input image
     smart_threshold: int = SMART_THRESHOLD  # smart mode: JPEG above this many raw bytes
+    formats: tuple[str, ...] = F.FORMATS  # what is written: ("beton", "wds") or ("wds",)
 
     def check(self) -> None:
         if self.write_mode not in WRITE_MODES:
@@ -76,6 +81,24 @@ class ConvertParams:
             raise ConvertError(f"shard size must be at least 1, not {self.shard_size}")
         if self.max_pixels < 1:
             raise ConvertError(f"--max-pixels must be at least 1, not {self.max_pixels}")
+        parse_formats(self.formats)  # raises on an unknown name or a set without wds
+
+
+def parse_formats(value: str | Sequence[str]) -> tuple[str, ...]:
+    """Parse "beton,wds" or "wds" (or a sequence of names) into the formats, in F.FORMATS order.
+
+    A .beton alone is refused: every other backend, `inspect` and `verify` read the tar shards.
+    """
+    names = value.split(",") if isinstance(value, str) else list(value)
+    names = [str(n).strip().lower() for n in names if str(n).strip()]
+    unknown = [n for n in names if n not in F.FORMATS]
+    if not names or unknown:
+        shown = value if isinstance(value, str) else ",".join(map(str, value))
+        raise ConvertError(f"--formats must be a comma list of {', '.join(F.FORMATS)}, not '{shown}'")
+    if "wds" not in names:
+        raise ConvertError("--formats must include wds: the torch, resident and dali backends, inspect "
+                           "and verify read the tar shards (use --formats beton,wds or --formats wds)")
+    return tuple(f for f in F.FORMATS if f in names)
 
 
 @dataclass
@@ -184,19 +207,21 @@ def convert_dataset(
     progress: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     smart_threshold: int = SMART_THRESHOLD,
+    formats: str | Sequence[str] = "beton,wds",
 ) -> ConvertSummary:
     """Convert a survey (folder layout or manifest CSV) into the shard set OUT; see the module doc.
 
-    The reported time starts after FFCV is imported (numba makes that take seconds): it measures the
-    conversion, and a missing FFCV fails before any image is decoded.
+    With a .beton to write, the reported time starts after FFCV is imported (numba makes that take
+    seconds): it measures the conversion, and a missing FFCV fails before any image is decoded.
     """
-    require_ffcv()
-    start = time.perf_counter()
     params = ConvertParams(write_mode=write_mode, max_resolution=int(max_resolution),
                            jpeg_quality=int(jpeg_quality), val_fraction=float(val_fraction), seed=int(seed),
                            shard_size=int(shard_size), max_pixels=int(max_pixels),
-                           smart_threshold=int(smart_threshold))
+                           smart_threshold=int(smart_threshold), formats=parse_formats(formats))
     params.check()
+    if "beton" in params.formats:
+        require_ffcv()
+    start = time.perf_counter()
     src_p = Path(src) if src is not None else None
     csv_p = Path(manifest_csv) if manifest_csv is not None else None
     out = Path(out).absolute()
@@ -271,13 +296,16 @@ def _convert_into(tmp: Path, found: Discovery, params: ConvertParams, workers: i
     splits = {}
     for split in F.SPLITS:
         rows = staged[split]
-        bar.start(f"writing {F.beton_name(split)}", None)
-        write_beton(tmp / F.beton_name(split), StagedImages(staging.pixels_path, rows),
-                    write_mode=params.write_mode, jpeg_quality=params.jpeg_quality,
-                    smart_threshold=params.smart_threshold, workers=workers)
+        beton = None
+        if "beton" in params.formats:
+            beton = F.beton_name(split)
+            bar.start(f"writing {beton}", None)
+            write_beton(tmp / beton, StagedImages(staging.pixels_path, rows),
+                        write_mode=params.write_mode, jpeg_quality=params.jpeg_quality,
+                        smart_threshold=params.smart_threshold, workers=workers)
         bar.start(f"writing {split} shards", None)
         shards = write_shards(tmp, split, staging.jpeg_path, rows, params.shard_size)
-        splits[split] = {"count": len(rows), "beton": F.beton_name(split), "shards": shards}
+        splits[split] = {"count": len(rows), "beton": beton, "shards": shards}
     staging.remove()
     (tmp / "_staging").rmdir()
 

@@ -27,8 +27,9 @@ manifest.json keys:
     sources         source names, index = SOURCE_ID (e.g. "9l" ... "19t")
     grade_scale     allowed grades, ascending (e.g. [0, 3, 5, 7, 9] or [0, 1, ..., 25])
     params          the convert parameters (write_mode, max_resolution, jpeg_quality, val_fraction,
-                    seed, shard_size, ...)
-    splits          {"train": {"count": n, "beton": "train.beton",
+                    seed, shard_size, formats, ...); "formats" lists what was written, a subset of
+                    FORMATS that always holds "wds" (absent in older manifests: both)
+    splits          {"train": {"count": n, "beton": "train.beton" (null without "beton" in formats),
                                "shards": [{"tar": ..., "index": ..., "count": k}, ...]}, "val": ...}
     counts          found / converted / rejected totals and per split x source x position x grade
     samples         one object a converted sample: {"id", "split", "row", "path" (original, relative
@@ -60,6 +61,10 @@ MANIFEST = "manifest.json"
 REJECTED = "rejected.csv"
 REJECTED_COLUMNS: tuple[str, ...] = ("path", "reason")
 SHARD_SIZE = 1000  # samples per tar shard
+
+# what convert can write: "beton" (the ffcv backend reads it) and "wds" (tar shards + DALI index:
+# the torch, resident and dali backends, inspect and verify read them)
+FORMATS: tuple[str, ...] = ("beton", "wds")
 
 TAR_IMAGE_EXT = "jpg"
 TAR_POSITION_EXT = "position"

@@ -264,8 +264,14 @@ def prepare_image(data: bytes, *, max_resolution: int, max_pixels: int = DEFAULT
 
 def encode_jpeg(pixels: np.ndarray, quality: int) -> bytes:
     """JPEG-encode (H, W, 3) RGB uint8 exactly as FFCV's RGBImageField does (OpenCV, same flags),
-    so the tar shards hold the same bytes as a jpg-mode .beton."""
-    import cv2
+    so the tar shards hold the same bytes as a jpg-mode .beton. Without OpenCV (a bare GPU machine
+    converting tar shards only) PIL encodes at the same quality: same pixels within JPEG error."""
+    try:
+        import cv2
+    except ImportError:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels, "RGB").save(buffer, format="JPEG", quality=int(quality))
+        return buffer.getvalue()
 
     bgr = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)
     ok, buf = cv2.imencode(".jpg", bgr, [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)])

@@ -76,6 +76,7 @@ def inspect_shards(root: Path | str) -> dict:
         "sources": shards.sources,
         "grade_scale": m["grade_scale"],
         "params": m["params"],
+        "formats": list(shards.formats),
         "found": m["counts"]["found"],
         "converted": m["counts"]["converted"],
         "rejected": m["counts"]["rejected"],
@@ -102,8 +103,10 @@ def render_inspect(info: dict, console) -> None:
     p = info["params"]
     console.print(f"[bold]{info['root']}[/bold]: found {info['found']}, converted {info['converted']}, "
                   f"rejected {info['rejected']}; " + ", ".join(f"{k} {v}" for k, v in info["splits"].items()))
-    console.print(f"grade scale {','.join(format_number(g) for g in info['grade_scale'])}; write mode "
-                  f"{p['write_mode']}, max resolution {p['max_resolution']} px, JPEG quality {p['jpeg_quality']}")
+    formats = "tar shards only (no .beton)" if "beton" not in info["formats"] else f"write mode {p['write_mode']}"
+    console.print(f"grade scale {','.join(format_number(g) for g in info['grade_scale'])}; formats "
+                  f"{','.join(info['formats'])}; {formats}, max resolution {p['max_resolution']} px, "
+                  f"JPEG quality {p['jpeg_quality']}")
     grades = info["grade_scale"]
     table = Table(title="images per split x source x position x grade")
     for col in ("split", "source", "position"):
@@ -141,7 +144,8 @@ def _check_files(shards: ShardSet) -> int:
     listed = shards.manifest["files"]
     needed = [F.REJECTED]
     for split in shards.splits:
-        needed.append(shards.beton_path(split).name)
+        if shards.has_beton:
+            needed.append(shards.beton_path(split).name)
         for tar, idx in shards.shards(split):
             needed += [tar.name, idx.name]
     for name in needed:
@@ -226,7 +230,8 @@ def _check_tar(shards: ShardSet, split: str) -> int:
 
 
 def verify_shards(root: Path | str) -> dict:
-    """Re-hash every file against the manifest and decode every image of both formats.
+    """Re-hash every file against the manifest and decode every image of every format written
+    (the tar shards only for a `--formats wds` set: no FFCV needed then).
 
     Returns a summary; raises VerifyError (one line naming the damaged file) at the first problem.
     """
@@ -235,10 +240,11 @@ def verify_shards(root: Path | str) -> dict:
     files = _check_files(shards)
     beton = tar = 0
     for split in shards.splits:
-        beton += _check_beton(shards, split)
+        if shards.has_beton:
+            beton += _check_beton(shards, split)
         tar += _check_tar(shards, split)
-    return {"root": str(root), "files": files, "beton_images": beton, "tar_images": tar,
-            "seconds": round(time.perf_counter() - start, 3)}
+    return {"root": str(root), "formats": list(shards.formats), "files": files, "beton_images": beton,
+            "tar_images": tar, "seconds": round(time.perf_counter() - start, 3)}
 
 
 def dumps(info: dict) -> str:

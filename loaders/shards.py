@@ -1,8 +1,8 @@
 """Read a shard set written by `cornpipe convert` (layout: loaders/fields.py).
 
 `ShardSet` is what every loader backend, `inspect` and `verify` start from: the validated manifest,
-labels in row order, the paths of the .beton and the tar/idx pairs, and random access to one sample's
-JPEG through the DALI index. `BetonFile` reads a .beton without an FFCV Loader (no numba JIT): labels
+labels in row order, the paths of the .beton (when written: `has_beton`) and the tar/idx pairs, and
+random access to one sample's JPEG through the DALI index. `BetonFile` reads a .beton without an FFCV Loader (no numba JIT): labels
 from its metadata table and each image's stored bytes, for checks and tests.
 """
 
@@ -84,10 +84,18 @@ class ShardSet:
         self.sources: list[str] = list(manifest["sources"])
         self.grade_scale: list[float] = [float(g) for g in manifest["grade_scale"]]
         self._index_cache: dict[Path, list[dict[str, tuple[int, int]]]] = {}
+        formats = manifest["params"].get("formats", F.FORMATS) if isinstance(manifest["params"], dict) else None
+        if not isinstance(formats, list | tuple) or not set(formats) <= set(F.FORMATS) or "wds" not in formats:
+            raise LoaderError(f"{path} is corrupt (params.formats is {formats!r}, expected a list of "
+                              f"{', '.join(F.FORMATS)} holding wds)")
+        self.formats: tuple[str, ...] = tuple(f for f in F.FORMATS if f in formats)
         for split, entry in manifest["splits"].items():
             rows = self.samples(split)
             if len(rows) != entry.get("count") or [s["row"] for s in rows] != list(range(len(rows))):
                 raise LoaderError(f"{path} is corrupt (split {split} rows do not match its count)")
+            if bool(entry.get("beton")) != self.has_beton:
+                raise LoaderError(f"{path} is corrupt (split {split} .beton entry does not match "
+                                  f"params.formats {','.join(self.formats)})")
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{s}={self.count(s)}" for s in self.splits)
@@ -132,8 +140,18 @@ class ShardSet:
         sample_id = np.array([s["id"] for s in rows], dtype=np.int64)
         return position, grade, sample_id
 
+    @property
+    def has_beton(self) -> bool:
+        """Whether convert wrote .beton files (the ffcv backend's input); manifests without
+        params.formats predate the option and hold both formats."""
+        return "beton" in self.formats
+
     def beton_path(self, split: str) -> Path:
-        return self.root / self._split(split)["beton"]
+        entry = self._split(split)
+        if not self.has_beton:
+            raise LoaderError(f"{self.root} has no .beton files (converted with --formats wds); reconvert "
+                              f"with --formats beton,wds for the ffcv backend")
+        return self.root / entry["beton"]
 
     def shards(self, split: str) -> list[tuple[Path, Path]]:
         """(tar, idx) paths of this split, in row order."""

@@ -1,5 +1,7 @@
 """Writers of one split: the FFCV .beton and the webdataset tar shards with their DALI index files.
 
+FFCV is imported only to write a .beton (`--formats beton,wds`); the tar writer needs no FFCV.
+
 Both read the same staged pixels/JPEG bytes that convert's workers produced, so the two formats hold
 the same image at the same resolution. In jpg mode the .beton's JPEG bytes equal the tar's: both are
 OpenCV encodes of the same pixels with the same quality (`loaders.imageio.encode_jpeg`).
@@ -112,13 +114,17 @@ def _quiet_tqdm(writer_module) -> Iterator[None]:
         writer_module.tqdm = original
 
 
+NO_FFCV = ("writing .beton files needs FFCV: pip install ffcv, or convert with --formats wds "
+           "(tar shards only, enough for the torch, resident and dali backends)")
+
+
 def require_ffcv() -> None:
     """Import FFCV's writer now (slow: numba) or say which package is missing."""
     try:
         import ffcv.fields  # noqa: F401
         import ffcv.writer  # noqa: F401
     except ImportError as exc:
-        raise MissingDependency("writing .beton files needs FFCV: pip install ffcv") from exc
+        raise MissingDependency(NO_FFCV) from exc
 
 
 def write_beton(path: Path, staged: StagedImages, *, write_mode: str, jpeg_quality: int,
@@ -129,7 +135,7 @@ def write_beton(path: Path, staged: StagedImages, *, write_mode: str, jpeg_quali
         from ffcv.fields import FloatField, IntField, RGBImageField
         from ffcv.writer import DatasetWriter
     except ImportError as exc:
-        raise MissingDependency("writing .beton files needs FFCV: pip install ffcv") from exc
+        raise MissingDependency(NO_FFCV) from exc
     if write_mode not in WRITE_MODES:
         raise ValueError(f"write_mode must be one of {WRITE_MODES}")
     max_bytes = max(s.height * s.width * 3 for s in staged.samples)

@@ -117,6 +117,7 @@ def test_manifest_layout(tiny_shards: Path) -> None:
     assert m["sources"] == list(F.SOURCES)
     assert m["grade_scale"] == [0, 3, 5, 7, 9]
     assert m["params"]["write_mode"] == "jpg" and m["params"]["max_resolution"] == 96
+    assert m["params"]["formats"] == ["beton", "wds"]  # the default: both
     on_disk = {p.name for p in tiny_shards.iterdir()} - {F.MANIFEST}
     assert set(m["files"]) == on_disk
     for split in F.SPLITS:
