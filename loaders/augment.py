@@ -1,0 +1,340 @@
+"""Train-time augmentation and the deterministic validation transform, shared by every backend.
+
+One parameter sampler (`sample_params`), two ways to apply its draws:
+
+- per sample on PIL images (`apply_geometry_pil`), used in torch DataLoader workers and by predict;
+- on whole batches of uint8 tensors, on CPU or CUDA (`crop_resize_batch`, `flip_rot_batch`,
+  `color_jitter_batch`, `normalize_batch`), used by the resident backend and, after the geometry,
+  by the torch backend on the device.
+
+Order of operations, the same everywhere: random resized crop -> horizontal flip -> vertical flip
+-> rot90 -> brightness -> contrast -> saturation -> normalize (MEAN_255 / STD_255).
+
+- Random resized crop follows torchvision's `RandomResizedCrop.get_params`: up to 10 tries of an
+  area fraction in `scale` and a log-uniform aspect ratio (w/h) in `ratio`, rounded to whole pixels;
+  when no try fits, the largest centred crop whose ratio is within `ratio`. The box is resized to
+  (S, S) with antialiasing: PIL bilinear with box support on the PIL path, torch's uint8 antialias
+  bilinear (PIL's filter) for uint8 batches on the CPU, `roi_align` with adaptive sampling (averages
+  ceil(box/S) points per output pixel) for batches on CUDA.
+- rot90 turns the output by k * 90 degrees counter-clockwise, k uniform in {0, 1, 2, 3}; outputs
+  are square (S, S), so every k keeps the shape.
+- Colour jitter factors are uniform in [1 - b, 1 + b] (b = 0 disables the step); each step clamps
+  to [0, 255] like torchvision. Contrast blends with the image's mean grey level, saturation with
+  each pixel's grey level (ITU-R 601: 0.299 R + 0.587 G + 0.114 B). The order is fixed.
+- Validation: resize the shorter side to S / val_crop_fraction and centre-crop S, computed as one
+  resize of the centred square of side shorter * val_crop_fraction (the same pixels, one filter).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from loaders.base import MEAN_255, STD_255, AugmentConfig
+
+CROP_TRIES = 10  # torchvision's RandomResizedCrop
+CROP_KERNELS: tuple[str, ...] = ("auto", "interpolate", "roi_align")
+GREY_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)
+_CHUNK_BYTES = 512 * 2**20  # float32 working set of one crop_resize_batch chunk
+_CPU_CHUNK = 4  # images per pass of jitter / normalize on the CPU
+
+
+@dataclass(frozen=True)
+class AugParams:
+    """Augmentation draws for B images. Boxes are in pixels of each source image."""
+
+    boxes: np.ndarray  # (B, 4) float64: top, left, height, width
+    hflip: np.ndarray  # (B,) bool
+    vflip: np.ndarray  # (B,) bool
+    rot90: np.ndarray  # (B,) int64 in 0..3, counter-clockwise quarter turns
+    jitter: np.ndarray  # (B, 3) float32: brightness, contrast, saturation factors (1 = unchanged)
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def row(self, i: int) -> AugParams:
+        """The draws of image i as a batch of one."""
+        s = slice(i, i + 1)
+        return AugParams(self.boxes[s], self.hflip[s], self.vflip[s], self.rot90[s], self.jitter[s])
+
+
+def _as_sizes(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    sizes = np.asarray(sizes, dtype=np.float64).reshape(-1, 2)  # (B, 2): height, width
+    return sizes[:, 0], sizes[:, 1]
+
+
+def random_resized_crop_boxes(
+    rng: np.random.Generator, sizes: np.ndarray, scale: tuple[float, float], ratio: tuple[float, float]
+) -> np.ndarray:
+    """torchvision RandomResizedCrop boxes for B images of (height, width) `sizes` -> (B, 4)."""
+    height, width = _as_sizes(sizes)
+    b = len(height)
+    area = (height * width)[:, None]
+    target_area = area * rng.uniform(scale[0], scale[1], size=(b, CROP_TRIES))
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]), size=(b, CROP_TRIES)))
+    w = np.rint(np.sqrt(target_area * aspect))
+    h = np.rint(np.sqrt(target_area / aspect))
+    fits = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
+    first = fits.argmax(axis=1)
+    ok = fits[np.arange(b), first]
+    ch = h[np.arange(b), first]
+    cw = w[np.arange(b), first]
+    # Fallback: the largest centred crop with an allowed ratio.
+    in_ratio = width / height
+    lo, hi = min(ratio), max(ratio)
+    fw = np.where(in_ratio < lo, width, np.where(in_ratio > hi, np.rint(height * hi), width))
+    fh = np.where(in_ratio < lo, np.rint(width / lo), height)
+    ch = np.where(ok, ch, fh)
+    cw = np.where(ok, cw, fw)
+    # One integer draw per image even where the fallback wins keeps the stream layout fixed.
+    top_rand = rng.integers(0, np.maximum(height - ch, 0).astype(np.int64) + 1)
+    left_rand = rng.integers(0, np.maximum(width - cw, 0).astype(np.int64) + 1)
+    top = np.where(ok, top_rand, (height - ch) // 2)
+    left = np.where(ok, left_rand, (width - cw) // 2)
+    return np.stack([top, left, ch, cw], axis=1).astype(np.float64)
+
+
+def center_boxes(sizes: np.ndarray, crop_fraction: float) -> np.ndarray:
+    """Validation boxes: the centred square of side min(h, w) * crop_fraction -> (B, 4)."""
+    if not 0.0 < crop_fraction <= 1.0:
+        raise ValueError(f"val_crop_fraction must be in (0, 1], got {crop_fraction}")
+    height, width = _as_sizes(sizes)
+    side = np.minimum(height, width) * crop_fraction
+    return np.stack([(height - side) / 2, (width - side) / 2, side, side], axis=1)
+
+
+def sample_params(rng: np.random.Generator, sizes: np.ndarray, config: AugmentConfig) -> AugParams:
+    """Draw train-time augmentation for B images of (height, width) `sizes`."""
+    boxes = random_resized_crop_boxes(rng, sizes, config.scale, config.ratio)
+    b = len(boxes)
+    hflip = rng.random(b) < 0.5
+    vflip = rng.random(b) < 0.5
+    rot = rng.integers(0, 4, size=b)
+    strengths = np.array([config.brightness, config.contrast, config.saturation], dtype=np.float64)
+    jitter = rng.uniform(1.0 - strengths, 1.0 + strengths, size=(b, 3))
+    return AugParams(
+        boxes=boxes,
+        hflip=hflip & config.hflip,
+        vflip=vflip & config.vflip,
+        rot90=(rot if config.rot90 else np.zeros(b, dtype=np.int64)).astype(np.int64),
+        jitter=np.where(strengths > 0, jitter, 1.0).astype(np.float32),
+    )
+
+
+def val_params(sizes: np.ndarray, crop_fraction: float) -> AugParams:
+    """The deterministic validation transform as AugParams (centre box, no flips, no jitter)."""
+    boxes = center_boxes(sizes, crop_fraction)
+    b = len(boxes)
+    return AugParams(boxes, np.zeros(b, bool), np.zeros(b, bool), np.zeros(b, np.int64),
+                     np.ones((b, 3), np.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# per sample, PIL
+
+
+def apply_geometry_pil(image: Image.Image, params: AugParams, size: int) -> Image.Image:
+    """Crop-resize to (size, size), flip and rotate one PIL image with the draws of `params` (B=1)."""
+    top, left, h, w = (float(v) for v in params.boxes[0])
+    out = image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+    if params.hflip[0]:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if params.vflip[0]:
+        out = out.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    k = int(params.rot90[0])
+    if k:
+        out = out.transpose((None, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180,
+                             Image.Transpose.ROTATE_270)[k])
+    return out
+
+
+def val_transform(image: Image.Image, image_size: int, crop_fraction: float = 0.875) -> Image.Image:
+    """Validation view of one PIL image: (image_size, image_size) RGB."""
+    image = image.convert("RGB")
+    params = val_params(np.array([[image.height, image.width]]), crop_fraction)
+    return apply_geometry_pil(image, params, image_size)
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) uint8 tensor."""
+    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def val_preprocess(image: Image.Image, image_size: int, crop_fraction: float = 0.875) -> torch.Tensor:
+    """What predict feeds the model: (3, S, S) float32, normalised like every loader's output."""
+    pixels = pil_to_tensor(val_transform(image, image_size, crop_fraction))[None].float()
+    return normalize_batch(pixels, dtype=torch.float32)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# whole batches, torch tensors on any device
+
+
+def use_interpolate(images: torch.Tensor, kernel: str = "auto") -> bool:
+    """Whether a crop-resize of `images` runs torch's uint8 antialias kernel (else roi_align).
+
+    kernel: "auto" (uint8 antialias for uint8 on the CPU, roi_align otherwise), "interpolate"
+    (CPU uint8 only) or "roi_align".
+    """
+    if kernel not in CROP_KERNELS:
+        raise ValueError(f"unknown crop kernel {kernel!r}; valid: {', '.join(CROP_KERNELS)}")
+    fits = images.dtype == torch.uint8 and images.device.type == "cpu"
+    if kernel == "interpolate" and not fits:
+        raise ValueError("crop kernel 'interpolate' needs uint8 images on the CPU")
+    return kernel == "interpolate" or (kernel == "auto" and fits)
+
+
+def crop_resize_batch(images: torch.Tensor, boxes: np.ndarray | torch.Tensor, size: int,
+                      kernel: str = "auto") -> torch.Tensor:
+    """(B, 3, H, W) images, (B, 4) top/left/height/width boxes -> (B, 3, S, S) float32 in 0..255.
+
+    uint8 images on the CPU: `crop_resize_uint8` (boxes rounded to whole pixels). Otherwise each box
+    is resized with `roi_align` (bilinear with adaptive sampling: ceil(box / S) taps averaged per
+    output pixel, i.e. antialiased downscaling), batched in one kernel, which is what runs on CUDA.
+    Images may be padded beyond their real extent; boxes only cover real pixels, and the bilinear
+    taps read at most one pixel past a box edge (the resident backend replicates that pixel).
+    """
+    if use_interpolate(images, kernel):
+        return crop_resize_uint8(images, boxes, size).float()
+    from torchvision.ops import roi_align
+
+    b = images.shape[0]
+    boxes_t = torch.as_tensor(boxes, dtype=torch.float32).reshape(b, 4)
+    top, left, h, w = boxes_t.unbind(1)
+    rois = torch.stack([torch.arange(b, dtype=torch.float32), left, top, left + w, top + h], dim=1)
+    rois = rois.to(images.device)
+    per_image = 4 * images[0].numel() if b else 1
+    chunk = max(1, _CHUNK_BYTES // per_image)
+    outs = []
+    for start in range(0, b, chunk):
+        part = images[start:start + chunk].float()
+        part_rois = rois[start:start + chunk].clone()
+        part_rois[:, 0] -= start
+        outs.append(roi_align(part, part_rois, output_size=(size, size), spatial_scale=1.0,
+                              sampling_ratio=-1, aligned=True))
+    if not outs:
+        return images.new_zeros((0, images.shape[1], size, size), dtype=torch.float32)
+    return torch.cat(outs)
+
+
+def crop_resize_uint8(images: torch.Tensor, boxes: np.ndarray | torch.Tensor, size: int,
+                      index: np.ndarray | None = None) -> torch.Tensor:
+    """CPU path: (N, 3, H, W) uint8 -> (B, 3, S, S) uint8, one antialiased bilinear resize per box.
+
+    torch's uint8 antialias kernel (the one torchvision's Resize uses; it follows PIL) is ~8x
+    faster on a CPU core than roi_align on floats. Boxes are rounded to whole pixels. Box i crops
+    image `index[i]` (default i), so a resident store is read in place, without a gather.
+    """
+    import torch.nn.functional as F
+
+    b = len(boxes) if index is None else len(index)
+    rows = range(b) if index is None else np.asarray(index).tolist()
+    box = np.rint(np.asarray(boxes, dtype=np.float64).reshape(b, 4)).astype(np.int64)
+    out = torch.empty((b, images.shape[1], size, size), dtype=torch.uint8)
+    for i, (r, (top, left, h, w)) in enumerate(zip(rows, box.tolist(), strict=True)):
+        crop = images[r:r + 1, :, top:top + max(h, 1), left:left + max(w, 1)]
+        out[i] = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    return out
+
+
+def _select(mask: np.ndarray, device: torch.device) -> torch.Tensor | None:
+    rows = np.flatnonzero(mask)
+    return torch.as_tensor(rows, device=device) if rows.size else None
+
+
+def flip_rot_batch(x: torch.Tensor, params: AugParams) -> torch.Tensor:
+    """Per-sample horizontal flip, vertical flip, then k quarter turns (square images); in place."""
+    if (idx := _select(params.hflip, x.device)) is not None:
+        x[idx] = x[idx].flip(-1)
+    if (idx := _select(params.vflip, x.device)) is not None:
+        x[idx] = x[idx].flip(-2)
+    if params.rot90.any() and x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"rot90 needs square images, got {tuple(x.shape[-2:])}")
+    for k in (1, 2, 3):
+        if (idx := _select(params.rot90 == k, x.device)) is not None:
+            x[idx] = torch.rot90(x[idx], k, dims=(-2, -1))
+    return x
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 1, H, W) ITU-R 601 luma."""
+    w = torch.tensor(GREY_WEIGHTS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * w).sum(dim=1, keepdim=True)
+
+
+def color_jitter_batch(x: torch.Tensor, factors: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast, saturation on (B, 3, H, W) float in [0, 255] with (B, 3) factors; in place.
+
+    Pass `factors` as a numpy array or a CPU tensor: only then is it free to tell which steps run.
+    """
+    # Which steps to run is decided on the host copy: no device sync for a CUDA batch.
+    host = factors.detach().cpu().numpy() if isinstance(factors, torch.Tensor) else np.asarray(factors)
+    active = (host.reshape(-1, 3) != 1).any(axis=0)
+    f = torch.as_tensor(factors, dtype=x.dtype).reshape(-1, 3).to(x.device, non_blocking=True)
+    for start in range(0, len(x), _chunk(x)):  # in place on each chunk (views of x)
+        end = start + _chunk(x)
+        _jitter(x[start:end], f[start:end], active)
+    return x
+
+
+def _chunk(x: torch.Tensor) -> int:
+    """Images per pass: a few on the CPU, so that the ~10 passes of jitter/normalize stay in
+    cache (3-4x faster per core); the whole batch on CUDA (one kernel per step)."""
+    return max(len(x), 1) if x.is_cuda else _CPU_CHUNK
+
+
+def _jitter(x: torch.Tensor, f: torch.Tensor, active: np.ndarray) -> None:
+    if active[0]:
+        x.mul_(f[:, 0].view(-1, 1, 1, 1)).clamp_(0, 255)
+    if active[1]:  # x = mean + c * (x - mean), mean = the image's mean grey level
+        c = f[:, 1].view(-1, 1, 1, 1)
+        mean = _grey(x).mean(dim=(-3, -2, -1), keepdim=True)
+        x.mul_(c).add_(mean * (1 - c)).clamp_(0, 255)
+    if active[2]:  # x = grey + s * (x - grey), per pixel
+        s_ = f[:, 2].view(-1, 1, 1, 1)
+        grey = _grey(x).mul_(1 - s_)
+        x.mul_(s_).add_(grey).clamp_(0, 255)
+
+
+def normalize_batch(x: torch.Tensor, dtype: torch.dtype = torch.float32,
+                    channels_last: bool = False) -> torch.Tensor:
+    """(B, 3, H, W) values in [0, 255] -> (x - MEAN_255) / STD_255 as `dtype`."""
+    mean = torch.tensor(MEAN_255, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
+    inv_std = 1.0 / torch.tensor(STD_255, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    for start in range(0, len(x), _chunk(x)):
+        end = start + _chunk(x)
+        torch.sub(x[start:end].float(), mean, out=out[start:end]).mul_(inv_std)
+    out = out.to(dtype)
+    if channels_last:
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def augment_batch(images: torch.Tensor, params: AugParams, size: int, *, dtype: torch.dtype = torch.float32,
+                  channels_last: bool = False, index: np.ndarray | None = None,
+                  kernel: str = "auto") -> torch.Tensor:
+    """Everything for a batch of (possibly padded) uint8 images: (B, 3, H, W) -> (B, 3, S, S).
+
+    `index`: box i applies to images[index[i]] (a resident store; read in place on the CPU path).
+    `kernel`: the crop-resize kernel (see `use_interpolate`).
+    """
+    if use_interpolate(images, kernel):  # flips are cheaper on uint8
+        x = flip_rot_batch(crop_resize_uint8(images, params.boxes, size, index), params).float()
+    else:
+        if index is not None:
+            images = images[torch.as_tensor(index, device=images.device)]
+        x = flip_rot_batch(crop_resize_batch(images, params.boxes, size, kernel="roi_align"), params)
+    x = color_jitter_batch(x, params.jitter)
+    return normalize_batch(x, dtype=dtype, channels_last=channels_last)
+
+
+def value_range() -> tuple[float, float]:
+    """The smallest and largest value a normalised image can hold (for contract checks)."""
+    lo = min((0.0 - m) / s for m, s in zip(MEAN_255, STD_255, strict=True))
+    hi = max((255.0 - m) / s for m, s in zip(MEAN_255, STD_255, strict=True))
+    return lo, hi

@@ -1,0 +1,171 @@
+"""`resident` backend: the whole split decoded once into one uint8 tensor on the device.
+
+For datasets that fit in (GPU) memory: no worker processes and no per-epoch decode. Each batch
+is a gather from the resident tensor plus batched augmentation with tensor ops on the device
+(`loaders.augment.augment_batch`: roi_align crop-resize, flips, rot90, jitter, normalize).
+
+Storage: images keep their convert resolution and aspect. They are stored top-left in a tensor
+of shape (N, 3, H_max, W_max), H_max/W_max the largest height/width in the split, with each image's
+(h, w) kept beside it; crops are drawn inside the real (h, w) region, so RandomResizedCrop sees
+exactly the image it would see on any other backend. The padding repeats each image's last row
+and column once (roi_align's bilinear taps at the border read one pixel past it) and is zero beyond.
+Memory: N * 3 * H_max * W_max bytes, e.g. 3000 images at max_resolution 512 with mixed portrait
+and landscape orientation = 3000 * 3 * 512 * 512 = 2.2 GiB. `options["max_bytes"]` caps it
+(default: 75 % of free CUDA memory, or half the available RAM on CPU); over the cap is a
+LoaderError before anything is decoded.
+
+Augmentation draws: one generator per batch, seeded by (seed, epoch, rank, batch index).
+Crop-resize kernel (`options["crop_kernel"]`): "auto" = roi_align on a gathered batch on CUDA,
+torch's uint8 antialias kernel straight from the store on the CPU (~8x faster per core there);
+"roi_align" forces the CUDA path on the CPU too (tests use it to check that path without a GPU).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+import numpy as np
+import torch
+from PIL import Image
+
+from loaders.augment import CROP_KERNELS, augment_batch, sample_params, use_interpolate, val_params
+from loaders.base import Batch, LoaderError
+from loaders.common import AUGMENT_STREAM, EpochLoader, LoaderSpec
+from loaders.torch_loader import shard_of
+
+_DECODE_CHUNK = 64  # images decoded (and copied to the device) at a time
+
+
+def default_max_bytes(device: torch.device) -> int | None:
+    """How much the resident tensor may take on `device` when the caller does not say."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * 0.75)
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available * 0.5)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+class ResidentLoader(EpochLoader):
+    """All images of a split on the device; batches are gathered and augmented there."""
+
+    def __init__(self, shards, spec: LoaderSpec) -> None:
+        position, grade, sample_id = shards.labels(spec.split)
+        super().__init__(spec, position, grade, sample_id)
+        self._shards = shards
+        blobs = [shards.read_image_bytes(spec.split, row) for row in range(self.rows)]
+        self.sizes = np.array([self._header_size(row, b) for row, b in enumerate(blobs)],
+                              dtype=np.int64).reshape(-1, 2)  # (N, 2): height, width
+        height, width = (self.sizes.max(axis=0) + 1).tolist() if self.rows else (1, 1)
+        need = self.rows * 3 * height * width
+        limit = spec.options.get("max_bytes")
+        limit = default_max_bytes(spec.device) if limit is None else int(limit)
+        if limit is not None and need > limit:
+            raise LoaderError(
+                f"resident backend needs {_gib(need)} for {self.rows} {spec.split} images padded to "
+                f"{height - 1}x{width - 1} but may use {_gib(limit)} on {spec.device}; use backend "
+                f"torch, ffcv or dali, or convert with a smaller --max-resolution"
+            )
+        self.crop_kernel = str(spec.options.get("crop_kernel", "auto"))
+        if self.crop_kernel not in CROP_KERNELS or (self.crop_kernel == "interpolate" and spec.on_cuda):
+            raise LoaderError(f"crop_kernel {self.crop_kernel!r} is not available on {spec.device}; "
+                              f"valid: auto, roi_align{', interpolate' if not spec.on_cuda else ''}")
+        dev = spec.device
+        self.store = torch.zeros((self.rows, 3, height, width), dtype=torch.uint8, device=dev)
+        self._fill(blobs)
+        self.position_t = torch.from_numpy(self.position).to(dev)
+        self.grade_t = torch.from_numpy(self.grade).to(dev)
+        self.sample_id_t = torch.from_numpy(self.sample_id).to(dev)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the resident image tensor."""
+        return self.store.numel()
+
+    def _where(self, row: int) -> str:
+        return f"{shard_of(self._shards, self.spec.split, row)} ({self.spec.split} row {row})"
+
+    def _header_size(self, row: int, blob: bytes) -> tuple[int, int]:
+        try:
+            with Image.open(io.BytesIO(blob)) as image:
+                return image.height, image.width
+        except Exception as exc:  # PIL raises many types for broken data
+            raise LoaderError(f"corrupt image in {self._where(row)}: {type(exc).__name__}") from exc
+
+    def _decode(self, row: int, blob: bytes) -> torch.Tensor:
+        try:
+            with Image.open(io.BytesIO(blob)) as image:
+                array = np.array(image.convert("RGB"), dtype=np.uint8)
+        except Exception as exc:
+            raise LoaderError(f"corrupt image in {self._where(row)}: {type(exc).__name__}: {exc}"
+                              .replace("\n", " ")) from exc
+        return torch.from_numpy(array).permute(2, 0, 1)  # (3, h, w)
+
+    def _fill(self, blobs: list[bytes]) -> None:
+        """Decode every image once into self.store (threads: PIL releases the GIL while decoding)."""
+        cuda = self.store.is_cuda
+        _n, _c, height, width = self.store.shape
+        buf = torch.zeros((_DECODE_CHUNK, 3, height, width), dtype=torch.uint8, pin_memory=cuda) if cuda else None
+        with ThreadPoolExecutor(max_workers=max(1, self.spec.workers)) as pool:
+            for start in range(0, len(blobs), _DECODE_CHUNK):
+                rows = range(start, min(start + _DECODE_CHUNK, len(blobs)))
+                images = list(pool.map(self._decode, rows, [blobs[r] for r in rows]))
+                target = buf if cuda else self.store[start:start + len(rows)]
+                for i, image in enumerate(images):
+                    _, h, w = image.shape
+                    target[i, :, :h, :w] = image
+                    target[i, :, h, :w] = image[:, h - 1, :]  # replicate: see module doc
+                    target[i, :, :h + 1, w] = target[i, :, :h + 1, w - 1]
+                    target[i, :, h + 1:, :] = 0
+                    target[i, :, :, w + 1:] = 0
+                if cuda:
+                    self.store[start:start + len(rows)].copy_(buf[:len(rows)])
+
+    def __iter__(self) -> Iterator[Batch]:
+        spec = self.spec
+        epoch = self.epoch
+        rows_all = self.indices(epoch)
+        rows_dev = torch.from_numpy(rows_all).to(spec.device)
+        bs = spec.batch_size
+        stop = len(rows_all) - len(rows_all) % bs if spec.drop_last else len(rows_all)
+        for b, start in enumerate(range(0, stop, bs)):
+            rows = rows_all[start:start + bs]
+            index = rows_dev[start:start + bs]
+            sizes = self.sizes[rows]
+            if spec.augment is None:
+                params = val_params(sizes, spec.val_crop_fraction)
+            else:
+                rng = np.random.default_rng([spec.seed, epoch, spec.rank, b, AUGMENT_STREAM])
+                params = sample_params(rng, sizes, spec.augment)
+            if use_interpolate(self.store, self.crop_kernel):
+                # CPU: each box is cropped from the store in place (no gather).
+                images = augment_batch(self.store, params, spec.image_size, dtype=spec.dtype,
+                                       index=rows, kernel="interpolate")
+            else:
+                # Gather only the region the batch's boxes touch (+1 px for the bilinear taps).
+                top, left, h, w = params.boxes.T
+                y0, x0 = int(np.floor(top.min())), int(np.floor(left.min()))
+                y1 = min(self.store.shape[2], int(np.ceil((top + h).max())) + 1)
+                x1 = min(self.store.shape[3], int(np.ceil((left + w).max())) + 1)
+                pixels = self.store[index, :, y0:y1, x0:x1]  # (B, 3, y1 - y0, x1 - x0) uint8
+                shifted = replace(params, boxes=params.boxes - np.array([y0, x0, 0, 0], dtype=np.float64))
+                images = augment_batch(pixels, shifted, spec.image_size, dtype=spec.dtype,
+                                       channels_last=spec.channels_last, kernel="roi_align")
+            yield Batch(images, self.position_t[index], self.grade_t[index], self.sample_id_t[index])
+
+    def close(self) -> None:
+        self.store = self.store.new_zeros((0, 3, 1, 1))
+
+
+def build(shards, spec: LoaderSpec) -> ResidentLoader:
+    """The resident backend over a ShardSet's tar shards."""
+    return ResidentLoader(shards, spec)

@@ -1,0 +1,181 @@
+"""`torch` backend: a torch DataLoader with PIL decode over the tar shards (folders: loaders.folder).
+
+This is the baseline every speed claim is a ratio to, and (over the original image folders) what
+the team trained with before: PIL decodes and augments each image in a worker process.
+
+- Workers read samples by random access (`ShardSet.read_image_bytes`: one pread at the .idx offset);
+  each worker opens its own ShardSet, so no file handle is shared across processes.
+- The sampler yields (epoch, slot, row) for this rank's `epoch_indices`; the augmentation draw of a
+  sample is seeded by (seed, epoch, rank, slot), so results do not depend on the number of workers.
+- Workers return uint8 (3, S, S) after the geometric augmentation plus the sample's colour-jitter
+  factors; the main process moves the uint8 batch to the device (pinned, non_blocking on CUDA) and
+  jitters + normalises it there, in one batched op.
+- A worker that hits a bad sample returns its one-line message instead of raising, so the user sees
+  a one-line LoaderError naming the file (torch re-raises worker errors with a multi-line message).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from loaders.augment import (
+    apply_geometry_pil,
+    color_jitter_batch,
+    normalize_batch,
+    pil_to_tensor,
+    sample_params,
+    val_params,
+)
+from loaders.base import AugmentConfig, Batch, LoaderError
+from loaders.common import AUGMENT_STREAM, EpochLoader, LoaderSpec
+
+
+class _Failure(str):
+    """A worker's one-line error message, carried through collate to the main process."""
+
+
+class ImageDataset(Dataset):
+    """Decodes and augments one sample; subclasses say where its bytes come from."""
+
+    def __init__(self, image_size: int, augment: AugmentConfig | None, val_crop_fraction: float,
+                 seed: int, rank: int) -> None:
+        self.image_size = image_size
+        self.augment = augment
+        self.val_crop_fraction = val_crop_fraction
+        self.seed = seed
+        self.rank = rank
+
+    def open(self, row: int) -> Image.Image:
+        raise NotImplementedError
+
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple:
+        epoch, slot, row = key
+        try:
+            image = self.open(row)
+        except LoaderError as exc:
+            return _Failure(str(exc)), None, row
+        sizes = np.array([[image.height, image.width]])
+        if self.augment is None:
+            params = val_params(sizes, self.val_crop_fraction)
+        else:
+            rng = np.random.default_rng([self.seed, epoch, self.rank, slot, AUGMENT_STREAM])
+            params = sample_params(rng, sizes, self.augment)
+        pixels = pil_to_tensor(apply_geometry_pil(image, params, self.image_size))  # (3, S, S) uint8
+        return pixels, torch.from_numpy(params.jitter[0]), row
+
+
+def _decode(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+class ShardImages(ImageDataset):
+    """Samples of one split of a shard set, by row."""
+
+    def __init__(self, root: Path, split: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.root = Path(root)
+        self.split = split
+        self._shards = None  # opened lazily, once per process
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_shards"] = None
+        return state
+
+    def open(self, row: int) -> Image.Image:
+        from loaders.shards import ShardSet
+
+        if self._shards is None:
+            self._shards = ShardSet(self.root)
+        data = self._shards.read_image_bytes(self.split, row)
+        try:
+            return _decode(data)
+        except Exception as exc:  # PIL raises many types for broken data
+            raise LoaderError(
+                f"corrupt image in {shard_of(self._shards, self.split, row)} "
+                f"({self.split} row {row}): {type(exc).__name__}: {exc}".replace("\n", " ")
+            ) from exc
+
+
+def shard_of(shards, split: str, row: int) -> Path:
+    """The tar file that holds `row` of `split` (for error messages)."""
+    return shards.locate(split, row)[0]
+
+
+class _EpochSampler(Sampler):
+    """Yields (epoch, slot, row) for the owning loader's current epoch."""
+
+    def __init__(self, loader: TorchLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        epoch = self.loader.epoch
+        for slot, row in enumerate(self.loader.indices(epoch).tolist()):
+            yield epoch, slot, row
+
+    def __len__(self) -> int:
+        return self.loader.num_samples
+
+
+def _collate(items: list[tuple]) -> tuple:
+    for pixels, _jitter, _row in items:
+        if isinstance(pixels, _Failure):
+            return pixels, None, None
+    pixels, jitter, rows = zip(*items, strict=True)
+    return torch.stack(pixels), torch.stack(jitter), torch.tensor(rows, dtype=torch.int64)
+
+
+class TorchLoader(EpochLoader):
+    """DataLoader over `dataset` with the shared epoch draw; yields `Batch`es on the device."""
+
+    def __init__(self, dataset: ImageDataset, spec: LoaderSpec, position: np.ndarray, grade: np.ndarray,
+                 sample_id: np.ndarray) -> None:
+        super().__init__(spec, position, grade, sample_id)
+        workers = spec.workers
+        extra = {}
+        if workers > 0:
+            extra = {"persistent_workers": True,
+                     "prefetch_factor": int(spec.options.get("prefetch_factor", 2))}
+        self._loader = DataLoader(
+            dataset, batch_size=spec.batch_size, sampler=_EpochSampler(self), drop_last=spec.drop_last,
+            num_workers=workers, collate_fn=_collate, pin_memory=spec.on_cuda, **extra,
+        )
+
+    def __iter__(self) -> Iterator[Batch]:
+        spec = self.spec
+        for pixels, jitter, rows in self._loader:
+            if isinstance(pixels, _Failure):
+                self.close()
+                raise LoaderError(str(pixels))
+            x = pixels.to(spec.device, non_blocking=spec.on_cuda).float()  # (B, 3, S, S) in 0..255
+            if spec.augment is not None:
+                x = color_jitter_batch(x, jitter)
+            images = normalize_batch(x, dtype=spec.dtype, channels_last=spec.channels_last)
+            yield Batch(images, *self.labels_for(rows))
+
+    def close(self) -> None:
+        iterator = getattr(self._loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self._loader._iterator = None
+
+
+def build(shards, spec: LoaderSpec) -> TorchLoader:
+    """The torch backend over a ShardSet's tar shards."""
+    for tar, idx in shards.shards(spec.split):
+        for path in (tar, idx):
+            if not Path(path).is_file():
+                raise LoaderError(f"missing shard file {path}")
+    position, grade, sample_id = shards.labels(spec.split)
+    dataset = ShardImages(shards.root, spec.split, image_size=spec.image_size, augment=spec.augment,
+                          val_crop_fraction=spec.val_crop_fraction, seed=spec.seed, rank=spec.rank)
+    return TorchLoader(dataset, spec, position, grade, sample_id)
