@@ -1,0 +1,56 @@
+"""The last step of the ffcv and dali backends: a (B, S, S, 3) uint8 batch -> the batch contract's images.
+
+Both libraries hand over HWC uint8 crops (FFCV's decoder buffer, DALI's output); the colour jitter
+and the normalisation then run as batched tensor ops on the device (loaders.augment), exactly as
+on the torch and resident backends, so every backend shares one definition of the jitter.
+
+On CPU these ops run with one torch thread: the libraries' own threads (FFCV's numba threads,
+DALI's operator threads and workers) keep the cores busy with the next batches, and torch's
+OpenMP threads, spinning for cores that are taken, made a batch 10-20x slower on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from loaders.augment import color_jitter_batch
+from loaders.base import MEAN_255, STD_255
+
+
+@contextmanager
+def one_cpu_thread(active: bool = True) -> Iterator[None]:
+    """Run the block with torch's intra-op threads set to 1 (restored after)."""
+    threads = torch.get_num_threads()
+    if not active or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class Finisher:
+    """uint8 (B, S, S, 3) on `device` -> normalised (B, 3, S, S) `dtype`, channels_last on CUDA."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, jitter: bool) -> None:
+        self.device, self.dtype, self.jitter = device, dtype, jitter
+        self.cuda = device.type == "cuda"
+        self.mean = torch.tensor(MEAN_255, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(STD_255, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+    def __call__(self, pixels: torch.Tensor, jitter: np.ndarray | torch.Tensor) -> torch.Tensor:
+        with one_cpu_thread(not self.cuda):
+            b, h, w, _ = pixels.shape
+            fmt = torch.channels_last if self.cuda else torch.contiguous_format
+            x = torch.empty((b, 3, h, w), dtype=torch.float32, device=self.device, memory_format=fmt)
+            x.copy_(pixels.permute(0, 3, 1, 2))  # one pass: layout + dtype, off the library's buffer
+            if self.jitter:
+                color_jitter_batch(x, jitter)
+            x.sub_(self.mean).div_(self.std)
+            return x if self.dtype == torch.float32 else x.to(self.dtype)
