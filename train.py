@@ -1,17 +1,437 @@
-"""PLACEHOLDER (being written): training loop, `cornpipe train`, `report`, `predict`."""
+"""Train ResNet-Plus on a cornpipe shard set: position (classification) + grade (regression).
+
+    cornpipe train SHARDS --out RUN [options]        (same as: python train.py SHARDS --out RUN ...)
+    cornpipe train --resume RUN [--epochs N]         continue RUN from RUN/last.pt
+    cornpipe report RUN                              rebuild report.md and plots from metrics.jsonl
+    cornpipe predict RUN/best.pt IMAGES... --out preds.csv
+
+RUN gets config.json (the resolved config), metrics.jsonl (one line per epoch), best.pt and last.pt
+(loadable with torch.load(weights_only=True)), report.md, curves.png and confusion_matrix.png.
+
+Read top to bottom: make_optimizer, train_one_epoch, evaluate, then train() with the one loop, then
+the click commands (a thin edge: options -> TrainConfig -> train()).
+
+Reproducibility: every random draw is a function of (seed, epoch): the loader's sample order and
+augmentation via set_epoch, dropout/drop-path via the torch seed set at the start of each epoch. So
+a run resumed from last.pt ends with the same weights as one that never stopped (on CPU; CUDA kernels
+are not bitwise deterministic).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
 import click
+import torch
+from click.core import ParameterSource
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from loaders import make_loader
+from loaders.base import BACKENDS, OVERSAMPLE_STRATEGIES, CornpipeError
+from loaders.shards import ShardSet
+from models import create_model
+from models.checkpoint import BEST, CHECKPOINT_FORMAT, LAST, load_checkpoint, rng_state, save_checkpoint
+from models.config import (
+    AMP_MODES,
+    GRADE_HEADS,
+    MONITORS,
+    OPTIMIZERS,
+    SCHEDULES,
+    ConfigError,
+    TrainConfig,
+    load_toml,
+    merge_for_resume,
+    parse_loss_weights,
+    resolve_runtime,
+    write_config_json,
+)
+from models.losses import MultiTaskLoss
+from models.report import CONFIG_FILE, METRICS_FILE, format_epoch_table, write_report
+from models.training_utils import (
+    Collector,
+    EarlyStopping,
+    ModelEma,
+    NonFiniteLoss,
+    TrainResult,
+    keep_metrics_until,
+    monitor_value,
+    param_groups,
+    prepare_run_dir,
+    read_metrics,
+    restore_best_and_report,
+    scheduled_lr,
+    summarize,
+)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)  # no decay on norms and biases
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def amp_dtype(cfg: TrainConfig) -> torch.dtype | None:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.amp)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch
+
+
+def train_one_epoch(model: nn.Module, loader: Any, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, ema: ModelEma | None, cfg: TrainConfig, *,
+                    epoch: int, steps: int, last_good: str, progress: Progress, task: Any) -> dict[str, Any]:
+    """One pass over the training loader; returns predictions, mean losses and timing."""
+    model.train()
+    device = torch.device(cfg.device)
+    dtype = amp_dtype(cfg)
+    raw_model = getattr(model, "_orig_mod", model)  # EMA and grad clipping see the uncompiled module
+    collected = Collector(device)
+    data_wait = 0.0
+    start = time.perf_counter()
+    batches = iter(loader)
+    for step in range(steps):
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        data_wait += time.perf_counter() - t0
+        if batch is None:
+            break
+        lr = scheduled_lr(cfg, epoch * steps + step, steps)
+        if lr is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        images = batch.images  # (B, 3, H, W), normalised, on the device
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            outputs = model(images)
+        outputs = {k: v.float() for k, v in outputs.items()}  # the loss always runs in float32
+        loss, parts = loss_fn(outputs, batch.position, batch.grade)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        grad_norm = None
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
+            grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        # Device sync point, once a step: no optimiser step may ever see a NaN/inf loss. With the fp16
+        # GradScaler an inf gradient is expected now and then (the scaler skips that step and lowers
+        # its scale), so only the loss is checked there; without a scaler the gradient is checked too.
+        finite = torch.isfinite(loss)
+        if grad_norm is not None and not scaler.is_enabled():
+            finite = finite & torch.isfinite(grad_norm)
+        if not bool(finite):
+            raise NonFiniteLoss(epoch + 1, step + 1, batch.sample_id.tolist(), last_good)
+        scaler.step(optimizer)
+        scaler.update()
+        if ema is not None:
+            ema.update(raw_model)
+        collected.add(outputs, batch.position, batch.grade, loss, parts)
+        progress.update(task, advance=1, ips=collected.images / (time.perf_counter() - start))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # sync point: the clock below must include queued GPU work
+    seconds = time.perf_counter() - start
+    return {**collected.arrays(), "seconds": seconds, "images": collected.images, "data_wait_s": data_wait}
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: Any, loss_fn: nn.Module, cfg: TrainConfig, *, steps: int,
+             progress: Progress, task: Any) -> dict[str, Any]:
+    """Predictions and losses over the validation loader (deterministic transform, no dropout)."""
+    model.eval()
+    device = torch.device(cfg.device)
+    dtype = amp_dtype(cfg)
+    collected = Collector(device)
+    data_wait = 0.0
+    start = time.perf_counter()
+    batches = iter(loader)
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        data_wait += time.perf_counter() - t0
+        if batch is None:
+            break
+        images = batch.images  # (B, 3, H, W)
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            outputs = model(images)
+        outputs = {k: v.float() for k, v in outputs.items()}
+        loss, parts = loss_fn(outputs, batch.position, batch.grade)
+        collected.add(outputs, batch.position, batch.grade, loss, parts)
+        progress.update(task, advance=1, ips=collected.images / (time.perf_counter() - start))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # sync point: timing
+    seconds = time.perf_counter() - start
+    return {**collected.arrays(), "seconds": seconds, "images": collected.images, "data_wait_s": data_wait}
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
+          console: Console | None = None) -> TrainResult:
+    """Run (or resume) a training run as configured; see the module docstring for what it writes."""
+    console = console or Console(stderr=True)
+    cfg = resolve_runtime(cfg, torch.cuda.is_available())
+    device = torch.device(cfg.device)
+    run = Path(cfg.out)
+    checkpoint = load_checkpoint(run / LAST) if resume else None
+    if not Path(cfg.shards).is_dir():
+        raise ConfigError(f"shard set directory not found: {cfg.shards}")
+    shards = ShardSet(cfg.shards)
+    data = {"positions": list(shards.positions), "grade_scale": [float(g) for g in shards.grade_scale],
+            "shards": str(cfg.shards), "counts": {s: shards.count(s) for s in ("train", "val")},
+            "convert": {k: shards.params.get(k) for k in ("write_mode", "max_resolution", "jpeg_quality")}}
+    if checkpoint and (checkpoint["data"]["positions"] != data["positions"]
+                       or checkpoint["data"]["grade_scale"] != data["grade_scale"]):
+        raise ConfigError(f"{cfg.shards} has other position classes or grade scale than the run in {run}")
+    if not resume:
+        prepare_run_dir(run, force, dry_run=True)  # refuse a used --out before any slow work
+
+    # model, loss, optimiser and the rest of the state a checkpoint carries
+    torch.manual_seed(cfg.seed)  # initial weights
+    model = create_model(cfg.model, num_positions=len(data["positions"]), grade_scale=data["grade_scale"],
+                         grade_head=cfg.grade_head, drop_path=cfg.drop_path).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = ModelEma(model, cfg.ema_decay) if cfg.ema else None
+    loss_fn = MultiTaskLoss(weights=cfg.loss_weights, label_smoothing=cfg.label_smoothing,
+                            grade_scale=data["grade_scale"], grade_head=cfg.grade_head)
+    optimizer = make_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience,
+        threshold=cfg.min_delta, threshold_mode="abs", min_lr=cfg.min_lr)
+        if cfg.schedule == "plateau" else None)
+    stopper = EarlyStopping(cfg.patience, cfg.min_delta)
+
+    # data: the train split drawn per epoch (oversampling, augmentation), val in fixed order
+    loader_args = dict(backend=cfg.loader, batch_size=cfg.batch_size, image_size=cfg.image_size,
+                       device=cfg.device, seed=cfg.seed, workers=cfg.workers,
+                       dtype=torch.float32 if cfg.amp == "off" else None)
+    train_loader = make_loader(shards, "train", oversample=cfg.oversample,
+                               drop_last=data["counts"]["train"] > cfg.batch_size, **loader_args)
+    val_loader = make_loader(shards, "val", oversample="none", shuffle=False, **loader_args)
+    cap = cfg.max_batches or math.inf
+    train_steps, val_steps = int(min(len(train_loader), cap)), int(min(len(val_loader), cap))
+    if not resume:
+        prepare_run_dir(run, force)
+
+    try:
+        start_epoch = 0
+        if checkpoint:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            if checkpoint["scaler"] and scaler.is_enabled():
+                scaler.load_state_dict(checkpoint["scaler"])
+            if plateau and checkpoint["scheduler"]:
+                plateau.load_state_dict(checkpoint["scheduler"])
+            if ema and checkpoint["ema"]:
+                ema.load_state_dict(checkpoint["ema"])
+            stopper.load_state_dict(checkpoint["early_stopping"])
+            start_epoch = checkpoint["epoch"]
+            keep_metrics_until(run / METRICS_FILE, start_epoch)  # drop lines of an epoch after last.pt
+        write_config_json(cfg, run / CONFIG_FILE, {"data": data})
+
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
+        step_model = torch.compile(model) if cfg.compile else model
+        eval_model = step_model  # the EMA weights when kept: they are what best.pt and predict use
+        if ema is not None:
+            eval_model = torch.compile(ema.module) if cfg.compile else ema.module
+
+        def state(epoch: int, val: dict[str, Any]) -> dict[str, Any]:
+            return {"format": CHECKPOINT_FORMAT, "epoch": epoch, "config": cfg.to_dict(), "data": data,
+                    "model": model.state_dict(), "ema": ema.state_dict() if ema else None,
+                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                    "scheduler": plateau.state_dict() if plateau else None,
+                    "early_stopping": stopper.state_dict(), "rng": rng_state(), "val": val}
+
+        console.print(f"training {cfg.model} on {cfg.shards} ({data['counts']['train']} train / "
+                      f"{data['counts']['val']} val) -> {run}  [device {cfg.device}, amp {cfg.amp}, "
+                      f"compile {cfg.compile}, loader {cfg.loader}, oversample {cfg.oversample}]")
+        previous = ([None] + read_metrics(run / METRICS_FILE))[-1]
+        epoch = start_epoch
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[ips]:>7.1f} img/s"), TimeRemainingColumn())
+        with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
+            epochs_task = progress.add_task("epochs", total=cfg.epochs, completed=start_epoch, ips=0.0)
+            batch_task = progress.add_task("train", total=train_steps, ips=0.0)
+            for epoch in range(start_epoch, cfg.epochs):
+                if stopper.should_stop:
+                    break
+                torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout, drop-path, on-device augmentation
+                train_loader.set_epoch(epoch)
+                epoch_start = time.perf_counter()
+                progress.reset(batch_task, total=train_steps, description=f"train {epoch + 1}", ips=0.0)
+                last_good = str(run / LAST) if epoch > 0 else "none"
+                train_out = train_one_epoch(step_model, train_loader, loss_fn, optimizer, scaler, ema, cfg,
+                                            epoch=epoch, steps=train_steps, last_good=last_good,
+                                            progress=progress, task=batch_task)
+                progress.reset(batch_task, total=val_steps, description=f"val {epoch + 1}", ips=0.0)
+                val_out = evaluate(eval_model, val_loader, loss_fn, cfg, steps=val_steps,
+                                   progress=progress, task=batch_task)
+                train_m = summarize(train_out, cfg, data, bootstrap=0)
+                val_m = summarize(val_out, cfg, data, bootstrap=cfg.bootstrap)
+                value = monitor_value(val_m, cfg.monitor, data["grade_scale"])
+                improved = stopper.step(value, epoch + 1)
+                record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+                          "time_s": time.perf_counter() - epoch_start, "train": train_m, "val": val_m,
+                          "monitor": value if math.isfinite(value) else None, "best": improved}
+                if plateau is not None and epoch >= cfg.warmup_epochs:
+                    plateau.step(value)  # warm-up owns the lr until it ends
+                with (run / METRICS_FILE).open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                progress.console.print(format_epoch_table(record, previous))
+                if val_m["never_predicted"]:
+                    progress.console.print(f"[bold red]WARNING: position class(es) never predicted on val "
+                                           f"in epoch {epoch + 1}: {', '.join(val_m['never_predicted'])}")
+                previous = record
+                checkpoint_state = state(epoch + 1, val_m)
+                if improved:
+                    save_checkpoint(checkpoint_state, run / BEST)
+                save_checkpoint(checkpoint_state, run / LAST)
+                progress.update(epochs_task, advance=1, ips=train_m["images_per_s"])
+            else:
+                epoch = cfg.epochs
+    except NonFiniteLoss:
+        if (run / METRICS_FILE).is_file() and (run / METRICS_FILE).stat().st_size:
+            write_report(run)
+        raise
+    finally:
+        for loader in (train_loader, val_loader):
+            loader.close()
+
+    return restore_best_and_report(run, cfg, model, ema, stopper, console, epochs_run=epoch)
+
+
+# ----------------------------------------------------------------------------------------------------
+# command line: options -> TrainConfig -> train()
+
+FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def _opt(*decls: str, help: str, **kwargs: Any) -> Any:
+    """A click option whose default lives in TrainConfig (None here, so TOML/resume values survive)."""
+    flag = decls[0].split("/")[0]
+    default = FIELD_DEFAULTS[flag.lstrip("-").replace("-", "_")]
+    if isinstance(default, bool):
+        help += f"  [default: {flag if default else '--no-' + flag[2:]}]"
+    elif isinstance(default, tuple):
+        help += f"  [default: {','.join(f'{v:g}' for v in default)}]"
+    elif default is not None:
+        help += f"  [default: {default}]"
+    return click.option(*decls, default=None, help=help, **kwargs)
 
 
 @click.command("train")
-def train_command() -> None:
-    raise click.ClickException("not implemented yet")
+@click.argument("shards", required=False, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out", type=click.Path(file_okay=False), help="Run directory to create.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="run.toml with any of the options below (flags given here override it).")
+@click.option("--resume", type=click.Path(exists=True, file_okay=False),
+              help="Continue RUN from RUN/last.pt (flags such as --epochs/--patience may change).")
+@click.option("--force", is_flag=True, help="Overwrite the run files in an existing --out.")
+@_opt("--epochs", type=int, help="Maximum epochs.")
+@_opt("--batch-size", type=int, help="Images per step.")
+@_opt("--image-size", type=int, help="Side of the square model input, pixels.")
+@_opt("--model", type=str, help="Model name (resnet_plus18/34/50, resnet_plus_tiny).")
+@_opt("--grade-head", type=click.Choice(GRADE_HEADS), help="Grade head.")
+@_opt("--drop-path", type=float, help="Stochastic depth rate.")
+@_opt("--loader", type=click.Choice(BACKENDS), help="Loader backend.")
+@_opt("--oversample", type=click.Choice(OVERSAMPLE_STRATEGIES), help="Oversampling of train rows.")
+@_opt("--workers", type=int, help="Loader worker processes [default: backend's].")
+@_opt("--device", type=str, help="auto, cpu, cuda or cuda:N.")
+@_opt("--amp", type=click.Choice(AMP_MODES), help="Mixed precision (auto: fp16 on CUDA, off on CPU).")
+@_opt("--compile/--no-compile", help="torch.compile the model [default: on for CUDA].")
+@_opt("--channels-last/--no-channels-last", help="NHWC memory format [default: on for CUDA].")
+@_opt("--optimizer", type=click.Choice(OPTIMIZERS), help="AdamW or SGD with Nesterov momentum.")
+@_opt("--lr", type=float, help="Peak learning rate [default: 1e-3 adamw, 0.05 sgd].")
+@_opt("--weight-decay", type=float, help="Weight decay, not on norms/biases [default: 0.05 adamw, 5e-4 sgd].")
+@_opt("--warmup-epochs", type=int, help="Linear warm-up epochs.")
+@_opt("--schedule", type=click.Choice(SCHEDULES), help="LR schedule after warm-up.")
+@_opt("--grad-clip", type=float, help="Max gradient norm; 0 = off.")
+@_opt("--ema/--no-ema", help="Keep and evaluate an EMA of the weights.")
+@_opt("--label-smoothing", type=float, help="Position label smoothing.")
+@_opt("--loss-weights", type=str, help="POSITION,GRADE loss weights.")
+@_opt("--monitor", type=click.Choice(MONITORS), help="Validation metric for best.pt/early stopping.")
+@_opt("--patience", type=int, help="Early-stopping patience, epochs; 0 = never.")
+@_opt("--min-delta", type=float, help="Smallest monitor gain that counts.")
+@_opt("--tolerance", type=float, help="Grade tolerance for grade_within_tol, grade units.")
+@_opt("--bootstrap", type=int, help="Bootstrap resamples for val confidence intervals.")
+@_opt("--max-batches", type=int, help="Cap on batches per epoch (quick runs); 0 = all.")
+@_opt("--seed", type=int, help="Random seed.")
+@click.pass_context
+def train_command(ctx: click.Context, shards: str | None, out: str | None, config_file: str | None,
+                  resume: str | None, force: bool, **flags: Any) -> None:
+    """Train on SHARDS (a `cornpipe convert` output) into --out RUN."""
+    given = {k: v for k, v in flags.items()
+             if ctx.get_parameter_source(k) != ParameterSource.DEFAULT and v is not None}
+    try:
+        if "loss_weights" in given:
+            given["loss_weights"] = parse_loss_weights(given["loss_weights"])
+        if shards:
+            given["shards"] = shards
+        if resume:
+            if config_file:
+                raise ConfigError("use either --config or --resume, not both")
+            if out and Path(out) != Path(resume):
+                raise ConfigError("--out and --resume name different runs; --resume RUN continues RUN")
+            saved = load_checkpoint(Path(resume) / LAST)["config"]
+            cfg = merge_for_resume(saved, {**given, "out": resume}, resume)
+        else:
+            values = load_toml(config_file) if config_file else {}
+            values.update(given)
+            if out:
+                values["out"] = out
+            if not values.get("shards"):
+                raise ConfigError("missing SHARDS (the shard set to train on), or --resume RUN")
+            if not values.get("out"):
+                raise ConfigError("missing --out RUN (the run directory to create)")
+            cfg = TrainConfig.from_dict(values, source=config_file or "options")
+        train(cfg, resume=bool(resume), force=force)
+    except CornpipeError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @click.command("report")
-def report_command() -> None:
-    raise click.ClickException("not implemented yet")
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+def report_command(run: str) -> None:
+    """Rebuild RUN/report.md, curves.png and confusion_matrix.png from RUN/metrics.jsonl."""
+    try:
+        write_report(Path(run))
+    except CornpipeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"wrote {Path(run) / 'report.md'}, curves.png, confusion_matrix.png")
 
 
 @click.command("predict")
-def predict_command() -> None:
-    raise click.ClickException("not implemented yet")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="CSV to write.")
+@click.option("--tta/--no-tta", default=False, show_default=True,
+              help="Average with the horizontally flipped image.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+def predict_command(checkpoint: str, inputs: tuple[str, ...], out: str, tta: bool, device: str,
+                    batch_size: int) -> None:
+    """Predict position and grade for IMAGES (files or folders) with a checkpoint; writes a CSV."""
+    from models.predict import predict
+
+    try:
+        summary = predict(Path(checkpoint), [Path(p) for p in inputs], Path(out), tta=tta, device=device,
+                          batch_size=batch_size)
+    except CornpipeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"predicted {summary.predicted} image(s), {summary.failed} unreadable -> {out}")
+    if summary.predicted == 0:
+        raise click.ClickException(f"no image could be read ({summary.failed} failed; see {out})")
+
+
+if __name__ == "__main__":
+    train_command()

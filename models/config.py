@@ -1,0 +1,259 @@
+"""The training configuration: one frozen dataclass, loadable from TOML, saved as JSON.
+
+Precedence (lowest to highest): the defaults below, `--config run.toml`, a resumed run's saved
+config, then command-line flags given explicitly. `resolve_runtime` fills in what depends on the
+machine (device, AMP dtype, compile, channels_last) so that the config saved in the run directory
+and in every checkpoint says exactly what ran.
+
+TOML layout: top-level keys named like the fields below (dashes or underscores), optionally inside a
+`[train]` table, e.g.
+
+    shards = "data/shards"
+    model = "resnet_plus50"
+    epochs = 60
+    loss_weights = [0.7, 0.3]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loaders.base import BACKENDS, OVERSAMPLE_STRATEGIES, CornpipeError
+
+
+class ConfigError(CornpipeError):
+    """A bad option or config file; the message is one line."""
+
+
+OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
+OPTIMIZER_DEFAULTS: dict[str, tuple[float, float]] = {"adamw": (1e-3, 0.05), "sgd": (0.05, 5e-4)}  # lr, wd
+SCHEDULES: tuple[str, ...] = ("plateau", "cosine")
+AMP_MODES: tuple[str, ...] = ("auto", "fp16", "bf16", "off")
+GRADE_HEADS: tuple[str, ...] = ("regression", "corn")
+# Every monitor is "higher is better"; metrics where lower is better enter negated.
+#   combined: position_macro_f1 - grade_mae / max(grade_scale)   (both parts in [0, 1]-ish units,
+#             so one grade step on 0..9 costs as much as ~11 points of macro-F1)
+MONITORS: tuple[str, ...] = ("combined", "position_macro_f1", "position_accuracy", "grade_mae",
+                             "grade_qwk", "loss")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on. Units in the comments."""
+
+    # data
+    shards: str = ""  # shard set directory written by `cornpipe convert`
+    out: str = ""  # run directory (config.json, metrics.jsonl, best.pt, last.pt, report.md, plots)
+    loader: str = "torch"  # backend: ffcv | dali | torch | resident
+    oversample: str = "balanced"  # per-epoch draw of train rows: none | balanced | sqrt | joint
+    image_size: int = 224  # pixels, side of the square crop the model sees
+    batch_size: int = 64  # images per optimiser step
+    workers: int | None = None  # loader worker processes; None = the backend's default
+    # model
+    model: str = "resnet_plus18"  # name in models.MODELS
+    grade_head: str = "regression"  # regression | corn (ordinal)
+    drop_path: float = 0.0  # stochastic depth rate (probability at the deepest block)
+    # loss
+    loss_weights: tuple[float, float] = (0.7, 0.3)  # (position, grade) weights of the total loss
+    label_smoothing: float = 0.0  # position cross-entropy smoothing, fraction of the target mass
+    # optimisation
+    epochs: int = 30  # maximum epochs (early stopping may end sooner)
+    optimizer: str = "adamw"  # adamw | sgd (Nesterov momentum)
+    lr: float | None = None  # peak learning rate after warm-up; None = 1e-3 (adamw) / 0.05 (sgd)
+    weight_decay: float | None = None  # conv/linear weights only; None = 0.05 (adamw) / 5e-4 (sgd)
+    momentum: float = 0.9  # SGD momentum
+    warmup_epochs: int = 1  # epochs of per-step linear warm-up from lr / 10 to lr
+    schedule: str = "plateau"  # after warm-up: plateau (ReduceLROnPlateau on the monitor) | cosine
+    plateau_factor: float = 0.5  # lr multiplier when the monitor stalls
+    plateau_patience: int = 2  # epochs without improvement before the lr drops
+    min_lr: float = 1e-6  # floor of both schedules
+    grad_clip: float = 1.0  # max global gradient L2 norm; 0 = no clipping
+    ema: bool = False  # keep an exponential moving average of the weights; evaluate and save it
+    ema_decay: float = 0.999  # EMA decay per optimiser step (warmed up: min(decay, (1+t)/(10+t)))
+    # precision and speed
+    device: str = "auto"  # auto (CUDA if available) | cpu | cuda | cuda:N
+    amp: str = "auto"  # auto (fp16 on CUDA, off on CPU) | fp16 | bf16 | off
+    compile: bool | None = None  # torch.compile the model; None = on for CUDA, off for CPU
+    channels_last: bool | None = None  # NHWC memory format; None = on for CUDA, off for CPU
+    # evaluation and stopping
+    monitor: str = "combined"  # metric for best.pt, early stopping and the plateau schedule
+    patience: int = 8  # epochs without a monitor gain > min_delta before stopping; 0 = never stop
+    min_delta: float = 1e-3  # smallest monitor gain that counts as an improvement (monitor units)
+    tolerance: float = 2.0  # grade units; grade_within_tol counts |pred - true| <= tolerance
+    bootstrap: int = 1000  # bootstrap resamples for the validation confidence intervals; 0 = none
+    max_batches: int = 0  # cap on batches per epoch, train and val (quick runs); 0 = all
+    seed: int = 0  # all randomness is a function of (seed, epoch)
+
+    def __post_init__(self) -> None:
+        # optimiser-dependent defaults, filled in here so the saved config holds the numbers used
+        if self.lr is None:
+            object.__setattr__(self, "lr", OPTIMIZER_DEFAULTS.get(self.optimizer, (1e-3, 0.0))[0])
+        if self.weight_decay is None:
+            object.__setattr__(self, "weight_decay", OPTIMIZER_DEFAULTS.get(self.optimizer, (0.0, 0.05))[1])
+
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+
+        def choice(name: str, options: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            check(value in options, f"{name} must be one of {', '.join(options)} (got {value!r})")
+
+        choice("loader", BACKENDS)
+        choice("oversample", OVERSAMPLE_STRATEGIES)
+        choice("grade_head", GRADE_HEADS)
+        choice("optimizer", OPTIMIZERS)
+        choice("schedule", SCHEDULES)
+        choice("amp", AMP_MODES)
+        choice("monitor", MONITORS)
+        for name in ("image_size", "batch_size", "epochs"):
+            check(getattr(self, name) >= 1, f"{name} must be >= 1 (got {getattr(self, name)})")
+        for name in ("lr", "weight_decay", "momentum", "min_lr", "grad_clip", "min_delta", "tolerance",
+                     "drop_path", "label_smoothing", "warmup_epochs", "patience", "plateau_patience",
+                     "bootstrap", "max_batches"):
+            value = getattr(self, name)
+            check(math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0 (got {value})")
+        check(self.lr > 0, f"lr must be > 0 (got {self.lr})")
+        check(self.workers is None or self.workers >= 0, f"workers must be >= 0 (got {self.workers})")
+        check(0 < self.plateau_factor < 1, f"plateau_factor must be in (0, 1) (got {self.plateau_factor})")
+        check(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1) (got {self.ema_decay})")
+        check(self.drop_path < 1 and self.label_smoothing < 1, "drop_path and label_smoothing must be < 1")
+        check(len(self.loss_weights) == 2 and all(math.isfinite(w) and w >= 0 for w in self.loss_weights)
+              and sum(self.loss_weights) > 0,
+              f"loss_weights must be two non-negative numbers, not both 0 (got {self.loss_weights})")
+        check(self.device == "auto" or self.device == "cpu" or self.device.split(":")[0] == "cuda",
+              f"device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON- and `torch.load(weights_only=True)`-safe (lists, not tuples)."""
+        d = dataclasses.asdict(self)
+        d["loss_weights"] = list(self.loss_weights)
+        return d
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Build from plain values (TOML, JSON, a checkpoint); unknown keys and bad types are errors."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown key(s) in {source}: {', '.join(unknown)}")
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _coerce(k, v, hints[k], source) for k, v in values.items()})
+
+
+def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
+    """Check one value against its field type; ints are accepted for floats, lists for tuples."""
+    origin = typing.get_origin(hint)
+    if value is None and type(None) in typing.get_args(hint):
+        return None
+    base = hint
+    if origin is typing.Union or origin is types.UnionType:  # `int | None` -> int
+        base = next(a for a in typing.get_args(hint) if a is not type(None))
+    if origin is tuple:
+        if isinstance(value, (list, tuple)) and all(_is_number(v) for v in value):
+            return tuple(float(v) for v in value)
+    elif base is bool:
+        if isinstance(value, bool):
+            return value
+    elif base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif base is float:
+        if _is_number(value):
+            return float(value)
+    elif base is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{name} in {source} has the wrong type: {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def parse_loss_weights(text: str) -> tuple[float, float]:
+    """'0.7,0.3' -> (0.7, 0.3)."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        weights = tuple(float(p) for p in parts)
+    except ValueError:
+        weights = ()
+    if len(weights) != 2 or not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"--loss-weights must be two non-negative numbers POSITION,GRADE, e.g. 0.7,0.3 "
+                          f"(got {text!r})")
+    return weights  # type: ignore[return-value]
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a run.toml into plain values (a `[train]` table or top-level keys)."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError as exc:
+            raise ConfigError("reading a TOML config on Python 3.10 needs tomli: pip install tomli") from exc
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    if isinstance(data.get("train"), dict):
+        rest = sorted(k for k in data if k != "train")
+        if rest:
+            raise ConfigError(f"{path}: keys outside [train]: {', '.join(rest)}")
+        data = data["train"]
+    return data
+
+
+def resolve_runtime(cfg: TrainConfig, cuda_available: bool) -> TrainConfig:
+    """Fill in device, amp, compile and channels_last for this machine."""
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if cuda_available else "cpu"
+    if device.startswith("cuda") and not cuda_available:
+        raise ConfigError(f"device {cfg.device} requested but CUDA is not available")
+    on_cuda = device.startswith("cuda")
+    amp = cfg.amp
+    if amp == "auto":
+        amp = "fp16" if on_cuda else "off"
+    if amp == "fp16" and not on_cuda:
+        raise ConfigError("amp fp16 needs CUDA; on CPU use --amp bf16 or --amp off")
+    return dataclasses.replace(
+        cfg, device=device, amp=amp,
+        compile=on_cuda if cfg.compile is None else cfg.compile,
+        channels_last=on_cuda if cfg.channels_last is None else cfg.channels_last,
+    )
+
+
+# Changing these on --resume is safe; anything else would make the saved state meaningless.
+RESUME_OVERRIDABLE: frozenset[str] = frozenset(
+    {"epochs", "patience", "min_delta", "workers", "device", "amp", "compile", "bootstrap", "max_batches",
+     "out", "shards"})
+
+
+def merge_for_resume(saved: dict[str, Any], overrides: dict[str, Any], run: str) -> TrainConfig:
+    """The saved config with the flags given on the command line; refuses incompatible changes."""
+    base = TrainConfig.from_dict(saved, source=f"{run}/last.pt")
+    changed = {k: v for k, v in overrides.items() if getattr(base, k) != v}
+    bad = sorted(set(changed) - RESUME_OVERRIDABLE)
+    if bad:
+        raise ConfigError(f"--resume cannot change {', '.join(bad)} (the run was started with "
+                          + ", ".join(f"{k}={getattr(base, k)!r}" for k in bad) + ")")
+    return dataclasses.replace(base, **changed)
+
+
+def write_config_json(cfg: TrainConfig, path: Path, extra: dict[str, Any] | None = None) -> None:
+    path.write_text(json.dumps({**cfg.to_dict(), **(extra or {})}, indent=2) + "\n")
