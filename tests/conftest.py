@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,25 @@ import pytest
 SYNTH_PER_SOURCE = 6  # images per source folder (9 sources -> 54 images)
 SYNTH_IMAGE_SIZE = 96  # px
 SHARDS_MAX_RESOLUTION = 96  # px, longest side in the shard set
+# The bare GPU machine has neither FFCV nor DALI: there the shard sets are tar shards only, and the
+# tests of those backends skip themselves (`needs_library`).
+
+
+def installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package (`nvidia`) is missing
+        return False
+
+
+FORMATS = ("beton", "wds") if installed("ffcv") else ("wds",)
+
+
+def needs_library(backend: str) -> None:
+    """Skip the calling test when `backend`'s library (FFCV, DALI) is not installed."""
+    module = {"ffcv": "ffcv", "dali": "nvidia.dali"}.get(backend)
+    if module is not None and not installed(module):
+        pytest.skip(f"{backend} backend: {module} is not installed")
 
 
 @pytest.fixture(scope="session")
@@ -27,5 +47,6 @@ def tiny_shards(synth_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     from loaders.convert import convert_dataset
 
     out = tmp_path_factory.mktemp("shards") / "shards"
-    convert_dataset(synth_raw, out, max_resolution=SHARDS_MAX_RESOLUTION, write_mode="jpg", workers=2, seed=0)
+    convert_dataset(synth_raw, out, max_resolution=SHARDS_MAX_RESOLUTION, write_mode="jpg", workers=2, seed=0,
+                    formats=FORMATS)
     return out

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import FORMATS, needs_library
 from PIL import Image
 
 from loaders import BACKEND_MODULES, make_loader
@@ -69,7 +70,7 @@ def colour_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _convert(csv_path: Path, out: Path, mode: str) -> Path:
     from loaders.convert import convert_dataset
 
-    convert_dataset(None, out, manifest_csv=csv_path, write_mode=mode, workers=1, seed=0)
+    convert_dataset(None, out, manifest_csv=csv_path, write_mode=mode, workers=1, seed=0, formats=FORMATS)
     return out
 
 
@@ -112,6 +113,7 @@ def run_epoch(loader, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 def loader_for(root: Path, backend: str, split: str = "train", **kw):
+    needs_library(backend)
     kw.setdefault("batch_size", 32)
     kw.setdefault("image_size", IMAGE_SIZE)
     kw.setdefault("workers", 1)
@@ -279,6 +281,7 @@ def _copy(root: Path, tmp_path: Path) -> Path:
 
 
 def _shard_file(root: Path, backend: str) -> Path:
+    needs_library(backend)
     shards = ShardSet(root)
     return shards.beton_path("train") if backend == "ffcv" else shards.shards("train")[0][0]
 
