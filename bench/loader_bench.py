@@ -1,0 +1,331 @@
+"""`cornpipe bench loaders`: images/s of every loader backend, side by side, as ratios.
+
+Plan: one *target* per table row (a backend over a shard set in one write mode, or the torch
+baseline over the original image folder). Each repeat is a round that runs every target once, each
+in a fresh process (`bench.isolate`), so slow drift of a shared machine hits all rows alike; the
+decode-only ceiling (`bench.ceiling`) is measured in the same rounds. Per row: the median over
+rounds and the min-max spread, the ratio to the `torch` baseline over the same shards, the fraction
+of the ceiling, and the peak memory of the process tree.
+
+In a child, one measurement is: build the loader, run the warm-up (the first epoch, at most
+WARMUP_MAX_BATCHES batches, or --warmup-batches), then time whole batches for --seconds or
+--epochs; on CUDA the clock stops after a synchronize, so queued asynchronous copies count.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from bench.isolate import BenchError, run_isolated
+from bench.machine import usable_cores
+from loaders.base import BACKENDS, LoaderError, MissingDependency
+
+WARMUP_MAX_BATCHES = 50
+FOLDER = "folder"  # the `mode` of the torch baseline over the original image folder
+_PIP = {"ffcv": "ffcv", "dali": "nvidia-dali-cuda120"}
+_MODULE = {"ffcv": "ffcv", "dali": "nvidia.dali"}
+
+
+@dataclass(frozen=True)
+class LoaderBenchConfig:
+    split: str = "train"
+    batch_size: int = 64  # images per batch
+    image_size: int = 224  # output side, px
+    device: str = "auto"  # auto = cuda when available
+    workers: int | None = None  # loader workers/threads; None = every usable core
+    oversample: str = "none"
+    seed: int = 0
+    seconds: float | None = 10.0  # timed window per repeat (ignored when epochs is set)
+    epochs: int | None = None  # timed whole epochs per repeat
+    warmup_batches: int | None = None  # None = the first epoch, at most WARMUP_MAX_BATCHES
+    repeats: int = 3
+    ceiling: bool = True
+    ceiling_decoder: str = "pil"
+    timeout_s: float = 900.0  # per child process
+
+
+@dataclass(frozen=True)
+class Target:
+    backend: str  # ffcv | dali | torch | resident
+    mode: str  # jpg | raw | smart (the shard set's write mode) or "folder"
+    root: str  # shard set, or the original image folder for mode "folder"
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend}-{self.mode}"
+
+
+@dataclass
+class Row:
+    target: Target
+    device: str
+    rates: list[float] = field(default_factory=list)  # images/s, one per repeat
+    peak_rss_mb: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)  # the last repeat's details
+    error: str | None = None
+
+
+def backend_missing(backend: str) -> str | None:
+    """Why `backend` cannot run here (its library is not installed), or None."""
+    module = _MODULE.get(backend)
+    if module is None:
+        return None
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # parent package missing (nvidia)
+        found = False
+    return None if found else f"{backend} is not installed: pip install {_PIP[backend]}"
+
+
+def resolve_device(device: str) -> str:
+    """"auto" -> cuda when available, else cpu; a CUDA device without CUDA is a LoaderError."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    from loaders.common import resolve_device as check
+
+    return str(check(device))
+
+
+def choose_backends(requested: str | None) -> tuple[list[str], list[str]]:
+    """(backends to run, skip notes). Unknown names and missing explicitly requested libraries raise."""
+    if requested is None:
+        names, explicit = list(BACKENDS), False
+    else:
+        names, explicit = [b.strip() for b in requested.split(",") if b.strip()], True
+        unknown = [b for b in names if b not in BACKENDS]
+        if unknown or not names:
+            raise LoaderError(f"unknown backend {', '.join(unknown) or '(none)'}; choose from {', '.join(BACKENDS)}")
+    run, notes = [], []
+    for name in names:
+        missing = backend_missing(name)
+        if missing and explicit:
+            raise MissingDependency(missing)
+        if missing:
+            notes.append(f"skipped {missing}")
+        else:
+            run.append(name)
+    return run, notes
+
+
+def write_mode(root: Path) -> str:
+    from loaders.shards import ShardSet
+
+    return str(ShardSet(root).manifest.get("params", {}).get("write_mode", "jpg"))
+
+
+def plan_targets(shard_dirs: list[Path], backends: list[str], source: Path | None) -> list[Target]:
+    """ffcv once per write mode present (it reads the .beton); the tar readers once, on the first
+    jpg-mode set (the tar shards hold JPEGs in every write mode); `torch` over SOURCE last."""
+    modes: dict[str, Path] = {}
+    for root in shard_dirs:
+        modes.setdefault(write_mode(root), root)
+    tar_root = modes.get("jpg", shard_dirs[0])
+    targets = []
+    for backend in backends:
+        if backend == "ffcv":
+            targets += [Target("ffcv", mode, str(root)) for mode, root in modes.items()]
+        else:
+            targets.append(Target(backend, "jpg", str(tar_root)))
+    if source is not None:
+        targets.append(Target("torch", FOLDER, str(source)))
+    return targets
+
+
+# ---------------------------------------------------------------------------------------------
+# child side: one measurement
+
+
+def _build_loader(target: Target, cfg: LoaderBenchConfig, device: str) -> Any:
+    from loaders import FOLDER_BACKEND, make_loader
+
+    # the folder baseline reads the original images; split "train" is the same images as the
+    # shard set's train split (convert's split, same seed and fraction) when every image converted
+    backend = FOLDER_BACKEND if target.mode == FOLDER else target.backend
+    return make_loader(target.root, cfg.split, backend=backend, batch_size=cfg.batch_size,
+                       image_size=cfg.image_size, device=device, oversample=cfg.oversample,
+                       seed=cfg.seed, workers=cfg.workers)
+
+
+def _batches(loader: Any) -> Iterator[Any]:
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def measure_loader(target: Target, cfg: LoaderBenchConfig) -> dict[str, Any]:
+    """Images/s of one loader after warm-up (runs in the calling process)."""
+    import torch
+
+    device = resolve_device(cfg.device)
+    cuda = device.startswith("cuda")
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    start = time.perf_counter()
+    loader = _build_loader(target, cfg, device)
+    build_s = time.perf_counter() - start
+    try:
+        per_epoch = len(loader)
+        if per_epoch == 0:
+            raise LoaderError(f"{target.root}: no full batch of {cfg.batch_size} in split {cfg.split!r}")
+        warmup = cfg.warmup_batches if cfg.warmup_batches is not None else min(per_epoch, WARMUP_MAX_BATCHES)
+        batches = _batches(loader)
+        first = next(batches)
+        sync()
+        first_batch_s = time.perf_counter() - start
+        shape = list(first.images.shape)
+        dtype = str(first.images.dtype).replace("torch.", "")
+        for _ in range(max(0, warmup - 1)):
+            next(batches)
+        sync()
+        want = cfg.epochs * per_epoch if cfg.epochs else None
+        positions: list[torch.Tensor] = []
+        images = count = 0
+        t0 = time.perf_counter()
+        deadline = t0 + (cfg.seconds or 0.0)
+        while True:
+            batch = next(batches)
+            images += batch.images.shape[0]
+            count += 1
+            if cfg.oversample != "none":
+                positions.append(batch.position)
+            if (want is not None and count >= want) or (want is None and time.perf_counter() >= deadline):
+                break
+        sync()
+        elapsed = time.perf_counter() - t0
+    finally:
+        loader.close()
+    result: dict[str, Any] = {
+        "backend": target.backend, "mode": target.mode, "device": device, "images": images,
+        "batches": count, "seconds": elapsed, "images_per_s": images / elapsed,
+        "warmup_batches": warmup, "build_s": build_s, "first_batch_s": first_batch_s,
+        "batches_per_epoch": per_epoch, "batch_shape": shape, "dtype": dtype,
+    }
+    if positions:
+        counts = torch.bincount(torch.cat([p.cpu() for p in positions])).tolist()
+        total = sum(counts)
+        result["class_counts"] = counts
+        result["class_fractions"] = [c / total for c in counts]
+    return result
+
+
+def _measure(spec: dict[str, Any]) -> dict[str, Any]:
+    return measure_loader(Target(**spec["target"]), LoaderBenchConfig(**spec["config"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# parent side: rounds of fresh processes
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def dataset_class_fractions(root: str, split: str) -> list[float]:
+    from loaders.shards import ShardSet
+
+    position = ShardSet(root).labels(split)[0]
+    counts = [int((position == c).sum()) for c in range(int(position.max()) + 1)] if len(position) else []
+    return [c / max(1, sum(counts)) for c in counts]
+
+
+def run_loader_bench(shard_dirs: list[Path], cfg: LoaderBenchConfig, *, backends: list[str],
+                     source: Path | None = None, log_dir: Path | None = None, echo: Any = print,
+                     partial: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run every target `cfg.repeats` times (rounds) plus the ceiling; the JSON-ready summary."""
+    device = resolve_device(cfg.device)
+    cfg = replace(cfg, device=device, workers=cfg.workers or usable_cores())
+    targets = plan_targets(shard_dirs, backends, source)
+    rows = [Row(t, device) for t in targets]
+    ceiling_rates: list[float] = []
+    ceiling_info: dict[str, Any] = {}
+    # the tar shards hold JPEGs in every write mode; prefer a jpg-mode set (its .beton has the same bytes)
+    jpg_root = next((str(r) for r in shard_dirs if write_mode(r) == "jpg"), str(shard_dirs[0]))
+    ceiling_seconds = cfg.seconds if cfg.seconds else 5.0
+    for repeat in range(cfg.repeats):
+        for row in rows:
+            if row.error:
+                continue
+            spec = {"target": asdict(row.target), "config": asdict(cfg)}
+            try:
+                out = run_isolated("bench.loader_bench", spec, timeout_s=cfg.timeout_s,
+                                   label=f"{row.target.label}-r{repeat}", log_dir=log_dir)
+            except BenchError as exc:
+                row.error = str(exc)
+                echo(f"  {row.target.label}: FAILED: {exc}")
+                continue
+            row.rates.append(out["images_per_s"])
+            row.peak_rss_mb = max(row.peak_rss_mb, out.pop("peak_rss_mb"))
+            row.extra = out
+            echo(f"  round {repeat + 1}/{cfg.repeats} {row.target.label:<16} {out['images_per_s']:9.1f} images/s")
+        if cfg.ceiling and "error" not in ceiling_info:
+            spec = {"root": jpg_root, "split": cfg.split, "workers": cfg.workers,
+                    "seconds": ceiling_seconds, "decoder": cfg.ceiling_decoder}
+            try:
+                out = run_isolated("bench.ceiling", spec, timeout_s=cfg.timeout_s,
+                                   label=f"ceiling-r{repeat}", log_dir=log_dir)
+                ceiling_rates.append(out["images_per_s"])
+                ceiling_info = {**out, "peak_rss_mb": max(out["peak_rss_mb"], ceiling_info.get("peak_rss_mb", 0))}
+                echo(f"  round {repeat + 1}/{cfg.repeats} {'ceiling':<16} {out['images_per_s']:9.1f} images/s")
+            except BenchError as exc:
+                ceiling_info = {"error": str(exc)}
+                echo(f"  ceiling: FAILED: {exc}")
+        if partial is not None:  # what is measured survives a later crash or time limit
+            partial(summarize(rows, cfg, ceiling_rates, ceiling_info, shard_dirs))
+    return summarize(rows, cfg, ceiling_rates, ceiling_info, shard_dirs)
+
+
+def summarize(rows: list[Row], cfg: LoaderBenchConfig, ceiling_rates: list[float],
+              ceiling_info: dict[str, Any], shard_dirs: list[Path]) -> dict[str, Any]:
+    baseline = next((r for r in rows if r.target.backend == "torch" and r.target.mode != FOLDER and r.rates),
+                    None)
+    base_rate = _median(baseline.rates) if baseline else None
+    ceiling = _median(ceiling_rates) if ceiling_rates else None
+    results = []
+    for row in rows:
+        rate = _median(row.rates) if row.rates else None
+        entry: dict[str, Any] = {
+            "backend": row.target.backend, "mode": row.target.mode, "device": row.device,
+            "images_per_s": rate,
+            "images_per_s_min": min(row.rates) if row.rates else None,
+            "images_per_s_max": max(row.rates) if row.rates else None,
+            "ratio_vs_torch": rate / base_rate if rate and base_rate else None,
+            "fraction_of_ceiling": rate / ceiling if rate and ceiling and row.target.mode == "jpg" else None,
+            "peak_rss_mb": row.peak_rss_mb if row.rates else None,
+            "repeats": row.rates, "source": row.target.root,
+        }
+        for key in ("first_batch_s", "build_s", "batch_shape", "dtype", "batches_per_epoch", "class_fractions"):
+            if key in row.extra:
+                entry[key] = row.extra[key]
+        if row.error:
+            entry["error"] = row.error
+        results.append(entry)
+    summary: dict[str, Any] = {"config": asdict(cfg), "shards": [str(p) for p in shard_dirs],
+                               "results": results}
+    if ceiling_info:
+        summary["ceiling"] = {**ceiling_info, "images_per_s": ceiling,
+                              "images_per_s_min": min(ceiling_rates) if ceiling_rates else None,
+                              "images_per_s_max": max(ceiling_rates) if ceiling_rates else None,
+                              "repeats": ceiling_rates}
+    if cfg.oversample != "none":
+        summary["dataset_class_fractions"] = dataset_class_fractions(str(shard_dirs[0]), cfg.split)
+    return summary
+
+
+if __name__ == "__main__":  # a child of bench.isolate.run_isolated
+    from bench.isolate import child_main
+
+    child_main(_measure)

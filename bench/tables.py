@@ -1,0 +1,102 @@
+"""Rich tables of benchmark summaries (the dicts `run_loader_bench` / `run_train_bench` return)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from bench.machine import describe
+
+DASH = "—"
+
+
+def _rate(entry: dict[str, Any]) -> str:
+    if entry.get("images_per_s") is None:
+        return "[red]failed[/red]" if entry.get("error") else DASH
+    low, high = entry.get("images_per_s_min"), entry.get("images_per_s_max")
+    spread = f" [{low:,.0f}–{high:,.0f}]" if low is not None and high is not None else ""
+    return f"{entry['images_per_s']:,.1f}{spread}"
+
+
+def _ratio(value: float | None) -> str:
+    return DASH if value is None else f"{value:.2f}×"
+
+
+def _percent(value: float | None, digits: int = 0) -> str:
+    return DASH if value is None else f"{100 * value:.{digits}f} %"
+
+
+def _mb(value: float | None) -> str:
+    return DASH if value is None else f"{value:,.0f}"
+
+
+def loader_table(summary: dict[str, Any]) -> Table:
+    cfg = summary["config"]
+    table = Table(title=f"Loader throughput: {cfg['split']} split, batch {cfg['batch_size']}, "
+                        f"{cfg['image_size']} px, {cfg['workers']} workers, oversample {cfg['oversample']}")
+    for name, justify in (("backend", "left"), ("mode", "left"), ("device", "left"),
+                          ("images/s median [min–max]", "right"), ("× torch", "right"),
+                          ("% of ceiling", "right"), ("peak MB", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    oversampled = cfg["oversample"] != "none"
+    if oversampled:
+        table.add_column("class fractions", justify="right")
+    for entry in summary["results"]:
+        cells = [entry["backend"], entry["mode"], entry["device"], _rate(entry), _ratio(entry["ratio_vs_torch"]),
+                 _percent(entry["fraction_of_ceiling"]), _mb(entry["peak_rss_mb"])]
+        if oversampled:
+            fractions = entry.get("class_fractions")
+            cells.append("/".join(f"{f:.2f}" for f in fractions) if fractions else DASH)
+        table.add_row(*cells)
+    ceiling = summary.get("ceiling")
+    if ceiling:
+        cells = ["ceiling", "decode", "cpu", _rate(ceiling), DASH,
+                 "100 %" if ceiling.get("images_per_s") else DASH, _mb(ceiling.get("peak_rss_mb"))]
+        if oversampled:
+            cells.append(DASH)
+        table.add_row(*cells, style="dim")
+    caption = []
+    if "machine" in summary:
+        caption.append(describe(summary["machine"]))
+    timed = f"{cfg['epochs']} epoch(s)" if cfg.get("epochs") else f"{cfg['seconds']} s"
+    caption.append(f"median of {cfg['repeats']} rounds of {timed} after warm-up, each run in a fresh process; "
+                   "peak MB = PSS of the process tree")
+    if ceiling:
+        caption.append(f"ceiling = decode-only throughput of the shard JPEGs on {ceiling.get('workers')} "
+                       f"processes ({ceiling.get('decoder')}, libjpeg-turbo), no augmentation")
+    if oversampled and summary.get("dataset_class_fractions"):
+        caption.append("dataset class fractions: " + "/".join(f"{f:.2f}" for f in summary["dataset_class_fractions"]))
+    table.caption = "\n".join(caption)
+    return table
+
+
+def train_table(summary: dict[str, Any]) -> Table:
+    cfg = summary["config"]
+    table = Table(title=f"Training-step throughput: {cfg['model']}, {cfg['image_size']} px, "
+                        f"batch {cfg['batch_size']}, {cfg['device']}")
+    for name, justify in (("variant", "left"), ("data", "left"), ("amp", "left"),
+                          ("images/s median [min–max]", "right"), ("× eager-fp32", "right"),
+                          ("first steps s", "right"), ("compile s", "right"), ("data wait", "right"),
+                          ("× synthetic", "right"),
+                          ("peak MB", "right"), ("GPU MB", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for entry in summary["results"]:
+        failed = "error" in entry
+        table.add_row(
+            entry["variant"], entry["data"], DASH if failed else (entry.get("amp") or "off"), _rate(entry),
+            _ratio(entry.get("ratio_vs_eager")),
+            DASH if failed else f"{entry['first_steps_s']:.1f}",
+            DASH if entry.get("compile_s") is None else f"{entry['compile_s']:.1f}",
+            DASH if failed or entry["data"] == "synthetic" else _percent(entry["data_wait_share"], 1),
+            _ratio(entry.get("ratio_vs_synthetic")),
+            _mb(entry.get("peak_rss_mb")), _mb(entry.get("gpu_peak_mem_mb")),
+        )
+    caption = []
+    if "machine" in summary:
+        caption.append(describe(summary["machine"]))
+    timed = f"{cfg['steps']} steps" if cfg.get("steps") else f"{cfg['seconds']} s"
+    caption.append(f"median of {cfg['repeats']} windows of {timed} after {cfg['warmup_steps']} warm-up steps; "
+                   "each variant in a fresh process")
+    table.caption = "\n".join(caption)
+    return table
