@@ -5,7 +5,8 @@ One parameter sampler (`sample_params`), two ways to apply its draws:
 - per sample on PIL images (`apply_geometry_pil`), used in torch DataLoader workers and by predict;
 - on whole batches of uint8 tensors, on CPU or CUDA (`crop_resize_batch`, `flip_rot_batch`,
   `color_jitter_batch`, `normalize_batch`), used by the resident backend and, after the geometry,
-  by the torch backend on the device.
+  by the torch backend on the device; `finish_batch` (jitter + normalize) runs them as one fused
+  numba pass on the CPU (`loaders.fused`).
 
 Order of operations, the same everywhere: random resized crop -> horizontal flip -> vertical flip
 -> rot90 -> brightness -> contrast -> saturation -> normalize (MEAN_255 / STD_255).
@@ -33,11 +34,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from loaders import fused
 from loaders.base import MEAN_255, STD_255, AugmentConfig
+from loaders.fused import GREY_WEIGHTS
 
 CROP_TRIES = 10  # torchvision's RandomResizedCrop
 CROP_KERNELS: tuple[str, ...] = ("auto", "interpolate", "roi_align")
-GREY_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)
 _CHUNK_BYTES = 512 * 2**20  # float32 working set of one crop_resize_batch chunk
 _CPU_CHUNK = 4  # images per pass of jitter / normalize on the CPU
 
@@ -315,6 +317,27 @@ def normalize_batch(x: torch.Tensor, dtype: torch.dtype = torch.float32,
     return out
 
 
+def finish_batch(pixels: torch.Tensor, factors: np.ndarray | torch.Tensor | None, *,
+                 dtype: torch.dtype = torch.float32, channels_last: bool = False,
+                 hwc: bool = False, fast: bool | None = None) -> torch.Tensor:
+    """uint8 pixels -> colour jitter (`factors`, None = none) -> normalised (B, 3, H, W) `dtype`.
+
+    pixels: (B, 3, H, W), or (B, H, W, 3) with `hwc`. On the CPU with numba this is one fused pass
+    (`loaders.fused`); otherwise (CUDA, or `fast=False`) the tensor ops `color_jitter_batch` and
+    `normalize_batch`. Both compute the same thing (tests/test_augment.py holds them together).
+    """
+    if fast is None:
+        fast = fused.AVAILABLE and pixels.device.type == "cpu" and pixels.dtype == torch.uint8
+    if fast:
+        x = fused.fused_finish(pixels, factors, channels_last_input=hwc)
+        x = x if dtype == torch.float32 else x.to(dtype)
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    x = (pixels.permute(0, 3, 1, 2) if hwc else pixels).float()
+    if factors is not None:
+        x = color_jitter_batch(x, factors)
+    return normalize_batch(x, dtype=dtype, channels_last=channels_last)
+
+
 def augment_batch(images: torch.Tensor, params: AugParams, size: int, *, dtype: torch.dtype = torch.float32,
                   channels_last: bool = False, index: np.ndarray | None = None,
                   kernel: str = "auto") -> torch.Tensor:
@@ -323,12 +346,12 @@ def augment_batch(images: torch.Tensor, params: AugParams, size: int, *, dtype: 
     `index`: box i applies to images[index[i]] (a resident store; read in place on the CPU path).
     `kernel`: the crop-resize kernel (see `use_interpolate`).
     """
-    if use_interpolate(images, kernel):  # flips are cheaper on uint8
-        x = flip_rot_batch(crop_resize_uint8(images, params.boxes, size, index), params).float()
-    else:
-        if index is not None:
-            images = images[torch.as_tensor(index, device=images.device)]
-        x = flip_rot_batch(crop_resize_batch(images, params.boxes, size, kernel="roi_align"), params)
+    if use_interpolate(images, kernel):  # flips are cheaper on uint8; then one fused pass on the CPU
+        x = flip_rot_batch(crop_resize_uint8(images, params.boxes, size, index), params)
+        return finish_batch(x, params.jitter, dtype=dtype, channels_last=channels_last)
+    if index is not None:
+        images = images[torch.as_tensor(index, device=images.device)]
+    x = flip_rot_batch(crop_resize_batch(images, params.boxes, size, kernel="roi_align"), params)
     x = color_jitter_batch(x, params.jitter)
     return normalize_batch(x, dtype=dtype, channels_last=channels_last)
 

@@ -1,10 +1,10 @@
 """The last step of the ffcv and dali backends: a (B, S, S, 3) uint8 batch -> the batch contract's images.
 
 Both libraries hand over HWC uint8 crops (FFCV's decoder buffer, DALI's output); the colour jitter
-and the normalisation then run as batched tensor ops on the device (loaders.augment), exactly as
-on the torch and resident backends, so every backend shares one definition of the jitter.
+and the normalisation then run on the device with the definition every backend shares: batched
+tensor ops on CUDA, the fused numba pass of `loaders.augment.finish_batch` on the CPU.
 
-On CPU these ops run with one torch thread: the libraries' own threads (FFCV's numba threads,
+On CPU this runs with one torch thread: the libraries' own threads (FFCV's numba threads,
 DALI's operator threads and workers) keep the cores busy with the next batches, and torch's
 OpenMP threads, spinning for cores that are taken, made a batch 10-20x slower on a 2-core machine.
 """
@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from loaders.augment import color_jitter_batch
+from loaders.augment import color_jitter_batch, finish_batch
 from loaders.base import MEAN_255, STD_255
 
 
@@ -45,12 +45,14 @@ class Finisher:
         self.std = torch.tensor(STD_255, dtype=torch.float32, device=device).view(1, 3, 1, 1)
 
     def __call__(self, pixels: torch.Tensor, jitter: np.ndarray | torch.Tensor) -> torch.Tensor:
-        with one_cpu_thread(not self.cuda):
-            b, h, w, _ = pixels.shape
-            fmt = torch.channels_last if self.cuda else torch.contiguous_format
-            x = torch.empty((b, 3, h, w), dtype=torch.float32, device=self.device, memory_format=fmt)
-            x.copy_(pixels.permute(0, 3, 1, 2))  # one pass: layout + dtype, off the library's buffer
-            if self.jitter:
-                color_jitter_batch(x, jitter)
-            x.sub_(self.mean).div_(self.std)
-            return x if self.dtype == torch.float32 else x.to(self.dtype)
+        factors = jitter if self.jitter else None
+        if not self.cuda:  # one fused numba pass (the tensor ops where numba is missing)
+            with one_cpu_thread():
+                return finish_batch(pixels, factors, dtype=self.dtype, hwc=True)
+        b, h, w, _ = pixels.shape
+        x = torch.empty((b, 3, h, w), dtype=torch.float32, device=self.device, memory_format=torch.channels_last)
+        x.copy_(pixels.permute(0, 3, 1, 2))  # one pass: layout + dtype, off the library's buffer
+        if factors is not None:
+            color_jitter_batch(x, factors)
+        x.sub_(self.mean).div_(self.std)
+        return x if self.dtype == torch.float32 else x.to(self.dtype)

@@ -27,8 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from loaders.augment import (
     apply_geometry_pil,
-    color_jitter_batch,
-    normalize_batch,
+    finish_batch,
     pil_to_tensor,
     sample_params,
     val_params,
@@ -160,10 +159,9 @@ class TorchLoader(EpochLoader):
             # With decoding in worker processes, torch's OpenMP threads here only fight the workers
             # for the cores (10-20x slower batches measured on 2 cores): one thread on CPU.
             with one_cpu_thread(not spec.on_cuda and self._loader.num_workers > 0):
-                x = pixels.to(spec.device, non_blocking=spec.on_cuda).float()  # (B, 3, S, S) 0..255
-                if spec.augment is not None:
-                    x = color_jitter_batch(x, jitter)
-                images = normalize_batch(x, dtype=spec.dtype, channels_last=spec.channels_last)
+                x = pixels.to(spec.device, non_blocking=spec.on_cuda)  # (B, 3, S, S) uint8
+                images = finish_batch(x, jitter if spec.augment is not None else None, dtype=spec.dtype,
+                                      channels_last=spec.channels_last)
             yield Batch(images, *self.labels_for(rows))
 
     def close(self) -> None:

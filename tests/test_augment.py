@@ -7,12 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
+from loaders import fused
 from loaders.augment import (
     apply_geometry_pil,
     augment_batch,
     center_boxes,
     color_jitter_batch,
     crop_resize_batch,
+    finish_batch,
     flip_rot_batch,
     normalize_batch,
     pil_to_tensor,
@@ -98,6 +100,30 @@ def test_color_jitter_matches_torchvision_in_the_fixed_order():
     for i, (b, c, s) in enumerate(factors.tolist()):
         ref = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x[i] / 255, b), c), s) * 255
         assert torch.allclose(ours[i], ref, atol=0.05), i
+
+
+@pytest.mark.skipif(not fused.AVAILABLE, reason="needs numba")
+def test_fused_cpu_finish_computes_what_the_tensor_ops_compute():
+    """The CPU loaders finish batches in one numba pass; it must be the same jitter + normalise,
+    clamps included (bright images with strong brightness clamp at every step)."""
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (6, 3, 20, 28), dtype=torch.uint8, generator=gen)
+    pixels[4] = 250  # flat and bright: brightness 1.4 saturates, the contrast centre moves
+    factors = np.array([[1.4, 0.6, 1.4], [0.6, 1.4, 0.6], [1, 1, 1], [1, 0, 1], [1.4, 1.3, 0], [1.0, 1.2, 1.0]],
+                       np.float32)
+    want = finish_batch(pixels, factors, fast=False)
+    got = finish_batch(pixels, factors, fast=True)
+    assert got.shape == want.shape == (6, 3, 20, 28) and got.dtype == torch.float32 and got.is_contiguous()
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    # interleaved (B, H, W, 3) input, as FFCV and DALI hand it over; a strided view; no jitter
+    hwc = pixels.permute(0, 2, 3, 1).contiguous()
+    assert torch.allclose(finish_batch(hwc, factors, hwc=True, fast=True), want, atol=1e-4)
+    view = pixels[:, :, ::2, 1:]
+    assert torch.allclose(finish_batch(view, factors, fast=True), finish_batch(view, factors, fast=False), atol=1e-4)
+    assert torch.allclose(finish_batch(pixels, None, fast=True), normalize_batch(pixels.float()), atol=1e-4)
+    half = finish_batch(pixels, factors, dtype=torch.float16, channels_last=True, fast=True)
+    assert half.dtype == torch.float16 and half.is_contiguous(memory_format=torch.channels_last)
+    assert finish_batch(pixels[:0], factors[:0], fast=True).shape == (0, 3, 20, 28)
 
 
 def test_normalize_and_value_range():
