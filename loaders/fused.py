@@ -6,11 +6,12 @@ saturation (blend with each pixel's grey), each step clamped to [0, 255] as torc
 (x - MEAN_255) / STD_255. The tensor path makes ~10 float passes over the batch; on a CPU that was
 the loaders' serial bottleneck (1-2 ms per 224 px image on the main thread, 40-60 % of an `ffcv`
 epoch on 2 cores). Here each image is read as uint8 (twice when contrast is on: once for the
-contrast centre) and written once as float32, in a loop that vectorises: ~3x less time per image.
+contrast centre) and written once as float32, in loops that vectorise, images in parallel:
+~0.07 ms per 224 px image on one core against ~1 ms for the tensor ops.
 
 numba ships with FFCV; without it (the bare GPU machine, where batches are finished on the GPU
-anyway) `AVAILABLE` is False and callers use the tensor path. The kernel is serial and releases the
-GIL, so it runs beside FFCV's and DALI's own threads without touching their thread pools.
+anyway) `AVAILABLE` is False and callers use the tensor path. The kernel releases the GIL and
+runs images in parallel on numba's threads when numba's threading layer is thread-safe (tbb, omp).
 """
 
 from __future__ import annotations
@@ -28,21 +29,38 @@ except ImportError:  # pragma: no cover - exercised on machines without numba
     nb = None
 
 AVAILABLE = nb is not None
+
+
+def _thread_safe_layer() -> bool:
+    """Whether numba will pick a thread-safe threading layer (tbb or omp). The `workqueue`
+    fallback aborts when two threads run parallel kernels at once -- FFCV's epoch thread does --
+    so without tbb/omp the kernel runs serially."""
+    if not AVAILABLE:
+        return False
+    for layer in ("tbbpool", "omppool"):
+        try:
+            __import__(f"numba.np.ufunc.{layer}")
+            return True
+        except ImportError:  # the library behind it (libtbb, libgomp) is missing
+            continue
+    return False
+
+
+PARALLEL = _thread_safe_layer()
 _SUM_BLOCK = 4096  # pixels summed in float32 before adding to the float64 total
 
 
 def _kernel(px, factors, mean, inv_std, out):  # pragma: no cover - compiled by numba
     """px (B, 3, H*W) uint8 planes, factors (B, 3) float32 -> out (B, 3, H*W) float32.
 
-    Unit-stride planes and no table lookups: the pixel loop vectorises (fastmath: the inputs are
-    uint8, so there are no NaNs or infinities for it to mishandle).
+    Every pixel loop reads unit-stride planes and writes one array, so it vectorises (fastmath:
+    the inputs are uint8, there are no NaNs or infinities for it to mishandle). Brightness and
+    contrast are cheap enough to recompute per channel rather than store.
     """
     wr, wg, wb = np.float32(GREY_WEIGHTS[0]), np.float32(GREY_WEIGHTS[1]), np.float32(GREY_WEIGHTS[2])
     zero, top, one = np.float32(0.0), np.float32(255.0), np.float32(1.0)
     n, hw = px.shape[0], px.shape[2]
-    m0, m1, m2 = mean[0], mean[1], mean[2]
-    s0, s1, s2 = inv_std[0], inv_std[1], inv_std[2]
-    for i in range(n):
+    for i in nb.prange(n):
         bf, cf, sf = factors[i, 0], factors[i, 1], factors[i, 2]
         pr, pg, pb = px[i, 0], px[i, 1], px[i, 2]
         shift = zero
@@ -57,22 +75,23 @@ def _kernel(px, factors, mean, inv_std, out):  # pragma: no cover - compiled by 
                     part += wr * r + wg * g + wb * b
                 total += part
             shift = np.float32(total / hw) * (one - cf)
+        # saturation blends each channel with the pixel's grey (of the brightness+contrast image)
         keep = one - sf
-        o0, o1, o2 = out[i, 0], out[i, 1], out[i, 2]
+        grey = np.empty(hw, dtype=np.float32)
         for p in range(hw):
-            r = min(max(np.float32(pr[p]) * bf, zero), top)
-            g = min(max(np.float32(pg[p]) * bf, zero), top)
-            b = min(max(np.float32(pb[p]) * bf, zero), top)
-            r = min(max(r * cf + shift, zero), top)
-            g = min(max(g * cf + shift, zero), top)
-            b = min(max(b * cf + shift, zero), top)
-            grey = (wr * r + wg * g + wb * b) * keep
-            o0[p] = (min(max(r * sf + grey, zero), top) - m0) * s0
-            o1[p] = (min(max(g * sf + grey, zero), top) - m1) * s1
-            o2[p] = (min(max(b * sf + grey, zero), top) - m2) * s2
+            r = min(max(min(max(np.float32(pr[p]) * bf, zero), top) * cf + shift, zero), top)
+            g = min(max(min(max(np.float32(pg[p]) * bf, zero), top) * cf + shift, zero), top)
+            b = min(max(min(max(np.float32(pb[p]) * bf, zero), top) * cf + shift, zero), top)
+            grey[p] = (wr * r + wg * g + wb * b) * keep
+        for c in range(3):
+            plane, dst, m, s = px[i, c], out[i, c], mean[c], inv_std[c]
+            for p in range(hw):
+                x = min(max(min(max(np.float32(plane[p]) * bf, zero), top) * cf + shift, zero), top)
+                dst[p] = (min(max(x * sf + grey[p], zero), top) - m) * s
 
 
-_compiled = nb.njit(nogil=True, cache=True, fastmath=True, error_model="numpy")(_kernel) if AVAILABLE else None
+_compiled = (nb.njit(nogil=True, cache=True, fastmath=True, error_model="numpy", parallel=PARALLEL)(_kernel)
+             if AVAILABLE else None)
 _MEAN = np.asarray(MEAN_255, dtype=np.float32)
 _INV_STD = (1.0 / np.asarray(STD_255, dtype=np.float64)).astype(np.float32)
 
