@@ -13,7 +13,8 @@ import click
 from bench.commands import bench
 from loaders.base import CornpipeError
 from loaders.commands import convert, inspect_command, synth, verify
-from train import predict_command, report_command, train_command
+from models.commands import predict_command, report_command
+from train import train_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -2,14 +2,14 @@
 
     cornpipe train SHARDS --out RUN [options]        (same as: python train.py SHARDS --out RUN ...)
     cornpipe train --resume RUN [--epochs N]         continue RUN from RUN/last.pt
-    cornpipe report RUN                              rebuild report.md and plots from metrics.jsonl
-    cornpipe predict RUN/best.pt IMAGES... --out preds.csv
+
+(`cornpipe report` and `cornpipe predict` live in models/commands.py.)
 
 RUN gets config.json (the resolved config), metrics.jsonl (one line per epoch), best.pt and last.pt
 (loadable with torch.load(weights_only=True)), report.md, curves.png and confusion_matrix.png.
 
 Read top to bottom: make_optimizer, train_one_epoch, evaluate, then train() with the one loop, then
-the click commands (a thin edge: options -> TrainConfig -> train()).
+the click command (a thin edge: options -> TrainConfig -> train()).
 
 Reproducibility: every random draw is a function of (seed, epoch): the loader's sample order and
 augmentation via set_epoch, dropout/drop-path via the torch seed set at the start of each epoch. So
@@ -397,40 +397,6 @@ def train_command(ctx: click.Context, shards: str | None, out: str | None, confi
         train(cfg, resume=bool(resume), force=force)
     except CornpipeError as exc:
         raise click.ClickException(str(exc)) from exc
-
-
-@click.command("report")
-@click.argument("run", type=click.Path(exists=True, file_okay=False))
-def report_command(run: str) -> None:
-    """Rebuild RUN/report.md, curves.png and confusion_matrix.png from RUN/metrics.jsonl."""
-    try:
-        write_report(Path(run))
-    except CornpipeError as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(f"wrote {Path(run) / 'report.md'}, curves.png, confusion_matrix.png")
-
-
-@click.command("predict")
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="CSV to write.")
-@click.option("--tta/--no-tta", default=False, show_default=True,
-              help="Average with the horizontally flipped image.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-def predict_command(checkpoint: str, inputs: tuple[str, ...], out: str, tta: bool, device: str,
-                    batch_size: int) -> None:
-    """Predict position and grade for IMAGES (files or folders) with a checkpoint; writes a CSV."""
-    from models.predict import predict
-
-    try:
-        summary = predict(Path(checkpoint), [Path(p) for p in inputs], Path(out), tta=tta, device=device,
-                          batch_size=batch_size)
-    except CornpipeError as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(f"predicted {summary.predicted} image(s), {summary.failed} unreadable -> {out}")
-    if summary.predicted == 0:
-        raise click.ClickException(f"no image could be read ({summary.failed} failed; see {out})")
 
 
 if __name__ == "__main__":

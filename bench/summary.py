@@ -42,44 +42,48 @@ def _pytest(out: Path) -> str:
     return f"{passed} passed, {n['failures'] + n['errors']} failed, {n['skipped']} skipped"
 
 
+def _each(results: list[dict[str, Any]], key: str, text: Any) -> list[str]:
+    """One summary phrase per benchmark row: `text(row)`, or "<name>: failed"."""
+    return [f"{r[key]}: failed" if r.get("error") else text(r) for r in results]
+
+
 def _train(out: Path, name: str) -> str:
     data = _load(out / name)
     if not data:
         return ""
-    parts = []
-    for r in data["results"]:
-        if r.get("error"):
-            parts.append(f"{r['variant']}: failed")
-            continue
-        text = f"{r['variant']} {r['images_per_s']:,.0f} img/s"
+    synthetic = {x["variant"]: x for x in (_load(out / "bench_train.json") or {}).get("results", [])
+                 if x["data"] == "synthetic" and not x.get("error")}
+
+    def text(r: dict[str, Any]) -> str:
+        line = f"{r['variant']} {r['images_per_s']:,.0f} img/s"
         if r.get("ratio_vs_eager") is not None and r["variant"] != "eager-fp32":
-            text += f" ({r['ratio_vs_eager']:.2f}×)"
+            line += f" ({r['ratio_vs_eager']:.2f}×)"
         if r.get("compile_s") is not None:
-            text += f" [compile {r['compile_s']:.0f} s]"
+            line += f" [compile {r['compile_s']:.0f} s]"
         if r["data"] != "synthetic":
-            text += f", data wait {100 * r['data_wait_share']:.1f} %"
-            same = [x for x in (_load(out / "bench_train.json") or {}).get("results", [])
-                    if x["variant"] == r["variant"] and x["data"] == "synthetic" and not x.get("error")]
+            line += f", data wait {100 * r['data_wait_share']:.1f} %"
+            same = synthetic.get(r["variant"])
             if same:  # also counts on-device augmentation, which the host-side wait cannot see
-                text += f", {r['images_per_s'] / same[0]['images_per_s']:.2f}× synthetic"
-        parts.append(text)
+                line += f", {r['images_per_s'] / same['images_per_s']:.2f}× synthetic"
+        return line
+
     cfg = data["config"]
-    return f"{cfg['model']} {cfg['image_size']} px b{cfg['batch_size']}: " + "; ".join(parts)
+    return f"{cfg['model']} {cfg['image_size']} px b{cfg['batch_size']}: " + "; ".join(
+        _each(data["results"], "variant", text))
 
 
 def _loaders(out: Path) -> str:
     data = _load(out / "bench_loaders.json")
     if not data:
         return ""
-    parts = []
-    for r in data["results"]:
-        if r.get("error"):
-            parts.append(f"{r['backend']}: failed")
-            continue
-        text = f"{r['backend']} {r['images_per_s']:,.0f} img/s"
+
+    def text(r: dict[str, Any]) -> str:
+        line = f"{r['backend']} {r['images_per_s']:,.0f} img/s"
         if r.get("ratio_vs_torch") is not None and r["backend"] != "torch":
-            text += f" ({r['ratio_vs_torch']:.2f}× torch)"
-        parts.append(text)
+            line += f" ({r['ratio_vs_torch']:.2f}× torch)"
+        return line
+
+    parts = _each(data["results"], "backend", text)
     ceiling = data.get("ceiling") or {}
     if ceiling.get("images_per_s"):
         parts.append(f"decode ceiling {ceiling['images_per_s']:,.0f} img/s")

@@ -31,14 +31,24 @@ def _mb(value: float | None) -> str:
     return DASH if value is None else f"{value:,.0f}"
 
 
+def _columns(table: Table, left: str, right: str) -> None:
+    """Text columns (space-separated names), then number columns ("|"-separated names)."""
+    for name in left.split():
+        table.add_column(name, justify="left")
+    for name in right.split("|"):
+        table.add_column(name, justify="right")
+
+
+def _caption(summary: dict[str, Any], timing: str) -> list[str]:
+    """The caption's first lines: the machine (when known), then how the figures were timed."""
+    return ([describe(summary["machine"])] if "machine" in summary else []) + [timing]
+
+
 def loader_table(summary: dict[str, Any]) -> Table:
     cfg = summary["config"]
     table = Table(title=f"Loader throughput: {cfg['split']} split, batch {cfg['batch_size']}, "
                         f"{cfg['image_size']} px, {cfg['workers']} workers, oversample {cfg['oversample']}")
-    for name, justify in (("backend", "left"), ("mode", "left"), ("device", "left"),
-                          ("images/s median [min–max]", "right"), ("× torch", "right"),
-                          ("% of ceiling", "right"), ("peak MB", "right")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    _columns(table, "backend mode device", "images/s median [min–max]|× torch|% of ceiling|peak MB")
     oversampled = cfg["oversample"] != "none"
     if oversampled:
         table.add_column("class fractions", justify="right")
@@ -56,12 +66,9 @@ def loader_table(summary: dict[str, Any]) -> Table:
         if oversampled:
             cells.append(DASH)
         table.add_row(*cells, style="dim")
-    caption = []
-    if "machine" in summary:
-        caption.append(describe(summary["machine"]))
     timed = f"{cfg['epochs']} epoch(s)" if cfg.get("epochs") else f"{cfg['seconds']} s"
-    caption.append(f"median of {cfg['repeats']} rounds of {timed} after warm-up, each run in a fresh process; "
-                   "peak MB = PSS of the process tree")
+    caption = _caption(summary, f"median of {cfg['repeats']} rounds of {timed} after warm-up, each run in a "
+                                "fresh process; peak MB = PSS of the process tree")
     if ceiling:
         caption.append(f"ceiling = decode-only throughput of the shard JPEGs on {ceiling.get('workers')} "
                        f"processes ({ceiling.get('decoder')}, libjpeg-turbo), no augmentation")
@@ -75,12 +82,8 @@ def train_table(summary: dict[str, Any]) -> Table:
     cfg = summary["config"]
     table = Table(title=f"Training-step throughput: {cfg['model']}, {cfg['image_size']} px, "
                         f"batch {cfg['batch_size']}, {cfg['device']}")
-    for name, justify in (("variant", "left"), ("data", "left"), ("amp", "left"),
-                          ("images/s median [min–max]", "right"), ("× eager-fp32", "right"),
-                          ("first steps s", "right"), ("compile s", "right"), ("data wait", "right"),
-                          ("× synthetic", "right"),
-                          ("peak MB", "right"), ("GPU MB", "right")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    _columns(table, "variant data amp", "images/s median [min–max]|× eager-fp32|first steps s|compile s|"
+                                          "data wait|× synthetic|peak MB|GPU MB")
     for entry in summary["results"]:
         failed = "error" in entry
         table.add_row(
@@ -92,11 +95,8 @@ def train_table(summary: dict[str, Any]) -> Table:
             _ratio(entry.get("ratio_vs_synthetic")),
             _mb(entry.get("peak_rss_mb")), _mb(entry.get("gpu_peak_mem_mb")),
         )
-    caption = []
-    if "machine" in summary:
-        caption.append(describe(summary["machine"]))
     timed = f"{cfg['steps']} steps" if cfg.get("steps") else f"{cfg['seconds']} s"
-    caption.append(f"median of {cfg['repeats']} windows of {timed} after {cfg['warmup_steps']} warm-up steps; "
-                   "each variant in a fresh process")
+    caption = _caption(summary, f"median of {cfg['repeats']} windows of {timed} after {cfg['warmup_steps']} "
+                                "warm-up steps; each variant in a fresh process")
     table.caption = "\n".join(caption)
     return table
