@@ -43,7 +43,6 @@ demo: setup
 	$(BIN)/cornpipe train $(DEMO)/shards --out $(DEMO)/run --model resnet_plus_tiny --image-size 64 \
 		--batch-size 16 --epochs 14 --lr 4e-3 --schedule cosine --grade-head corn --ema \
 		--oversample balanced --loader resident --force
-	@echo "report: $(DEMO)/run/report.md"
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -55,16 +55,14 @@ def ramp_image(i: int, h: int, w: int) -> np.ndarray:
     return pixels.round().astype(np.uint8)
 
 
-@pytest.fixture(scope="module")
-def ramps(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A converted (jpg) shard set of N_IMAGES ramp pictures with labels from `labels_of`."""
+def ramp_set(src: Path, n: int, sizes: tuple[tuple[int, int], ...]) -> Path:
+    """Convert (jpg) n ramp pictures of the given (h, w) sizes with labels from `labels_of`."""
     from loaders.convert import convert_dataset
 
-    src = tmp_path_factory.mktemp("ramps") / "src"
     src.mkdir()
     rows = [("path", "position", "grade")]
-    for i in range(N_IMAGES):
-        h, w = SIZES[i % len(SIZES)]
+    for i in range(n):
+        h, w = sizes[i % len(sizes)]
         Image.fromarray(ramp_image(i, h, w)).save(src / f"{i:04d}.png")
         rows.append((f"{i:04d}.png", *labels_of(i)))
     with open(src / "labels.csv", "w", newline="") as f:
@@ -72,6 +70,12 @@ def ramps(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = src.parent / "shards"
     convert_dataset(None, out, manifest_csv=src / "labels.csv", write_mode="jpg", workers=1, seed=0)
     return out
+
+
+@pytest.fixture(scope="module")
+def ramps(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """N_IMAGES small ramp pictures (crops about the output size)."""
+    return ramp_set(tmp_path_factory.mktemp("ramps") / "src", N_IMAGES, SIZES)
 
 
 def epoch(loader, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -173,6 +177,31 @@ def test_validation_images_match_the_torch_backend(backend, ramps):
         ref.close()
     assert torch.equal(ids, ref_ids)
     assert (pixels(a) - pixels(r)).abs().mean(dim=(1, 2, 3)).max() < 4.0
+
+
+def test_ffcv_decodes_large_crops_at_a_reduced_scale_with_the_same_pixels(tmp_path):
+    """Crops >= 2x the output are decoded at 1/2, 1/4 or 1/8 scale (libjpeg-turbo's IDCT); the
+    pixels must still be the crop's, at the right place, as on the torch backend."""
+    from loaders.ffcv_ops import _dct_eighths
+
+    assert [_dct_eighths(side, side, S) for side in (16, 31, 32, 63, 64, 128, 500)] == [8, 8, 4, 4, 2, 1, 1]
+    assert _dct_eighths(200, 40, S) == 4  # the shorter side decides
+    big = ramp_set(tmp_path / "src", 16, ((90, 120), (120, 90), (140, 140)))  # val crops 78-122 px -> 1/4
+    for split, aug, reference in (("val", None, "torch"), ("train", GEOMETRY, "resident")):
+        kw = {"augment": aug} if aug else {}
+        lo = make_loader(big, split, backend="ffcv", batch_size=8, image_size=S, workers=1, seed=3, **kw)
+        ref = make_loader(big, split, backend=reference, batch_size=8, image_size=S, workers=1, seed=3, **kw)
+        try:
+            a, *_, ids = epoch(lo, 1)
+            r, *_, ref_ids = epoch(ref, 1)
+        finally:
+            lo.close()
+            ref.close()
+        assert torch.equal(ids, ref_ids)
+        error = (pixels(a) - pixels(r)).abs().mean(dim=(1, 2, 3))
+        assert error.max() < 4.0, (split, error.max())
+        wrong = (pixels(a) - pixels(r).flip(-1)).abs().mean(dim=(1, 2, 3))
+        assert wrong.mean() > 3 * error.max(), split
 
 
 # ---------------------------------------------------------------------------------------------
