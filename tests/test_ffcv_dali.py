@@ -99,6 +99,27 @@ def pixels(images: torch.Tensor) -> torch.Tensor:
     return images.float().cpu() * std + mean
 
 
+def paired_epoch(lo, ref, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Epoch e's images from a loader and its reference (both closed after); the same sample ids."""
+    try:
+        a, *_, ids = epoch(lo, e)
+        r, *_, ref_ids = epoch(ref, e)
+    finally:
+        lo.close()
+        ref.close()
+    assert torch.equal(ids, ref_ids)
+    return a, r
+
+
+def assert_same_pictures(a: torch.Tensor, r: torch.Tensor) -> None:
+    """Different resize filters and JPEG leave a few levels; a flip, turn or other crop moves the
+    ramps by tens of levels on most pixels."""
+    error = (pixels(a) - pixels(r)).abs().mean(dim=(1, 2, 3))
+    assert error.max() < 4.0, error.max()
+    wrong = (pixels(a) - pixels(r).flip(-1)).abs().mean(dim=(1, 2, 3))
+    assert wrong.mean() > 3 * error.max()
+
+
 def children() -> set[int]:
     return {p.pid for p in multiprocessing.active_children()}
 
@@ -157,25 +178,13 @@ def test_augmented_pixels_match_the_reference_backend_and_replay(backend, refere
         ref.close()
     assert torch.equal(a, again) and not torch.equal(a, other)
     assert torch.equal(ids, ref_ids)
-    # Different resize filters and JPEG leave a few levels; a flip, turn or other crop moves the
-    # ramps by tens of levels on most pixels.
-    error = (pixels(a) - pixels(r)).abs().mean(dim=(1, 2, 3))
-    assert error.max() < 4.0, error.max()
-    wrong = (pixels(a) - pixels(r).flip(-1)).abs().mean(dim=(1, 2, 3))
-    assert wrong.mean() > 3 * error.max()
+    assert_same_pictures(a, r)
 
 
 @pytest.mark.parametrize("backend", ["ffcv", "dali"])
 def test_validation_images_match_the_torch_backend(backend, ramps):
-    lo = make_loader(ramps, "val", backend=backend, batch_size=8, image_size=S, workers=1)
-    ref = make_loader(ramps, "val", backend="torch", batch_size=8, image_size=S, workers=1)
-    try:
-        a, *_, ids = epoch(lo, 0)
-        r, *_, ref_ids = epoch(ref, 0)
-    finally:
-        lo.close()
-        ref.close()
-    assert torch.equal(ids, ref_ids)
+    a, r = paired_epoch(make_loader(ramps, "val", backend=backend, batch_size=8, image_size=S, workers=1),
+                        make_loader(ramps, "val", backend="torch", batch_size=8, image_size=S, workers=1), 0)
     assert (pixels(a) - pixels(r)).abs().mean(dim=(1, 2, 3)).max() < 4.0
 
 
@@ -189,19 +198,9 @@ def test_ffcv_decodes_large_crops_at_a_reduced_scale_with_the_same_pixels(tmp_pa
     big = ramp_set(tmp_path / "src", 16, ((90, 120), (120, 90), (140, 140)))  # val crops 78-122 px -> 1/4
     for split, aug, reference in (("val", None, "torch"), ("train", GEOMETRY, "resident")):
         kw = {"augment": aug} if aug else {}
-        lo = make_loader(big, split, backend="ffcv", batch_size=8, image_size=S, workers=1, seed=3, **kw)
-        ref = make_loader(big, split, backend=reference, batch_size=8, image_size=S, workers=1, seed=3, **kw)
-        try:
-            a, *_, ids = epoch(lo, 1)
-            r, *_, ref_ids = epoch(ref, 1)
-        finally:
-            lo.close()
-            ref.close()
-        assert torch.equal(ids, ref_ids)
-        error = (pixels(a) - pixels(r)).abs().mean(dim=(1, 2, 3))
-        assert error.max() < 4.0, (split, error.max())
-        wrong = (pixels(a) - pixels(r).flip(-1)).abs().mean(dim=(1, 2, 3))
-        assert wrong.mean() > 3 * error.max(), split
+        lo, ref = (make_loader(big, split, backend=b, batch_size=8, image_size=S, workers=1, seed=3, **kw)
+                   for b in ("ffcv", reference))
+        assert_same_pictures(*paired_epoch(lo, ref, 1))
 
 
 # ---------------------------------------------------------------------------------------------
