@@ -16,6 +16,10 @@ runs images in parallel on numba's threads when numba's threading layer is threa
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
+
 import numpy as np
 import torch
 
@@ -23,30 +27,24 @@ from loaders.base import MEAN_255, STD_255
 
 GREY_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)  # ITU-R 601 luma
 
-try:
-    import numba as nb
-except ImportError:  # pragma: no cover - exercised on machines without numba
-    nb = None
-
-AVAILABLE = nb is not None
+# numba is imported (~1 s) and the kernel compiled (or loaded from its cache) on the first call, not
+# when `loaders.augment` is imported by every command.
+AVAILABLE = importlib.util.find_spec("numba") is not None
 
 
 def _thread_safe_layer() -> bool:
     """Whether numba will pick a thread-safe threading layer (tbb or omp). The `workqueue`
     fallback aborts when two threads run parallel kernels at once -- FFCV's epoch thread does --
     so without tbb/omp the kernel runs serially."""
-    if not AVAILABLE:
-        return False
     for layer in ("tbbpool", "omppool"):
         try:
-            __import__(f"numba.np.ufunc.{layer}")
+            importlib.import_module(f"numba.np.ufunc.{layer}")
             return True
         except ImportError:  # the library behind it (libtbb, libgomp) is missing
             continue
     return False
 
 
-PARALLEL = _thread_safe_layer()
 _SUM_BLOCK = 4096  # pixels summed in float32 before adding to the float64 total
 
 
@@ -60,7 +58,7 @@ def _kernel(px, factors, mean, inv_std, out):  # pragma: no cover - compiled by 
     wr, wg, wb = np.float32(GREY_WEIGHTS[0]), np.float32(GREY_WEIGHTS[1]), np.float32(GREY_WEIGHTS[2])
     zero, top, one = np.float32(0.0), np.float32(255.0), np.float32(1.0)
     n, hw = px.shape[0], px.shape[2]
-    for i in nb.prange(n):
+    for i in prange(n):
         bf, cf, sf = factors[i, 0], factors[i, 1], factors[i, 2]
         pr, pg, pb = px[i, 0], px[i, 1], px[i, 2]
         shift = zero
@@ -90,8 +88,19 @@ def _kernel(px, factors, mean, inv_std, out):  # pragma: no cover - compiled by 
                 dst[p] = (min(max(x * sf + grey[p], zero), top) - m) * s
 
 
-_compiled = (nb.njit(nogil=True, cache=True, fastmath=True, error_model="numpy", parallel=PARALLEL)(_kernel)
-             if AVAILABLE else None)
+prange = range  # numba.prange inside the compiled kernel (see _compiled)
+
+
+@functools.cache
+def _compiled():  # noqa: ANN202 - a numba dispatcher
+    import numba
+
+    global prange
+    prange = numba.prange  # the kernel's global, read when numba compiles it
+    return numba.njit(nogil=True, cache=True, fastmath=True, error_model="numpy",
+                      parallel=_thread_safe_layer())(_kernel)
+
+
 _MEAN = np.asarray(MEAN_255, dtype=np.float32)
 _INV_STD = (1.0 / np.asarray(STD_255, dtype=np.float64)).astype(np.float32)
 
@@ -119,5 +128,5 @@ def fused_finish(pixels: torch.Tensor, factors: np.ndarray | torch.Tensor | None
         f = np.ascontiguousarray(f, dtype=np.float32).reshape(b, 3)
     out = torch.empty((b, 3, h, w), dtype=torch.float32)
     if b:
-        _compiled(planes.view(b, 3, h * w).numpy(), f, _MEAN, _INV_STD, out.view(b, 3, h * w).numpy())
+        _compiled()(planes.view(b, 3, h * w).numpy(), f, _MEAN, _INV_STD, out.view(b, 3, h * w).numpy())
     return out
