@@ -86,6 +86,39 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
+class NonFiniteStep(Exception):
+    """The loss (or, without a GradScaler, the gradient) of a step was NaN/inf; no update was made."""
+
+
+def optimizer_step(model: nn.Module, raw_model: nn.Module, images: torch.Tensor, position: torch.Tensor,
+                   grade: torch.Tensor, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler, dtype: torch.dtype | None,
+                   grad_clip: float) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    """One training step (autocast forward, float32 loss, scaled backward, clipping, optimiser step):
+    the trainer's and `cornpipe bench train`'s. Returns (outputs, loss, loss parts)."""
+    with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        outputs = model(images)
+    outputs = {k: v.float() for k, v in outputs.items()}  # the loss always runs in float32
+    loss, parts = loss_fn(outputs, position, grade)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    grad_norm = None
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
+        grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+    # Device sync point, once a step: no optimiser step may ever see a NaN/inf loss. With the fp16
+    # GradScaler an inf gradient is expected now and then (the scaler skips that step and lowers
+    # its scale), so only the loss is checked there; without a scaler the gradient is checked too.
+    finite = torch.isfinite(loss)
+    if grad_norm is not None and not scaler.is_enabled():
+        finite = finite & torch.isfinite(grad_norm)
+    if not bool(finite):
+        raise NonFiniteStep
+    scaler.step(optimizer)
+    scaler.update()
+    return outputs, loss, parts
+
+
 def train_one_epoch(model: nn.Module, loader: Any, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, ema: ModelEma | None, cfg: TrainConfig, *,
                     epoch: int, steps: int, last_good: str, progress: Progress, task: Any) -> dict[str, Any]:
@@ -111,26 +144,11 @@ def train_one_epoch(model: nn.Module, loader: Any, loss_fn: nn.Module, optimizer
         images = batch.images  # (B, 3, H, W), normalised, on the device
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            outputs = model(images)
-        outputs = {k: v.float() for k, v in outputs.items()}  # the loss always runs in float32
-        loss, parts = loss_fn(outputs, batch.position, batch.grade)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        grad_norm = None
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
-            grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        # Device sync point, once a step: no optimiser step may ever see a NaN/inf loss. With the fp16
-        # GradScaler an inf gradient is expected now and then (the scaler skips that step and lowers
-        # its scale), so only the loss is checked there; without a scaler the gradient is checked too.
-        finite = torch.isfinite(loss)
-        if grad_norm is not None and not scaler.is_enabled():
-            finite = finite & torch.isfinite(grad_norm)
-        if not bool(finite):
-            raise NonFiniteLoss(epoch + 1, step + 1, batch.sample_id.tolist(), last_good)
-        scaler.step(optimizer)
-        scaler.update()
+        try:
+            outputs, loss, parts = optimizer_step(model, raw_model, images, batch.position, batch.grade,
+                                                  loss_fn, optimizer, scaler, dtype, cfg.grad_clip)
+        except NonFiniteStep:
+            raise NonFiniteLoss(epoch + 1, step + 1, batch.sample_id.tolist(), last_good) from None
         if ema is not None:
             ema.update(raw_model)
         collected.add(outputs, batch.position, batch.grade, loss, parts)

@@ -5,8 +5,8 @@ BF16 autocast on CPU), `compile` (torch.compile), and `all` (the three together,
 train` does on CUDA). Each variant runs in a fresh process (`bench.isolate`): a compiled graph,
 cuDNN's autotuning and the CUDA caching allocator never leak from one row into the next.
 
-The step is the trainer's step (`train.train_one_epoch`, minus progress bars and metric
-collection): autocast forward, float32 loss (`models.losses.MultiTaskLoss`), backward through the
+The step is the trainer's own (`train.optimizer_step`, without the trainer's progress bars and
+metric collection): autocast forward, float32 loss (`models.losses.MultiTaskLoss`), backward through the
 GradScaler, gradient clipping, the once-a-step finite-loss check (a device sync, as in training),
 an AdamW step from `train.make_optimizer`. Data is either synthetic tensors already on the device
 (the model's own speed) or a real loader (`--shards`, `--loader`), which adds the data-wait share:
@@ -115,12 +115,11 @@ def _loader_batches(loader: Any, channels_last: bool) -> Iterator[tuple[Any, Any
 def measure_variant(variant: str, cfg: TrainBenchConfig) -> dict[str, Any]:
     """Steady-state images/s of one variant (runs in the calling process)."""
     import torch
-    from torch import nn
 
     from models import create_model
     from models.config import TrainConfig
     from models.losses import MultiTaskLoss
-    from train import make_optimizer
+    from train import NonFiniteStep, make_optimizer, optimizer_step
 
     cfg = resolve(cfg)
     channels_last, amp, compile_ = VARIANTS[variant]
@@ -168,18 +167,11 @@ def measure_variant(variant: str, cfg: TrainBenchConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         images, position, grade = next(batches)
         wait = time.perf_counter() - t0
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            outputs = step_model(images)
-        outputs = {k: v.float() for k, v in outputs.items()}  # the loss runs in float32
-        loss, _ = loss_fn(outputs, position, grade)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-        if not bool(torch.isfinite(loss)):  # device sync point, once a step, as in training
-            raise BenchError(f"{variant}: non-finite loss in the benchmark step")
-        scaler.step(optimizer)
-        scaler.update()
+        try:
+            optimizer_step(step_model, model, images, position, grade, loss_fn, optimizer, scaler, amp_dtype,
+                           train_cfg.grad_clip)
+        except NonFiniteStep:
+            raise BenchError(f"{variant}: non-finite loss in the benchmark step") from None
         return wait
 
     def sync() -> None:
