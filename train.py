@@ -8,7 +8,7 @@
 RUN gets config.json (the resolved config), metrics.jsonl (one line per epoch), best.pt and last.pt
 (loadable with torch.load(weights_only=True)), report.md, curves.png and confusion_matrix.png.
 
-Read top to bottom: make_optimizer, train_one_epoch, evaluate, then train() with the one loop, then
+Read top to bottom: train_one_epoch (its step is models.training_utils.optimizer_step), evaluate, then train() with the one loop, then
 the click command (a thin edge: options -> TrainConfig -> train()).
 
 Reproducibility: every random draw is a function of (seed, epoch): the loader's sample order and
@@ -59,10 +59,12 @@ from models.training_utils import (
     EarlyStopping,
     ModelEma,
     NonFiniteLoss,
+    NonFiniteStep,
     TrainResult,
     keep_metrics_until,
+    make_optimizer,
     monitor_value,
-    param_groups,
+    optimizer_step,
     prepare_run_dir,
     read_metrics,
     restore_best_and_report,
@@ -71,52 +73,12 @@ from models.training_utils import (
 )
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)  # no decay on norms and biases
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
-
-
 def amp_dtype(cfg: TrainConfig) -> torch.dtype | None:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.amp)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
-
-
-class NonFiniteStep(Exception):
-    """The loss (or, without a GradScaler, the gradient) of a step was NaN/inf; no update was made."""
-
-
-def optimizer_step(model: nn.Module, raw_model: nn.Module, images: torch.Tensor, position: torch.Tensor,
-                   grade: torch.Tensor, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-                   scaler: torch.amp.GradScaler, dtype: torch.dtype | None,
-                   grad_clip: float) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
-    """One training step (autocast forward, float32 loss, scaled backward, clipping, optimiser step):
-    the trainer's and `cornpipe bench train`'s. Returns (outputs, loss, loss parts)."""
-    with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        outputs = model(images)
-    outputs = {k: v.float() for k, v in outputs.items()}  # the loss always runs in float32
-    loss, parts = loss_fn(outputs, position, grade)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    grad_norm = None
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
-        grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
-    # Device sync point, once a step: no optimiser step may ever see a NaN/inf loss. With the fp16
-    # GradScaler an inf gradient is expected now and then (the scaler skips that step and lowers
-    # its scale), so only the loss is checked there; without a scaler the gradient is checked too.
-    finite = torch.isfinite(loss)
-    if grad_norm is not None and not scaler.is_enabled():
-        finite = finite & torch.isfinite(grad_norm)
-    if not bool(finite):
-        raise NonFiniteStep
-    scaler.step(optimizer)
-    scaler.update()
-    return outputs, loss, parts
 
 
 def train_one_epoch(model: nn.Module, loader: Any, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,

@@ -5,10 +5,10 @@ BF16 autocast on CPU), `compile` (torch.compile), and `all` (the three together,
 train` does on CUDA). Each variant runs in a fresh process (`bench.isolate`): a compiled graph,
 cuDNN's autotuning and the CUDA caching allocator never leak from one row into the next.
 
-The step is the trainer's own (`train.optimizer_step`, without the trainer's progress bars and
-metric collection): autocast forward, float32 loss (`models.losses.MultiTaskLoss`), backward through the
+The step is the trainer's own (`models.training_utils.optimizer_step`, without the trainer's
+progress bars and metric collection): autocast forward, float32 loss (`models.losses.MultiTaskLoss`), backward through the
 GradScaler, gradient clipping, the once-a-step finite-loss check (a device sync, as in training),
-an AdamW step from `train.make_optimizer`. Data is either synthetic tensors already on the device
+an AdamW step from `make_optimizer`. Data is either synthetic tensors already on the device
 (the model's own speed) or a real loader (`--shards`, `--loader`), which adds the data-wait share:
 the fraction of wall time spent waiting for the next batch (host side), and, when the same variant
 also ran on synthetic tensors, `ratio_vs_synthetic` (which also counts on-device augmentation time).
@@ -119,7 +119,7 @@ def measure_variant(variant: str, cfg: TrainBenchConfig) -> dict[str, Any]:
     from models import create_model
     from models.config import TrainConfig
     from models.losses import MultiTaskLoss
-    from train import NonFiniteStep, make_optimizer, optimizer_step
+    from models.training_utils import NonFiniteStep, make_optimizer, optimizer_step
 
     cfg = resolve(cfg)
     channels_last, amp, compile_ = VARIANTS[variant]

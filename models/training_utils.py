@@ -1,4 +1,5 @@
-"""Small pieces of the training loop kept out of train.py: monitor, early stopping, EMA, lr shape.
+"""Pieces of the training loop kept out of train.py: the optimiser and its step (shared with
+`cornpipe bench train`), monitor, early stopping, EMA, lr shape.
 
 Every piece's state is a dict of numbers/tensors so it fits in a weights_only checkpoint.
 """
@@ -239,3 +240,43 @@ def restore_best_and_report(run: Path, cfg: TrainConfig, model: nn.Module, ema: 
     console.print(f"report: {run / REPORT_FILE}")
     return TrainResult(run=run, model=ema.module if ema else model, best_epoch=stopper.best_epoch,
                        best_val=val, epochs_run=epochs_run, stopped_early=stopper.should_stop)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)  # no decay on norms and biases
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+class NonFiniteStep(Exception):
+    """The loss (or, without a GradScaler, the gradient) of a step was NaN/inf; no update was made."""
+
+
+def optimizer_step(model: nn.Module, raw_model: nn.Module, images: torch.Tensor, position: torch.Tensor,
+                   grade: torch.Tensor, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler, dtype: torch.dtype | None,
+                   grad_clip: float) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    """One training step (autocast forward, float32 loss, scaled backward, clipping, optimiser step):
+    the trainer's and `cornpipe bench train`'s. Returns (outputs, loss, loss parts)."""
+    with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        outputs = model(images)
+    outputs = {k: v.float() for k, v in outputs.items()}  # the loss always runs in float32
+    loss, parts = loss_fn(outputs, position, grade)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    grad_norm = None
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
+        grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+    # Device sync point, once a step: no optimiser step may ever see a NaN/inf loss. With the fp16
+    # GradScaler an inf gradient is expected now and then (the scaler skips that step and lowers
+    # its scale), so only the loss is checked there; without a scaler the gradient is checked too.
+    finite = torch.isfinite(loss)
+    if grad_norm is not None and not scaler.is_enabled():
+        finite = finite & torch.isfinite(grad_norm)
+    if not bool(finite):
+        raise NonFiniteStep
+    scaler.step(optimizer)
+    scaler.update()
+    return outputs, loss, parts
