@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 from bench.isolate import BenchError, run_isolated
@@ -228,12 +229,6 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
 # parent side: rounds of fresh processes
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
 def dataset_class_fractions(root: str, split: str) -> list[float]:
     from loaders.shards import ShardSet
 
@@ -292,11 +287,11 @@ def summarize(rows: list[Row], cfg: LoaderBenchConfig, ceiling_rates: list[float
               ceiling_info: dict[str, Any], shard_dirs: list[Path]) -> dict[str, Any]:
     baseline = next((r for r in rows if r.target.backend == "torch" and r.target.mode != FOLDER and r.rates),
                     None)
-    base_rate = _median(baseline.rates) if baseline else None
-    ceiling = _median(ceiling_rates) if ceiling_rates else None
+    base_rate = median(baseline.rates) if baseline else None
+    ceiling = median(ceiling_rates) if ceiling_rates else None
     results = []
     for row in rows:
-        rate = _median(row.rates) if row.rates else None
+        rate = median(row.rates) if row.rates else None
         entry: dict[str, Any] = {
             "backend": row.target.backend, "mode": row.target.mode, "device": row.device,
             "images_per_s": rate,

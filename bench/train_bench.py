@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
+from statistics import median
 from typing import Any
 
 from bench.isolate import BenchError, run_isolated
@@ -240,12 +241,6 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
 # parent side
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
 def run_train_bench(cfg: TrainBenchConfig, variants: list[str], *, datas: list[str] | None = None,
                     log_dir: Any = None, echo: Any = print,
                     partial: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
@@ -271,8 +266,8 @@ def run_train_bench(cfg: TrainBenchConfig, variants: list[str], *, datas: list[s
                                 "device": cfg.device, "model": cfg.model, "error": str(exc)})
                 continue
             rates = out["repeats"]
-            out.update(images_per_s=_median(rates), images_per_s_min=min(rates), images_per_s_max=max(rates),
-                       data_wait_share=_median(out["data_wait_shares"]))
+            out.update(images_per_s=median(rates), images_per_s_min=min(rates), images_per_s_max=max(rates),
+                       data_wait_share=median(out["data_wait_shares"]))
             echo(f"  {variant:<14} {out['data']:<18} {out['images_per_s']:9.1f} images/s "
                  f"(first {cfg.warmup_steps} steps {out['first_steps_s']:.1f} s)")
             results.append(out)
