@@ -1,15 +1,16 @@
 """Train ResNet-Plus on a cornpipe shard set: position (classification) + grade (regression).
 
-    cornpipe train SHARDS --out RUN [options]        (same as: python train.py SHARDS --out RUN ...)
-    cornpipe train --resume RUN [--epochs N]         continue RUN from RUN/last.pt
+    cornpipe train SHARDS --out RUN [options]     (same as: python -m cornpipe.train SHARDS --out RUN ...)
+    cornpipe train --resume RUN [--epochs N]      continue RUN from RUN/last.pt
 
-(`cornpipe report` and `cornpipe predict` live in models/commands.py.)
+The options, their help and their TOML form are the CLI's (cornpipe/cli/runs.py); every default lives
+in `cornpipe.runs.config.TrainConfig`.
 
 RUN gets config.json (the resolved config), metrics.jsonl (one line per epoch), best.pt and last.pt
 (loadable with torch.load(weights_only=True)), report.md, curves.png and confusion_matrix.png.
 
-Read top to bottom: train_one_epoch (its step is models.training_utils.optimizer_step), evaluate, then train() with the one loop, then
-the click command (a thin edge: options -> TrainConfig -> train()).
+Read top to bottom: train_one_epoch (its step is cornpipe.runs.optim.optimizer_step), evaluate, then
+train() with the one loop.
 
 Reproducibility: every random draw is a function of (seed, epoch): the loader's sample order and
 augmentation via set_epoch, dropout/drop-path via the torch seed set at the start of each epoch. So
@@ -19,58 +20,47 @@ are not bitwise deterministic).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
 from pathlib import Path
 from typing import Any
 
-import click
 import torch
-from click.core import ParameterSource
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from loaders import make_loader
-from loaders.base import BACKENDS, OVERSAMPLE_STRATEGIES, CornpipeError
-from loaders.shards import ShardSet
-from models import create_model
-from models.checkpoint import BEST, CHECKPOINT_FORMAT, LAST, load_checkpoint, rng_state, save_checkpoint
-from models.config import (
-    AMP_MODES,
-    GRADE_HEADS,
-    MONITORS,
-    OPTIMIZERS,
-    SCHEDULES,
-    ConfigError,
+from cornpipe.errors import ConfigError, NonFiniteLoss
+from cornpipe.loaders import make_loader
+from cornpipe.models import create_model
+from cornpipe.models.losses import MultiTaskLoss
+from cornpipe.runs.checkpoint import (
+    BEST,
+    CHECKPOINT_FORMAT,
+    LAST,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+)
+from cornpipe.runs.config import (
     TrainConfig,
-    load_toml,
-    merge_for_resume,
-    parse_loss_weights,
     resolve_runtime,
     write_config_json,
 )
-from models.losses import MultiTaskLoss
-from models.report import CONFIG_FILE, METRICS_FILE, format_epoch_table, write_report
-from models.training_utils import (
-    Collector,
-    EarlyStopping,
-    ModelEma,
-    NonFiniteLoss,
-    NonFiniteStep,
+from cornpipe.runs.early_stopping import EarlyStopping, monitor_value
+from cornpipe.runs.ema import ModelEma
+from cornpipe.runs.epoch_metrics import Collector, summarize
+from cornpipe.runs.optim import NonFiniteStep, make_optimizer, optimizer_step, scheduled_lr
+from cornpipe.runs.report import CONFIG_FILE, METRICS_FILE, format_epoch_table, write_report
+from cornpipe.runs.run_dir import (
     TrainResult,
     keep_metrics_until,
-    make_optimizer,
-    monitor_value,
-    optimizer_step,
     prepare_run_dir,
     read_metrics,
     restore_best_and_report,
-    scheduled_lr,
-    summarize,
 )
+from cornpipe.shards.shard_set import ShardSet
 
 
 def amp_dtype(cfg: TrainConfig) -> torch.dtype | None:
@@ -103,9 +93,7 @@ def train_one_epoch(model: nn.Module, loader: Any, loss_fn: nn.Module, optimizer
         if lr is not None:
             for group in optimizer.param_groups:
                 group["lr"] = lr
-        images = batch.images  # (B, 3, H, W), normalised, on the device
-        if cfg.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = batch.images  # (B, 3, H, W), normalised, on the device, in the memory format cfg chose
         try:
             outputs, loss, parts = optimizer_step(model, raw_model, images, batch.position, batch.grade,
                                                   loss_fn, optimizer, scaler, dtype, cfg.grad_clip)
@@ -139,8 +127,6 @@ def evaluate(model: nn.Module, loader: Any, loss_fn: nn.Module, cfg: TrainConfig
         if batch is None:
             break
         images = batch.images  # (B, 3, H, W)
-        if cfg.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             outputs = model(images)
         outputs = {k: v.float() for k, v in outputs.items()}
@@ -191,8 +177,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
     stopper = EarlyStopping(cfg.patience, cfg.min_delta)
 
     # data: the train split drawn per epoch (oversampling, augmentation), val in fixed order
+    # device, dtype and memory format are the run's (resolve_runtime), not re-derived by the loader
     loader_args = dict(backend=cfg.loader, batch_size=cfg.batch_size, image_size=cfg.image_size,
-                       device=cfg.device, seed=cfg.seed, workers=cfg.workers,
+                       device=cfg.device, seed=cfg.seed, workers=cfg.workers, channels_last=cfg.channels_last,
                        dtype=torch.float32 if cfg.amp == "off" else None)
     train_loader = make_loader(shards, "train", oversample=cfg.oversample,
                                drop_last=data["counts"]["train"] > cfg.batch_size, **loader_args)
@@ -290,94 +277,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
     return restore_best_and_report(run, cfg, model, ema, stopper, console, epochs_run=epoch)
 
 
-# ----------------------------------------------------------------------------------------------------
-# command line: options -> TrainConfig -> train()
+if __name__ == "__main__":  # `python -m cornpipe.train ...` is `cornpipe train ...` (options live in the CLI)
+    import sys
 
-FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    from cornpipe.cli.runs import train_command
 
-
-def _opt(*decls: str, help: str, **kwargs: Any) -> Any:
-    """A click option whose default lives in TrainConfig (None here, so TOML/resume values survive)."""
-    flag = decls[0].split("/")[0]
-    default = FIELD_DEFAULTS[flag.lstrip("-").replace("-", "_")]
-    if isinstance(default, bool):
-        help += f"  [default: {flag if default else '--no-' + flag[2:]}]"
-    elif isinstance(default, tuple):
-        help += f"  [default: {','.join(f'{v:g}' for v in default)}]"
-    elif default is not None:
-        help += f"  [default: {default}]"
-    return click.option(*decls, default=None, help=help, **kwargs)
-
-
-@click.command("train")
-@click.argument("shards", required=False, type=click.Path(exists=True, file_okay=False))
-@click.option("--out", "out", type=click.Path(file_okay=False), help="Run directory to create.")
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
-              help="run.toml with any of the options below (flags given here override it).")
-@click.option("--resume", type=click.Path(exists=True, file_okay=False),
-              help="Continue RUN from RUN/last.pt (flags such as --epochs/--patience may change).")
-@click.option("--force", is_flag=True, help="Overwrite the run files in an existing --out.")
-@_opt("--epochs", type=int, help="Maximum epochs.")
-@_opt("--batch-size", type=int, help="Images per step.")
-@_opt("--image-size", type=int, help="Side of the square model input, pixels.")
-@_opt("--model", type=str, help="Model name (resnet_plus18/34/50, resnet_plus_tiny).")
-@_opt("--grade-head", type=click.Choice(GRADE_HEADS), help="Grade head.")
-@_opt("--drop-path", type=float, help="Stochastic depth rate.")
-@_opt("--loader", type=click.Choice(BACKENDS), help="Loader backend.")
-@_opt("--oversample", type=click.Choice(OVERSAMPLE_STRATEGIES), help="Oversampling of train rows.")
-@_opt("--workers", type=int, help="Loader worker processes [default: backend's].")
-@_opt("--device", type=str, help="auto, cpu, cuda or cuda:N.")
-@_opt("--amp", type=click.Choice(AMP_MODES), help="Mixed precision (auto: fp16 on CUDA, off on CPU).")
-@_opt("--compile/--no-compile", help="torch.compile the model [default: on for CUDA].")
-@_opt("--channels-last/--no-channels-last", help="NHWC memory format [default: on for CUDA].")
-@_opt("--optimizer", type=click.Choice(OPTIMIZERS), help="AdamW or SGD with Nesterov momentum.")
-@_opt("--lr", type=float, help="Peak learning rate [default: 1e-3 adamw, 0.05 sgd].")
-@_opt("--weight-decay", type=float, help="Weight decay, not on norms/biases [default: 0.05 adamw, 5e-4 sgd].")
-@_opt("--warmup-epochs", type=int, help="Linear warm-up epochs.")
-@_opt("--schedule", type=click.Choice(SCHEDULES), help="LR schedule after warm-up.")
-@_opt("--grad-clip", type=float, help="Max gradient norm; 0 = off.")
-@_opt("--ema/--no-ema", help="Keep and evaluate an EMA of the weights.")
-@_opt("--label-smoothing", type=float, help="Position label smoothing.")
-@_opt("--loss-weights", type=str, help="POSITION,GRADE loss weights.")
-@_opt("--monitor", type=click.Choice(MONITORS), help="Validation metric for best.pt/early stopping.")
-@_opt("--patience", type=int, help="Early-stopping patience, epochs; 0 = never.")
-@_opt("--min-delta", type=float, help="Smallest monitor gain that counts.")
-@_opt("--tolerance", type=float, help="Grade tolerance for grade_within_tol, grade units.")
-@_opt("--bootstrap", type=int, help="Bootstrap resamples for val confidence intervals.")
-@_opt("--max-batches", type=int, help="Cap on batches per epoch (quick runs); 0 = all.")
-@_opt("--seed", type=int, help="Random seed.")
-@click.pass_context
-def train_command(ctx: click.Context, shards: str | None, out: str | None, config_file: str | None,
-                  resume: str | None, force: bool, **flags: Any) -> None:
-    """Train on SHARDS (a `cornpipe convert` output) into --out RUN."""
-    given = {k: v for k, v in flags.items()
-             if ctx.get_parameter_source(k) != ParameterSource.DEFAULT and v is not None}
-    try:
-        if "loss_weights" in given:
-            given["loss_weights"] = parse_loss_weights(given["loss_weights"])
-        if shards:
-            given["shards"] = shards
-        if resume:
-            if config_file:
-                raise ConfigError("use either --config or --resume, not both")
-            if out and Path(out) != Path(resume):
-                raise ConfigError("--out and --resume name different runs; --resume RUN continues RUN")
-            saved = load_checkpoint(Path(resume) / LAST)["config"]
-            cfg = merge_for_resume(saved, {**given, "out": resume}, resume)
-        else:
-            values = load_toml(config_file) if config_file else {}
-            values.update(given)
-            if out:
-                values["out"] = out
-            if not values.get("shards"):
-                raise ConfigError("missing SHARDS (the shard set to train on), or --resume RUN")
-            if not values.get("out"):
-                raise ConfigError("missing --out RUN (the run directory to create)")
-            cfg = TrainConfig.from_dict(values, source=config_file or "options")
-        train(cfg, resume=bool(resume), force=force)
-    except CornpipeError as exc:
-        raise click.ClickException(str(exc)) from exc
-
-
-if __name__ == "__main__":
-    train_command()
+    train_command.main(sys.argv[1:], prog_name="python -m cornpipe.train")

@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench.machine import usable_cores
-from loaders.base import LoaderError
+from cornpipe.bench.machine import usable_cores
+from cornpipe.errors import LoaderError
 
 DECODERS: tuple[str, ...] = ("pil", "cv2")
 
@@ -76,7 +76,7 @@ def _worker(root: str, split: str, rows: list[int], decoder: str, seconds: float
 
 def _decode_loop(root: str, split: str, rows: list[int], decoder: str, seconds: float,
                  barrier: Any, results: Any) -> None:
-    from loaders.shards import ShardSet
+    from cornpipe.shards.shard_set import ShardSet
 
     shards = ShardSet(root)
     blobs = [shards.read_image_bytes(split, row) for row in rows]
@@ -104,7 +104,7 @@ def decode_ceiling(root: str, split: str = "train", *, workers: int | None = Non
     Each worker holds up to max_images/workers of the split's images in memory and decodes them in
     a loop for `seconds`; all workers start together after a barrier.
     """
-    from loaders.shards import ShardSet
+    from cornpipe.shards.shard_set import ShardSet
 
     shards = ShardSet(root)
     n = shards.count(split)
@@ -160,6 +160,6 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":  # a child of bench.isolate.run_isolated
-    from bench.isolate import child_main
+    from cornpipe.bench.isolate import child_main
 
     child_main(_measure)

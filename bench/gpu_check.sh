@@ -49,7 +49,10 @@ mkdir -p "$OUT/logs"
 OUT=$(cd "$OUT" && pwd)
 STEPS="$OUT/steps.tsv"
 : > "$STEPS"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The repository root is the `cornpipe` package; without an install, a link named cornpipe makes it importable.
+SHIM=$(mktemp -d "${TMPDIR:-/tmp}/cornpipe-path.XXXXXX")
+ln -s "$PWD" "$SHIM/cornpipe"
+export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 BUDGET_S=${GPU_CHECK_BUDGET_S:-450}  # all steps together; the summary comes after
 T_START=$(date +%s)
@@ -120,7 +123,7 @@ skip_line() {  # the CUDA version of a step is not run here; say so, clearly
     return 0
 }
 
-"$PY" -m bench.machine "$OUT/machine.json" > /dev/null
+"$PY" -m cornpipe.bench.machine "$OUT/machine.json" > /dev/null
 
 # 1. the GPU tests (FFCV/DALI tests skip themselves when the library is missing)
 if "$PY" -c "import pytest" 2>/dev/null; then
@@ -136,34 +139,34 @@ fi
 
 # 2. a small synthetic shard set, tar shards only (no FFCV here)
 DATA="$OUT/data"
-NOTE="$DATA/shards" step data 120 bash -c '"$0" -m cli synth "$1/raw" --per-source "$2" --image-size "$3" --seed 0 \
-    --force && "$0" -m cli convert "$1/raw" "$1/shards" --formats wds --max-resolution "$4" --force' \
+NOTE="$DATA/shards" step data 120 bash -c '"$0" -m cornpipe synth "$1/raw" --per-source "$2" --image-size "$3" --seed 0 \
+    --force && "$0" -m cornpipe convert "$1/raw" "$1/shards" --formats wds --max-resolution "$4" --force' \
     "$PY" "$DATA" $PER_SOURCE $SYNTH_PX $MAX_RES
 HAVE_DATA=$?
 
 # 3. training-step throughput of every variant, synthetic tensors on the device
 skip_line "bench train (eager-fp32, channels_last, amp, compile, all; resnet_plus50, 224 px)"
-NOTE="$OUT/bench_train.json" step bench-train 300 "$PY" -m cli bench train --device "$DEVICE" --model $MODEL \
+NOTE="$OUT/bench_train.json" step bench-train 300 "$PY" -m cornpipe bench train --device "$DEVICE" --model $MODEL \
     --image-size $PX --batch-size $BATCH --variants "$VARIANTS" --warmup-steps $WARMUP --seconds $SECONDS_ \
     --repeats $REPEATS --json "$OUT/bench_train.json" --log-dir "$OUT/logs/bench-train"
 
 if [ "$HAVE_DATA" = 0 ]; then
     # 4. the combined variant fed by the resident loader: the data-wait share
     skip_line "bench train (all; resident loader)"
-    NOTE="$OUT/bench_train_loader.json" step bench-train-loader 120 "$PY" -m cli bench train --device "$DEVICE" \
+    NOTE="$OUT/bench_train_loader.json" step bench-train-loader 120 "$PY" -m cornpipe bench train --device "$DEVICE" \
         --model $MODEL --image-size $PX --batch-size $BATCH --variants $LOADER_VARIANT --data loader --shards "$DATA/shards" \
         --loader resident --warmup-steps $WARMUP --seconds $SECONDS_ --repeats $REPEATS \
         --json "$OUT/bench_train_loader.json" --log-dir "$OUT/logs/bench-train-loader"
 
     # 5. loaders on the device: resident and the torch baseline, with the CPU decode ceiling
     skip_line "bench loaders (resident, torch)"
-    NOTE="$OUT/bench_loaders.json" step bench-loaders 120 "$PY" -m cli bench loaders "$DATA/shards" \
+    NOTE="$OUT/bench_loaders.json" step bench-loaders 120 "$PY" -m cornpipe bench loaders "$DATA/shards" \
         --backends resident,torch --device "$DEVICE" --image-size $PX --batch-size $BATCH --seconds $SECONDS_ \
         --repeats $REPEATS --json "$OUT/bench_loaders.json" --log-dir "$OUT/logs/bench-loaders"
 
     # 6. a short real training run: compile + channels_last + FP16 on the resident loader
     skip_line "train (resnet_plus18, compile + channels_last + fp16)"
-    NOTE="$OUT/run" step train-run 200 "$PY" -m cli train "$DATA/shards" --out "$OUT/run" --force \
+    NOTE="$OUT/run" step train-run 200 "$PY" -m cornpipe train "$DATA/shards" --out "$OUT/run" --force \
         --model $RUN_MODEL --loader resident --device "$DEVICE" "${RUN_FLAGS[@]}" --epochs $RUN_EPOCHS \
         --batch-size $RUN_BATCH --image-size $PX --bootstrap 200
 else
@@ -174,5 +177,5 @@ else
 fi
 
 # 7. the summary, printed last
-"$PY" -m bench.summary "$OUT" --device "$DEVICE" ${NO_GPU:+--no-gpu "$NO_GPU"} --elapsed $(( $(date +%s) - T_START ))
+"$PY" -m cornpipe.bench.summary "$OUT" --device "$DEVICE" ${NO_GPU:+--no-gpu "$NO_GPU"} --elapsed $(( $(date +%s) - T_START ))
 [ "$FAILED" = 0 ]

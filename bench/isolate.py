@@ -25,15 +25,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from loaders.base import CornpipeError
+from cornpipe.errors import BenchError, CornpipeError
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_INTERVAL_S = 0.25
 EXIT_GRACE_S = 15.0  # a child that wrote its result but has not exited after this is ended
 
-
-class BenchError(CornpipeError):
-    """A benchmark run that failed; the message is one line for the user."""
 
 
 def _read_kb(path: str, key: str) -> int | None:
@@ -100,8 +96,7 @@ def run_isolated(module: str, spec: dict[str, Any], *, timeout_s: float, label: 
         spec_path.write_text(json.dumps(spec))
         log_path = (log_dir / f"{label}.log") if log_dir else Path(tmp) / "child.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO_ROOT), env.get("PYTHONPATH")) if p)
+        env = dict(os.environ)  # the child imports cornpipe as this process did (install or PYTHONPATH)
         with open(log_path, "wb") as log:
             # a new session, so a timeout can end the child together with its workers
             proc = subprocess.Popen([sys.executable, "-m", module, str(spec_path), str(result_path)],

@@ -22,9 +22,10 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-from bench.isolate import BenchError, run_isolated
-from bench.machine import usable_cores
-from loaders.base import BACKENDS, LoaderError, MissingDependency
+from cornpipe.bench.isolate import run_isolated
+from cornpipe.bench.machine import usable_cores
+from cornpipe.errors import BenchError, LoaderError, MissingDependency
+from cornpipe.loaders.base import BACKENDS, DEFAULT_IMAGE_SIZE
 
 WARMUP_MAX_BATCHES = 50
 FOLDER = "folder"  # the `mode` of the torch baseline over the original image folder
@@ -36,7 +37,7 @@ _MODULE = {"ffcv": "ffcv", "dali": "nvidia.dali"}
 class LoaderBenchConfig:
     split: str = "train"
     batch_size: int = 64  # images per batch
-    image_size: int = 224  # output side, px
+    image_size: int = DEFAULT_IMAGE_SIZE  # output side, px
     device: str = "auto"  # auto = cuda when available
     workers: int | None = None  # loader workers/threads; None = every usable core
     oversample: str = "none"
@@ -89,7 +90,7 @@ def resolve_device(device: str) -> str:
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    from loaders.common import resolve_device as check
+    from cornpipe.loaders.common import resolve_device as check
 
     return str(check(device))
 
@@ -116,7 +117,7 @@ def choose_backends(requested: str | None) -> tuple[list[str], list[str]]:
 
 
 def write_mode(root: Path) -> str:
-    from loaders.shards import ShardSet
+    from cornpipe.shards.shard_set import ShardSet
 
     return str(ShardSet(root).manifest.get("params", {}).get("write_mode", "jpg"))
 
@@ -144,7 +145,7 @@ def plan_targets(shard_dirs: list[Path], backends: list[str], source: Path | Non
 
 
 def _build_loader(target: Target, cfg: LoaderBenchConfig, device: str) -> Any:
-    from loaders import FOLDER_BACKEND, make_loader
+    from cornpipe.loaders import FOLDER_BACKEND, make_loader
 
     # the folder baseline reads the original images; split "train" is the same images as the
     # shard set's train split (convert's split, same seed and fraction) when every image converted
@@ -230,7 +231,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def dataset_class_fractions(root: str, split: str) -> list[float]:
-    from loaders.shards import ShardSet
+    from cornpipe.shards.shard_set import ShardSet
 
     position = ShardSet(root).labels(split)[0]
     counts = [int((position == c).sum()) for c in range(int(position.max()) + 1)] if len(position) else []
@@ -256,7 +257,7 @@ def run_loader_bench(shard_dirs: list[Path], cfg: LoaderBenchConfig, *, backends
                 continue
             spec = {"target": asdict(row.target), "config": asdict(cfg)}
             try:
-                out = run_isolated("bench.loader_bench", spec, timeout_s=cfg.timeout_s,
+                out = run_isolated("cornpipe.bench.loader_bench", spec, timeout_s=cfg.timeout_s,
                                    label=f"{row.target.label}-r{repeat}", log_dir=log_dir)
             except BenchError as exc:
                 row.error = str(exc)
@@ -270,7 +271,7 @@ def run_loader_bench(shard_dirs: list[Path], cfg: LoaderBenchConfig, *, backends
             spec = {"root": jpg_root, "split": cfg.split, "workers": cfg.workers,
                     "seconds": ceiling_seconds, "decoder": cfg.ceiling_decoder}
             try:
-                out = run_isolated("bench.ceiling", spec, timeout_s=cfg.timeout_s,
+                out = run_isolated("cornpipe.bench.ceiling", spec, timeout_s=cfg.timeout_s,
                                    label=f"ceiling-r{repeat}", log_dir=log_dir)
                 ceiling_rates.append(out["images_per_s"])
                 ceiling_info = {**out, "peak_rss_mb": max(out["peak_rss_mb"], ceiling_info.get("peak_rss_mb", 0))}
@@ -321,6 +322,6 @@ def summarize(rows: list[Row], cfg: LoaderBenchConfig, ceiling_rates: list[float
 
 
 if __name__ == "__main__":  # a child of bench.isolate.run_isolated
-    from bench.isolate import child_main
+    from cornpipe.bench.isolate import child_main
 
     child_main(_measure)

@@ -19,7 +19,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from bench.machine import describe
+from cornpipe.bench.machine import describe
 
 
 def _load(path: Path) -> Any:

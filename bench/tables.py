@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.table import Table
 
-from bench.machine import describe
+from cornpipe.bench.machine import describe
 
 DASH = "—"
 

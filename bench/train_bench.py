@@ -5,7 +5,7 @@ BF16 autocast on CPU), `compile` (torch.compile), and `all` (the three together,
 train` does on CUDA). Each variant runs in a fresh process (`bench.isolate`): a compiled graph,
 cuDNN's autotuning and the CUDA caching allocator never leak from one row into the next.
 
-The step is the trainer's own (`models.training_utils.optimizer_step`, without the trainer's
+The step is the trainer's own (`runs.optim.optimizer_step`, without the trainer's
 progress bars and metric collection): autocast forward, float32 loss (`models.losses.MultiTaskLoss`), backward through the
 GradScaler, gradient clipping, the once-a-step finite-loss check (a device sync, as in training),
 an AdamW step from `make_optimizer`. Data is either synthetic tensors already on the device
@@ -26,8 +26,9 @@ from dataclasses import asdict, dataclass, replace
 from statistics import median
 from typing import Any
 
-from bench.isolate import BenchError, run_isolated
-from loaders.base import LoaderError
+from cornpipe.bench.isolate import run_isolated
+from cornpipe.errors import BenchError, LoaderError
+from cornpipe.loaders.base import DEFAULT_IMAGE_SIZE
 
 VARIANTS: dict[str, tuple[bool, bool, bool]] = {  # name -> (channels_last, amp, compile)
     "eager-fp32": (False, False, False),
@@ -45,7 +46,7 @@ DEFAULT_SCALE: tuple[float, ...] = (0.0, 3.0, 5.0, 7.0, 9.0)
 @dataclass(frozen=True)
 class TrainBenchConfig:
     model: str | None = None  # None = resnet_plus50 on CUDA, resnet_plus18 on CPU
-    image_size: int = 224  # px
+    image_size: int = DEFAULT_IMAGE_SIZE  # px
     batch_size: int | None = None  # None = 256 on CUDA, 16 on CPU
     device: str = "auto"
     warmup_steps: int = 5  # timed separately (compilation happens here)
@@ -63,7 +64,7 @@ class TrainBenchConfig:
 
 def resolve(cfg: TrainBenchConfig) -> TrainBenchConfig:
     """Fill in device, model and batch size for this machine."""
-    from bench.loader_bench import resolve_device
+    from cornpipe.bench.loader_bench import resolve_device
 
     device = resolve_device(cfg.device)
     cuda = device.startswith("cuda")
@@ -117,10 +118,10 @@ def measure_variant(variant: str, cfg: TrainBenchConfig) -> dict[str, Any]:
     """Steady-state images/s of one variant (runs in the calling process)."""
     import torch
 
-    from models import create_model
-    from models.config import TrainConfig
-    from models.losses import MultiTaskLoss
-    from models.training_utils import NonFiniteStep, make_optimizer, optimizer_step
+    from cornpipe.models import create_model
+    from cornpipe.models.losses import MultiTaskLoss
+    from cornpipe.runs.config import TrainConfig
+    from cornpipe.runs.optim import NonFiniteStep, make_optimizer, optimizer_step
 
     cfg = resolve(cfg)
     channels_last, amp, compile_ = VARIANTS[variant]
@@ -135,8 +136,8 @@ def measure_variant(variant: str, cfg: TrainBenchConfig) -> dict[str, Any]:
     if cfg.data == SYNTHETIC:
         positions, scale = DEFAULT_POSITIONS, list(DEFAULT_SCALE)
     else:
-        from loaders import make_loader
-        from loaders.shards import ShardSet
+        from cornpipe.loaders import make_loader
+        from cornpipe.shards.shard_set import ShardSet
 
         shards = ShardSet(cfg.shards)
         positions, scale = len(shards.positions), [float(g) for g in shards.grade_scale]
@@ -258,7 +259,7 @@ def run_train_bench(cfg: TrainBenchConfig, variants: list[str], *, datas: list[s
             run_cfg = replace(cfg, data=data)
             label = f"train-{variant}-{data}"
             try:
-                out = run_isolated("bench.train_bench", {"variant": variant, "config": asdict(run_cfg)},
+                out = run_isolated("cornpipe.bench.train_bench", {"variant": variant, "config": asdict(run_cfg)},
                                    timeout_s=cfg.timeout_s, label=label, log_dir=log_dir)
             except BenchError as exc:
                 echo(f"  {variant} ({data}): FAILED: {exc}")
@@ -293,6 +294,6 @@ def _with_ratios(cfg: TrainBenchConfig, variants: list[str], results: list[dict[
 
 
 if __name__ == "__main__":  # a child of bench.isolate.run_isolated
-    from bench.isolate import child_main
+    from cornpipe.bench.isolate import child_main
 
     child_main(_measure)

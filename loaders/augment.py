@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from loaders import fused
-from loaders.base import MEAN_255, STD_255, AugmentConfig
-from loaders.fused import GREY_WEIGHTS
+from cornpipe.loaders import fused
+from cornpipe.loaders.base import MEAN_255, STD_255, AugmentConfig
+from cornpipe.loaders.fused import GREY_WEIGHTS
 
 CROP_TRIES = 10  # torchvision's RandomResizedCrop
 CROP_KERNELS: tuple[str, ...] = ("auto", "interpolate", "roi_align")

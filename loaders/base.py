@@ -7,7 +7,16 @@ from typing import NamedTuple
 
 import torch
 
-BACKENDS: tuple[str, ...] = ("ffcv", "dali", "torch", "resident")
+# backend name -> the module that builds it (imported only when asked for; see cornpipe.loaders)
+BACKEND_MODULES: dict[str, str] = {
+    "ffcv": "cornpipe.loaders.ffcv_loader",
+    "dali": "cornpipe.loaders.dali_loader",
+    "torch": "cornpipe.loaders.torch_loader",
+    "resident": "cornpipe.loaders.resident_loader",
+}
+BACKENDS: tuple[str, ...] = tuple(BACKEND_MODULES)
+FOLDER_BACKEND = "torch-folder"  # the torch backend over the original images (the "before" baseline)
+DEFAULT_IMAGE_SIZE = 224  # px, side of the square images a loader yields and the model sees
 OVERSAMPLE_STRATEGIES: tuple[str, ...] = ("none", "balanced", "sqrt", "joint")
 
 # ImageNet statistics on the 0-255 scale; the trunk is trained from scratch but these keep
@@ -40,13 +49,4 @@ class Batch(NamedTuple):
     sample_id: torch.Tensor  # (B,) int64, the manifest's sample id
 
 
-class CornpipeError(Exception):
-    """An error the user caused or can fix; the CLI prints `Error: <message>` (one line), exit 1."""
 
-
-class LoaderError(CornpipeError):
-    """A shard set or request that cannot be loaded; the message is one line for the user."""
-
-
-class MissingDependency(LoaderError):
-    """A backend's library is not installed; the message names the pip package."""

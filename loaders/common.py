@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from loaders.base import AugmentConfig, Batch, LoaderError
-from loaders.sampling import check_strategy, epoch_indices, num_batches, rank_length
+from cornpipe.errors import LoaderError
+from cornpipe.loaders.augment import AugParams, sample_params, val_params
+from cornpipe.loaders.base import DEFAULT_IMAGE_SIZE, AugmentConfig, Batch
+from cornpipe.loaders.sampling import check_strategy, epoch_indices, num_batches, rank_length
 
 # Sub-streams of the per-(seed, epoch, ...) random generators, so that augmentation draws never
 # reuse the numbers of the epoch draw (which is seeded by [seed, epoch] alone).
@@ -28,33 +30,94 @@ AUGMENT_STREAM = 0xA06  # "aug"
 
 @dataclass(frozen=True)
 class LoaderSpec:
-    """A loader request with every default resolved; what each backend's `build` receives."""
+    """A loader request: the one object every backend's `build(shards, spec)` receives.
 
-    split: str
+    `make_loader(shards, split, backend, **fields)` takes these fields as keywords; `resolved()` fills in
+    every default for this machine and checks the values (a one-line LoaderError when wrong). A
+    resolved spec has a torch.device, a dtype, an int `workers`, a bool `shuffle` and `channels_last`,
+    and `augment` as an AugmentConfig (train) or None (the deterministic validation transform).
+    """
+
+    split: str = "train"
     batch_size: int = 64
-    image_size: int = 224  # px, output images are (image_size, image_size)
-    device: torch.device = torch.device("cpu")
-    oversample: str = "none"
+    image_size: int = DEFAULT_IMAGE_SIZE  # px, output images are (image_size, image_size)
+    device: str | torch.device = "cpu"
+    oversample: str = "none"  # none | balanced | sqrt | joint (cornpipe.loaders.sampling)
     seed: int = 0
-    workers: int = 0  # worker processes (torch/ffcv/dali) or decode threads (resident)
+    workers: int | None = None  # worker processes (torch/ffcv/dali) or decode threads (resident); None: cores, max 8
     rank: int = 0
     world_size: int = 1
-    augment: AugmentConfig | None = None  # None: the deterministic validation transform
-    val_crop_fraction: float = 0.875  # used when augment is None
+    # None: AugmentConfig() for "train" (and a folder's "all"), the validation transform otherwise;
+    # False: the validation transform everywhere; True or an AugmentConfig: those parameters
+    augment: AugmentConfig | bool | None = None
+    val_crop_fraction: float | None = None  # validation resize/centre crop; None: the AugmentConfig's
     drop_last: bool = False
-    dtype: torch.dtype = torch.float32
-    shuffle: bool = True
+    dtype: torch.dtype | None = None  # None: float16 on CUDA, float32 on CPU
+    shuffle: bool | None = None  # None: shuffle where augmentation is on by default
+    channels_last: bool | None = None  # NHWC batches; None: on CUDA only (the trainer passes its choice)
     num_samples: int | None = None  # global epoch length (all ranks); None = rows in the split
     even: bool = False  # truncate the global epoch to a multiple of world_size (DDP)
     options: Mapping[str, Any] = field(default_factory=dict)  # backend-specific extras
 
     @property
-    def channels_last(self) -> bool:
-        return self.device.type == "cuda"
-
-    @property
     def on_cuda(self) -> bool:
-        return self.device.type == "cuda"
+        return torch.device(self.device).type == "cuda"
+
+    def resolved(self) -> LoaderSpec:
+        """This request with every default filled in for this machine; LoaderError for a bad value."""
+        dev = resolve_device(self.device)
+        check_strategy(self.oversample)
+        if self.batch_size < 1:
+            raise LoaderError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.image_size < 8:
+            raise LoaderError(f"image_size must be >= 8 px, got {self.image_size}")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise LoaderError(f"rank {self.rank} is not in 0..world_size-1 (world_size={self.world_size})")
+        if self.workers is not None and self.workers < 0:
+            raise LoaderError(f"workers must be >= 0, got {self.workers}")
+        train = self.split in ("train", "all")  # "all": every image of an original folder (loaders.folder)
+        augment = self.augment
+        if augment is None:
+            config = AugmentConfig() if train else None
+        elif augment is False:
+            config = None
+        elif augment is True:
+            config = AugmentConfig()
+        elif isinstance(augment, AugmentConfig):
+            config = augment
+        else:
+            raise LoaderError(f"augment must be an AugmentConfig, True, False or None, got {augment!r}")
+        dtype = self.dtype
+        if dtype is None:
+            dtype = torch.float16 if dev.type == "cuda" else torch.float32
+        if not dtype.is_floating_point:
+            raise LoaderError(f"dtype must be a floating point type, got {dtype}")
+        crop = self.val_crop_fraction
+        if crop is None:
+            crop = (augment if isinstance(augment, AugmentConfig) else AugmentConfig()).val_crop_fraction
+        return LoaderSpec(
+            split=self.split, batch_size=int(self.batch_size), image_size=int(self.image_size), device=dev,
+            oversample=self.oversample, seed=int(self.seed),
+            workers=default_workers() if self.workers is None else int(self.workers),
+            rank=int(self.rank), world_size=int(self.world_size), augment=config, val_crop_fraction=float(crop),
+            drop_last=bool(self.drop_last), dtype=dtype,
+            shuffle=train if self.shuffle is None else bool(self.shuffle),
+            channels_last=dev.type == "cuda" if self.channels_last is None else bool(self.channels_last),
+            num_samples=None if self.num_samples is None else int(self.num_samples), even=bool(self.even),
+            options=dict(self.options or {}),
+        )
+
+
+SPEC_FIELDS: frozenset[str] = frozenset(f.name for f in fields(LoaderSpec))
+
+
+def make_spec(split: str | LoaderSpec, **overrides: Any) -> LoaderSpec:
+    """A resolved LoaderSpec from a split name (or a spec) and LoaderSpec field keywords."""
+    unknown = sorted(set(overrides) - SPEC_FIELDS)
+    if unknown:
+        raise LoaderError(f"unknown loader option(s) {', '.join(unknown)}; valid: {', '.join(sorted(SPEC_FIELDS))}")
+    spec = split if isinstance(split, LoaderSpec) else LoaderSpec(split=split)
+    return replace(spec, **overrides).resolved()
 
 
 def default_workers() -> int:
@@ -81,61 +144,28 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def make_spec(
-    split: str,
-    *,
-    batch_size: int = 64,
-    image_size: int = 224,
-    device: str | torch.device = "cpu",
-    oversample: str = "none",
-    seed: int = 0,
-    workers: int | None = None,
-    rank: int = 0,
-    world_size: int = 1,
-    augment: AugmentConfig | bool | None = None,
-    drop_last: bool = False,
-    dtype: torch.dtype | None = None,
-    shuffle: bool | None = None,
-    num_samples: int | None = None,
-    even: bool = False,
-    options: Mapping[str, Any] | None = None,
-) -> LoaderSpec:
-    """Resolve make_loader's defaults and check its values (one-line LoaderError when wrong)."""
-    dev = resolve_device(device)
-    check_strategy(oversample)
-    if batch_size < 1:
-        raise LoaderError(f"batch_size must be >= 1, got {batch_size}")
-    if image_size < 8:
-        raise LoaderError(f"image_size must be >= 8 px, got {image_size}")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise LoaderError(f"rank {rank} is not in 0..world_size-1 (world_size={world_size})")
-    if workers is not None and workers < 0:
-        raise LoaderError(f"workers must be >= 0, got {workers}")
-    train = split in ("train", "all")  # "all": every image of an original folder (loaders.folder)
-    if augment is None:
-        config = AugmentConfig() if train else None
-    elif augment is False:
-        config = None
-    elif augment is True:
-        config = AugmentConfig()
-    elif isinstance(augment, AugmentConfig):
-        config = augment
-    else:
-        raise LoaderError(f"augment must be an AugmentConfig, True, False or None, got {augment!r}")
-    if dtype is None:
-        dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    if not dtype.is_floating_point:
-        raise LoaderError(f"dtype must be a floating point type, got {dtype}")
-    crop = (config or AugmentConfig()).val_crop_fraction
-    return LoaderSpec(
-        split=split, batch_size=int(batch_size), image_size=int(image_size), device=dev,
-        oversample=oversample, seed=int(seed),
-        workers=default_workers() if workers is None else int(workers),
-        rank=int(rank), world_size=int(world_size), augment=config, val_crop_fraction=crop,
-        drop_last=bool(drop_last), dtype=dtype, shuffle=train if shuffle is None else bool(shuffle),
-        num_samples=None if num_samples is None else int(num_samples), even=bool(even),
-        options=dict(options or {}),
+def epoch_rows(spec: LoaderSpec, position: np.ndarray, grade: np.ndarray, epoch: int) -> np.ndarray:
+    """This rank's rows of `epoch` (int64), the oversampling draw of every backend."""
+    return epoch_indices(
+        len(position), position=position, grade=grade, strategy=spec.oversample, shuffle=spec.shuffle,
+        seed=spec.seed, epoch=epoch, rank=spec.rank, world_size=spec.world_size,
+        num_samples=spec.num_samples, even=spec.even,
     )
+
+
+def cut_to_batches(rows: np.ndarray, spec: LoaderSpec) -> np.ndarray:
+    """`rows` without the last, partial batch when `spec.drop_last` (the one drop_last rule)."""
+    return rows[:len(rows) - len(rows) % spec.batch_size] if spec.drop_last else rows
+
+
+def augment_params(spec: LoaderSpec, sizes: np.ndarray, epoch: int, slot: int) -> AugParams:
+    """The augmentation of images of `sizes` ((B, 2) stored height, width) drawn for `slot` (a batch
+    index, or a sample index for per-sample backends) of `epoch`: a pure function of (seed, epoch,
+    rank, slot), so no backend's draw depends on its workers or threads. Validation: the fixed transform."""
+    if spec.augment is None:
+        return val_params(sizes, spec.val_crop_fraction)
+    rng = np.random.default_rng([spec.seed, epoch, spec.rank, slot, AUGMENT_STREAM])
+    return sample_params(rng, sizes, spec.augment)
 
 
 class EpochLoader:
@@ -165,12 +195,7 @@ class EpochLoader:
 
     def indices(self, epoch: int | None = None) -> np.ndarray:
         """This rank's rows for `epoch` (default: the current one), int64[num_samples]."""
-        s = self.spec
-        return epoch_indices(
-            self.rows, position=self.position, grade=self.grade, strategy=s.oversample,
-            shuffle=s.shuffle, seed=s.seed, epoch=self.epoch if epoch is None else epoch,
-            rank=s.rank, world_size=s.world_size, num_samples=s.num_samples, even=s.even,
-        )
+        return epoch_rows(self.spec, self.position, self.grade, self.epoch if epoch is None else epoch)
 
     @property
     def num_samples(self) -> int:
@@ -184,10 +209,9 @@ class EpochLoader:
 
     def batch_rows(self, epoch: int | None = None) -> Iterator[np.ndarray]:
         """This rank's rows for `epoch`, cut into batches (honouring drop_last)."""
-        rows = self.indices(epoch)
+        rows = cut_to_batches(self.indices(epoch), self.spec)
         bs = self.spec.batch_size
-        stop = len(rows) - len(rows) % bs if self.spec.drop_last else len(rows)
-        for start in range(0, stop, bs):
+        for start in range(0, len(rows), bs):
             yield rows[start:start + bs]
 
     def labels_for(self, rows: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

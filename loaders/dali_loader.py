@@ -34,12 +34,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loaders import fields as F
-from loaders.base import Batch, LoaderError, MissingDependency
-from loaders.common import AUGMENT_STREAM, EpochLoader, LoaderSpec
-from loaders.dali_source import ERROR_MARK, EpochPlan, EpochSource, SourceSpec
-from loaders.finish import Finisher
-from loaders.shards import parse_dali_index
+from cornpipe.errors import LoaderError, MissingDependency
+from cornpipe.loaders.base import Batch
+from cornpipe.loaders.common import AUGMENT_STREAM, EpochLoader, LoaderSpec
+from cornpipe.loaders.dali_source import ERROR_MARK, EpochPlan, EpochSource, SourceSpec
+from cornpipe.loaders.finish import Finisher
+from cornpipe.shards import fields as F
+from cornpipe.shards.shard_set import parse_dali_index
 
 try:
     from nvidia.dali import backend as dali_backend
@@ -123,17 +124,14 @@ class DaliLoader(EpochLoader):
         self._tmp = Path(tempfile.mkdtemp(prefix="cornpipe-dali-"))
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._tmp), True)
         self.plan = EpochPlan(self._tmp / "plan.bin")
-        self.source_spec = SourceSpec(
-            tars=self.tars, shard=shard, offset=offset, size=size, hw=hw, position=self.position,
-            grade=self.grade, strategy=spec.oversample, shuffle=spec.shuffle, seed=spec.seed, rank=spec.rank,
-            world_size=spec.world_size, num_samples=spec.num_samples, even=spec.even,
-            batch_size=spec.batch_size, drop_last=spec.drop_last, augment=spec.augment,
-            val_crop_fraction=spec.val_crop_fraction, plan=str(self.plan.path))
+        self.source_spec = SourceSpec(loader=spec, tars=self.tars, shard=shard, offset=offset, size=size, hw=hw,
+                                      position=self.position, grade=self.grade, plan=str(self.plan.path))
         self._pipe: Pipeline | None = None
         self._wds_iter: DALIGenericIterator | None = None
         self._dali_epoch = 0  # DALI's own epoch counter (one per pipeline reset)
         self._open: dict | None = None  # the epoch being iterated: dali_epoch, epoch, batches left
-        self._finish = Finisher(spec.device, spec.dtype, jitter=spec.augment is not None)
+        self._finish = Finisher(spec.device, spec.dtype, jitter=spec.augment is not None,
+                                channels_last=spec.channels_last)
 
     # -- the DALI graph ------------------------------------------------------------------------
 

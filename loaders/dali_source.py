@@ -12,7 +12,7 @@ epoch plan, so any worker can compute any sample and prefetching ahead is harmle
 - Epoch end: DALI drops a batch in which any sample raises StopIteration, so the epoch is padded to
   whole batches with copies of its first row marked row = -1; the loader cuts them off.
 - Bytes: one `os.pread` per sample at the offset of the shard's DALI index (no tar parsing).
-- Augmentation: `loaders.augment.sample_params` seeded by (seed, epoch, rank, slot), the torch
+- Augmentation: `cornpipe.loaders.common.augment_params` for (seed, epoch, rank, slot), the torch
   backend's draw, emitted as a resize ROI (a flip is a reversed ROI edge), a rotation angle and the
   colour-jitter factors, so DALI only decodes, resizes and rotates.
 
@@ -28,10 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from loaders.augment import sample_params, val_params
-from loaders.base import AugmentConfig, LoaderError
-from loaders.common import AUGMENT_STREAM
-from loaders.sampling import epoch_indices
+from cornpipe.errors import LoaderError
+from cornpipe.loaders.common import LoaderSpec, augment_params, cut_to_batches, epoch_rows
 
 ERROR_MARK = "cornpipe-dali:"  # prefixes a LoaderError raised in a worker, so the loader can find it
 PLAN_SLOTS = 256  # DALI epochs remembered by the plan file (a ring)
@@ -62,54 +60,34 @@ class EpochPlan:
 
 @dataclass
 class SourceSpec:
-    """Everything a worker needs to produce any sample of any epoch (picklable)."""
+    """Everything a worker needs to produce any sample of any epoch (picklable): the loader's own
+    request, the split's labels and where each row's bytes are."""
 
+    loader: LoaderSpec  # the resolved request (oversampling, seed, rank, batch size, augmentation)
     tars: list[str]  # shard paths
     shard: np.ndarray  # (N,) int32: which tar holds row r
     offset: np.ndarray  # (N,) int64: byte offset of row r's JPEG in its tar
     size: np.ndarray  # (N,) int64: its length
     hw: np.ndarray  # (N, 2) int64: stored height, width of row r
-    position: np.ndarray
+    position: np.ndarray  # (N,) the split's labels: the oversampling draw depends on them
     grade: np.ndarray
-    strategy: str
-    shuffle: bool
-    seed: int
-    rank: int
-    world_size: int
-    num_samples: int | None
-    even: bool
-    batch_size: int
-    drop_last: bool
-    augment: AugmentConfig | None
-    val_crop_fraction: float
     plan: str  # EpochPlan path
 
     @property
     def rotates(self) -> bool:
         """Whether the samples carry a rotation angle (only when rot90 augmentation is on)."""
-        return self.augment is not None and self.augment.rot90
+        return self.loader.augment is not None and self.loader.augment.rot90
 
     def rows(self, user_epoch: int) -> np.ndarray:
         """This rank's rows of `user_epoch`, cut (drop_last) or padded with -1 to whole batches."""
-        rows = epoch_indices(len(self.position), position=self.position, grade=self.grade,
-                             strategy=self.strategy, shuffle=self.shuffle, seed=self.seed, epoch=user_epoch,
-                             rank=self.rank, world_size=self.world_size, num_samples=self.num_samples,
-                             even=self.even)
-        bs = self.batch_size
-        if self.drop_last:
-            return rows[:len(rows) - len(rows) % bs]
-        pad = -len(rows) % bs
+        rows = cut_to_batches(epoch_rows(self.loader, self.position, self.grade, user_epoch), self.loader)
+        pad = -len(rows) % self.loader.batch_size
         return np.concatenate([rows, np.full(pad, -1, dtype=np.int64)]) if pad else rows
 
 
 def geometry(spec: SourceSpec, row: int, user_epoch: int, slot: int) -> tuple[np.ndarray, ...]:
     """(roi_start (2,), roi_end (2,), angle (), jitter (3,)) of one sample; ROI in (y, x) pixels."""
-    sizes = spec.hw[row:row + 1]
-    if spec.augment is None:
-        p = val_params(sizes, spec.val_crop_fraction)
-    else:
-        rng = np.random.default_rng([spec.seed, user_epoch, spec.rank, slot, AUGMENT_STREAM])
-        p = sample_params(rng, sizes, spec.augment)
+    p = augment_params(spec.loader, spec.hw[row:row + 1], user_epoch, slot)
     top, left, h, w = p.boxes[0]
     y0, y1 = (top + h, top) if p.vflip[0] else (top, top + h)  # a reversed edge flips DALI's resize
     x0, x1 = (left + w, left) if p.hflip[0] else (left, left + w)

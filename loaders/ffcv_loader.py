@@ -41,11 +41,11 @@ from queue import Full
 import numpy as np
 import torch
 
-from loaders import fields as F
-from loaders.augment import sample_params, val_params
-from loaders.base import Batch, LoaderError, MissingDependency
-from loaders.common import AUGMENT_STREAM, EpochLoader, LoaderSpec
-from loaders.finish import Finisher
+from cornpipe.errors import LoaderError, MissingDependency
+from cornpipe.loaders.base import Batch
+from cornpipe.loaders.common import EpochLoader, LoaderSpec, augment_params, cut_to_batches
+from cornpipe.loaders.finish import Finisher
+from cornpipe.shards import fields as F
 
 _threads = torch.get_num_threads()  # importing FFCV sets torch's intra-op threads to 1; undone below
 try:
@@ -57,7 +57,7 @@ try:
     from ffcv.transforms import ToDevice, ToTensor
     from ffcv.traversal_order.base import TraversalOrder
 
-    from loaders import ffcv_ops as ops
+    from cornpipe.loaders import ffcv_ops as ops
 except ImportError as exc:  # pragma: no cover - exercised by the missing-library test
     raise MissingDependency(f"the ffcv backend needs FFCV ({exc.name} is missing): pip install ffcv") from exc
 finally:
@@ -211,19 +211,15 @@ class FfcvLoader(EpochLoader):
         finally:
             torch.set_num_threads(self._torch_threads)
         self._run: _EpochRun | None = None
-        self._finish = Finisher(spec.device, spec.dtype, jitter=spec.augment is not None)
+        self._finish = Finisher(spec.device, spec.dtype, jitter=spec.augment is not None,
+                                channels_last=spec.channels_last)
 
     def _params(self, epoch: int, batches: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Per batch: the decoder's int64 param rows and the (B, 3) colour jitter factors."""
         s = self.spec
         rows_out, jitter_out = [], []
         for b, rows in enumerate(batches):
-            sizes = self.sizes[rows]
-            if s.augment is None:
-                p = val_params(sizes, s.val_crop_fraction)
-            else:
-                rng = np.random.default_rng([s.seed, epoch, s.rank, b, AUGMENT_STREAM])
-                p = sample_params(rng, sizes, s.augment)
+            p = augment_params(s, self.sizes[rows], epoch, b)
             out = np.zeros((len(rows), ops.PARAM_COLUMNS), dtype=np.int64)
             out[:, :4] = np.rint(p.boxes)  # top, left, height, width
             out[:, ops.P_HFLIP], out[:, ops.P_VFLIP], out[:, ops.P_ROT90] = p.hflip, p.vflip, p.rot90
@@ -239,8 +235,7 @@ class FfcvLoader(EpochLoader):
         loader.next_epoch = epoch
         order = loader.next_traversal_order()
         loader.first_traversal_order = order
-        if self.spec.drop_last:
-            order = order[:len(order) - len(order) % bs]
+        order = cut_to_batches(order, self.spec)
         batches = [order[i:i + bs] for i in range(0, len(order), bs)]
         if not batches:
             return

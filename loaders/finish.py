@@ -17,8 +17,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from loaders.augment import color_jitter_batch, finish_batch
-from loaders.base import MEAN_255, STD_255
+from cornpipe.loaders.augment import color_jitter_batch, finish_batch
+from cornpipe.loaders.base import MEAN_255, STD_255
 
 
 @contextmanager
@@ -36,10 +36,11 @@ def one_cpu_thread(active: bool = True) -> Iterator[None]:
 
 
 class Finisher:
-    """uint8 (B, S, S, 3) on `device` -> normalised (B, 3, S, S) `dtype`, channels_last on CUDA."""
+    """uint8 (B, S, S, 3) on `device` -> normalised (B, 3, S, S) `dtype`, NHWC in memory when
+    `channels_last` (the resolved LoaderSpec's choice)."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, jitter: bool) -> None:
-        self.device, self.dtype, self.jitter = device, dtype, jitter
+    def __init__(self, device: torch.device, dtype: torch.dtype, jitter: bool, channels_last: bool) -> None:
+        self.device, self.dtype, self.jitter, self.channels_last = device, dtype, jitter, channels_last
         self.cuda = device.type == "cuda"
         self.mean = torch.tensor(MEAN_255, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(STD_255, dtype=torch.float32, device=device).view(1, 3, 1, 1)
@@ -48,9 +49,10 @@ class Finisher:
         factors = jitter if self.jitter else None
         if not self.cuda:  # one fused numba pass (the tensor ops where numba is missing)
             with one_cpu_thread():
-                return finish_batch(pixels, factors, dtype=self.dtype, hwc=True)
+                return finish_batch(pixels, factors, dtype=self.dtype, hwc=True, channels_last=self.channels_last)
         b, h, w, _ = pixels.shape
-        x = torch.empty((b, 3, h, w), dtype=torch.float32, device=self.device, memory_format=torch.channels_last)
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        x = torch.empty((b, 3, h, w), dtype=torch.float32, device=self.device, memory_format=layout)
         x.copy_(pixels.permute(0, 3, 1, 2))  # one pass: layout + dtype, off the library's buffer
         if factors is not None:
             color_jitter_batch(x, factors)

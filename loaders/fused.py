@@ -23,7 +23,7 @@ import importlib.util
 import numpy as np
 import torch
 
-from loaders.base import MEAN_255, STD_255
+from cornpipe.loaders.base import MEAN_255, STD_255
 
 GREY_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)  # ITU-R 601 luma
 

@@ -31,10 +31,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from loaders.augment import CROP_KERNELS, augment_batch, sample_params, use_interpolate, val_params
-from loaders.base import Batch, LoaderError
-from loaders.common import AUGMENT_STREAM, EpochLoader, LoaderSpec
-from loaders.torch_loader import shard_of
+from cornpipe.errors import LoaderError
+from cornpipe.loaders.augment import CROP_KERNELS, augment_batch, use_interpolate
+from cornpipe.loaders.base import Batch
+from cornpipe.loaders.common import EpochLoader, LoaderSpec, augment_params, cut_to_batches
+from cornpipe.loaders.torch_loader import shard_of
 
 _DECODE_CHUNK = 64  # images decoded (and copied to the device) at a time
 
@@ -133,23 +134,17 @@ class ResidentLoader(EpochLoader):
     def __iter__(self) -> Iterator[Batch]:
         spec = self.spec
         epoch = self.epoch
-        rows_all = self.indices(epoch)
+        rows_all = cut_to_batches(self.indices(epoch), spec)
         rows_dev = torch.from_numpy(rows_all).to(spec.device)
         bs = spec.batch_size
-        stop = len(rows_all) - len(rows_all) % bs if spec.drop_last else len(rows_all)
-        for b, start in enumerate(range(0, stop, bs)):
+        for b, start in enumerate(range(0, len(rows_all), bs)):
             rows = rows_all[start:start + bs]
             index = rows_dev[start:start + bs]
-            sizes = self.sizes[rows]
-            if spec.augment is None:
-                params = val_params(sizes, spec.val_crop_fraction)
-            else:
-                rng = np.random.default_rng([spec.seed, epoch, spec.rank, b, AUGMENT_STREAM])
-                params = sample_params(rng, sizes, spec.augment)
+            params = augment_params(spec, self.sizes[rows], epoch, b)
             if use_interpolate(self.store, self.crop_kernel):
                 # CPU: each box is cropped from the store in place (no gather).
                 images = augment_batch(self.store, params, spec.image_size, dtype=spec.dtype,
-                                       index=rows, kernel="interpolate")
+                                       channels_last=spec.channels_last, index=rows, kernel="interpolate")
             else:
                 # Gather only the region the batch's boxes touch (+1 px for the bilinear taps).
                 top, left, h, w = params.boxes.T

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from loaders.base import OVERSAMPLE_STRATEGIES, LoaderError
+from cornpipe.errors import LoaderError
+from cornpipe.loaders.base import OVERSAMPLE_STRATEGIES
 
 
 def check_strategy(strategy: str) -> str:

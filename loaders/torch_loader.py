@@ -25,16 +25,15 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from loaders.augment import (
+from cornpipe.errors import LoaderError
+from cornpipe.loaders.augment import (
     apply_geometry_pil,
     finish_batch,
     pil_to_tensor,
-    sample_params,
-    val_params,
 )
-from loaders.base import AugmentConfig, Batch, LoaderError
-from loaders.common import AUGMENT_STREAM, EpochLoader, LoaderSpec
-from loaders.finish import one_cpu_thread
+from cornpipe.loaders.base import Batch
+from cornpipe.loaders.common import EpochLoader, LoaderSpec, augment_params
+from cornpipe.loaders.finish import one_cpu_thread
 
 
 class _Failure(str):
@@ -44,13 +43,8 @@ class _Failure(str):
 class ImageDataset(Dataset):
     """Decodes and augments one sample; subclasses say where its bytes come from."""
 
-    def __init__(self, image_size: int, augment: AugmentConfig | None, val_crop_fraction: float,
-                 seed: int, rank: int) -> None:
-        self.image_size = image_size
-        self.augment = augment
-        self.val_crop_fraction = val_crop_fraction
-        self.seed = seed
-        self.rank = rank
+    def __init__(self, spec: LoaderSpec) -> None:
+        self.spec = spec  # resolved: augmentation, image size, seed and rank of the draw
 
     def open(self, row: int) -> Image.Image:
         raise NotImplementedError
@@ -61,13 +55,8 @@ class ImageDataset(Dataset):
             image = self.open(row)
         except LoaderError as exc:
             return _Failure(str(exc)), None, row
-        sizes = np.array([[image.height, image.width]])
-        if self.augment is None:
-            params = val_params(sizes, self.val_crop_fraction)
-        else:
-            rng = np.random.default_rng([self.seed, epoch, self.rank, slot, AUGMENT_STREAM])
-            params = sample_params(rng, sizes, self.augment)
-        pixels = pil_to_tensor(apply_geometry_pil(image, params, self.image_size))  # (3, S, S) uint8
+        params = augment_params(self.spec, np.array([[image.height, image.width]]), epoch, slot)
+        pixels = pil_to_tensor(apply_geometry_pil(image, params, self.spec.image_size))  # (3, S, S) uint8
         return pixels, torch.from_numpy(params.jitter[0]), row
 
 
@@ -80,8 +69,8 @@ def _decode(data: bytes) -> Image.Image:
 class ShardImages(ImageDataset):
     """Samples of one split of a shard set, by row."""
 
-    def __init__(self, root: Path, split: str, **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, root: Path, split: str, spec: LoaderSpec) -> None:
+        super().__init__(spec)
         self.root = Path(root)
         self.split = split
         self._shards = None  # opened lazily, once per process
@@ -92,7 +81,7 @@ class ShardImages(ImageDataset):
         return state
 
     def open(self, row: int) -> Image.Image:
-        from loaders.shards import ShardSet
+        from cornpipe.shards.shard_set import ShardSet
 
         if self._shards is None:
             self._shards = ShardSet(self.root)
@@ -178,6 +167,5 @@ def build(shards, spec: LoaderSpec) -> TorchLoader:
             if not Path(path).is_file():
                 raise LoaderError(f"missing shard file {path}")
     position, grade, sample_id = shards.labels(spec.split)
-    dataset = ShardImages(shards.root, spec.split, image_size=spec.image_size, augment=spec.augment,
-                          val_crop_fraction=spec.val_crop_fraction, seed=spec.seed, rank=spec.rank)
+    dataset = ShardImages(shards.root, spec.split, spec)
     return TorchLoader(dataset, spec, position, grade, sample_id)

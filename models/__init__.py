@@ -11,9 +11,9 @@ from functools import partial
 
 from torch import nn
 
-from models.heads import GRADE_HEADS
-from models.metrics import ModelConfigError
-from models.resnet_plus import BasicBlock, Bottleneck, ResNetPlus
+from cornpipe.errors import ModelConfigError
+from cornpipe.models.heads import GRADE_HEADS
+from cornpipe.models.resnet_plus import BasicBlock, Bottleneck, ResNetPlus
 
 # name -> constructor(num_positions=, grade_scale=, grade_head=, drop_path=, anti_alias=)
 MODELS: dict[str, Callable[..., ResNetPlus]] = {

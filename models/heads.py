@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.metrics import ModelConfigError, validate_grade_scale
+from cornpipe.errors import ModelConfigError
+from cornpipe.models.metrics import validate_grade_scale
 
 GRADE_HEADS: tuple[str, ...] = ("regression", "corn")
 

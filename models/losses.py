@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.heads import GRADE_HEADS, corn_loss
-from models.metrics import ModelConfigError, validate_grade_scale
+from cornpipe.errors import ModelConfigError
+from cornpipe.models.heads import GRADE_HEADS, corn_loss
+from cornpipe.models.metrics import validate_grade_scale
 
 GRADE_LOSSES: tuple[str, ...] = ("smooth_l1", "mse")
 SMOOTH_L1_BETA = 0.1  # in units of the scale's maximum

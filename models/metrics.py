@@ -27,7 +27,7 @@ from sklearn.metrics import (
     recall_score,
 )
 
-from loaders.base import CornpipeError
+from cornpipe.errors import ModelConfigError
 
 # Metrics that get a bootstrap interval; all are scalar and "per sample" resamplable.
 CI_METRICS: tuple[str, ...] = (
@@ -39,9 +39,6 @@ CI_METRICS: tuple[str, ...] = (
     "grade_qwk",
 )
 
-
-class ModelConfigError(CornpipeError, ValueError):
-    """A model, loss or metric parameter a user chose (name, grade scale, weights) is not valid."""
 
 
 def validate_grade_scale(grade_scale: Sequence[float]) -> np.ndarray:

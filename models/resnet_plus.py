@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.heads import PositionHead, make_grade_head
-from models.metrics import ModelConfigError
+from cornpipe.errors import ModelConfigError
+from cornpipe.models.heads import PositionHead, make_grade_head
 
 
 def _make_divisible(v: float, divisor: int = 8) -> int:

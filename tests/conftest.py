@@ -34,7 +34,7 @@ def needs_library(backend: str) -> None:
 @pytest.fixture(scope="session")
 def synth_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic survey in the team's folder layout (9 sources, labels.csv each)."""
-    from loaders.synth import make_synthetic
+    from cornpipe.shards.synth import make_synthetic
 
     out = tmp_path_factory.mktemp("synth") / "raw"
     make_synthetic(out, per_source=SYNTH_PER_SOURCE, image_size=SYNTH_IMAGE_SIZE, seed=0, workers=1)
@@ -44,7 +44,7 @@ def synth_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_shards(synth_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`synth_raw` converted (jpg mode, longest side 96 px, default 0.2 validation share). Read-only."""
-    from loaders.convert import convert_dataset
+    from cornpipe.shards.convert import convert_dataset
 
     out = tmp_path_factory.mktemp("shards") / "shards"
     convert_dataset(synth_raw, out, max_resolution=SHARDS_MAX_RESOLUTION, write_mode="jpg", workers=2, seed=0,

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from loaders import fused
-from loaders.augment import (
+from cornpipe.loaders import fused
+from cornpipe.loaders.augment import (
     apply_geometry_pil,
     augment_batch,
     center_boxes,
@@ -23,7 +23,7 @@ from loaders.augment import (
     val_preprocess,
     value_range,
 )
-from loaders.base import MEAN_255, STD_255, AugmentConfig
+from cornpipe.loaders.base import MEAN_255, STD_255, AugmentConfig
 
 
 def gradient_image(h: int = 60, w: int = 80) -> np.ndarray:

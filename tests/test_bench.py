@@ -16,10 +16,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from bench.ceiling import decode_ceiling
-from bench.isolate import BenchError, run_isolated
-from bench.machine import machine_facts
-from cli import cli
+from cornpipe.bench.ceiling import decode_ceiling
+from cornpipe.bench.isolate import run_isolated
+from cornpipe.bench.machine import machine_facts
+from cornpipe.cli import cli
+from cornpipe.errors import BenchError
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -103,8 +104,8 @@ def test_decode_ceiling_decodes_the_shard_jpegs_on_every_worker(tiny_shards):
 
 CHILD = """
 import multiprocessing as mp, time
-from bench.isolate import child_main
-from loaders.base import LoaderError
+from cornpipe.bench.isolate import child_main
+from cornpipe.errors import LoaderError
 
 def hold(mb):
     block = bytearray(mb * 1024 * 1024)  # touched: resident

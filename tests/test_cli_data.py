@@ -14,9 +14,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cli import cli
-from loaders import fields as F
-from loaders.shards import BetonFile, ShardSet, parse_dali_index
+from cornpipe.cli import cli
+from cornpipe.shards import fields as F
+from cornpipe.shards.shard_set import BetonFile, ShardSet, parse_dali_index
 
 RUNNER = CliRunner()
 
@@ -320,7 +320,7 @@ def test_verify_intact_and_damaged(tiny_shards: Path, tmp_path: Path) -> None:
 
 def test_verify_decodes_images_not_just_hashes(tiny_shards: Path, tmp_path: Path) -> None:
     """Damage recorded in the manifest (e.g. a bad disk at write time) is still caught by decoding."""
-    from loaders.manifest import sha256_file
+    from cornpipe.shards.manifest import sha256_file
 
     copy = tmp_path / "copy"
     shutil.copytree(tiny_shards, copy)

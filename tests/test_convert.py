@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from loaders import fields as F
-from loaders.base import LoaderError
-from loaders.convert import convert_dataset
-from loaders.imageio import decode_jpeg_rgb
-from loaders.shards import BetonFile, ShardSet, parse_dali_index
-from loaders.split import assign_split
+from cornpipe.errors import LoaderError
+from cornpipe.shards import fields as F
+from cornpipe.shards.convert import convert_dataset
+from cornpipe.shards.imageio import decode_jpeg_rgb
+from cornpipe.shards.shard_set import BetonFile, ShardSet, parse_dali_index
+from cornpipe.shards.split import assign_split
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,7 +100,7 @@ def test_round_trip_raw_with_resize(synth_raw: Path, tmp_path: Path) -> None:
 
 
 def test_round_trip_jpg_with_resize(tmp_path: Path) -> None:
-    from loaders.synth import make_synthetic
+    from cornpipe.shards.synth import make_synthetic
 
     src = tmp_path / "raw"
     make_synthetic(src, per_source=1, image_size=256, seed=1, workers=1)
@@ -230,7 +230,7 @@ def _temp_dirs(out: Path) -> list[Path]:
 
 def test_killed_convert_leaves_no_out_and_rerun_completes(synth_raw: Path, tmp_path: Path) -> None:
     out = tmp_path / "shards"
-    code = ("import sys; from loaders.convert import convert_dataset; "
+    code = ("import sys; from cornpipe.shards.convert import convert_dataset; "
             "convert_dataset(sys.argv[1], sys.argv[2], workers=1, max_resolution=64)")
     cmd = [sys.executable, "-c", code, str(synth_raw), str(out)]
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True,
@@ -257,7 +257,7 @@ def test_killed_convert_leaves_no_out_and_rerun_completes(synth_raw: Path, tmp_p
 
 
 def test_ctrl_c_removes_the_temp_folder(synth_raw: Path, tmp_path: Path, monkeypatch) -> None:
-    import loaders.convert as convert_module
+    import cornpipe.shards.convert as convert_module
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -283,7 +283,7 @@ def test_smart_mode_stores_large_images_as_jpeg(synth_raw: Path, tmp_path: Path)
 def test_a_live_runs_temp_folder_is_not_touched(synth_raw: Path, tmp_path: Path) -> None:
     import fcntl
 
-    from loaders.convert import ConvertError
+    from cornpipe.errors import ConvertError
 
     out = tmp_path / "shards"
     live = tmp_path / ".shards.tmp-999999"

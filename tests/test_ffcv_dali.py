@@ -25,10 +25,11 @@ import pytest
 import torch
 from PIL import Image
 
-from loaders import make_loader
-from loaders.base import MEAN_255, STD_255, AugmentConfig, LoaderError
-from loaders.sampling import epoch_indices
-from loaders.shards import ShardSet
+from cornpipe.errors import LoaderError
+from cornpipe.loaders import make_loader
+from cornpipe.loaders.base import MEAN_255, STD_255, AugmentConfig
+from cornpipe.loaders.sampling import epoch_indices
+from cornpipe.shards.shard_set import ShardSet
 
 pytest.importorskip("ffcv")
 pytest.importorskip("nvidia.dali")
@@ -57,7 +58,7 @@ def ramp_image(i: int, h: int, w: int) -> np.ndarray:
 
 def ramp_set(src: Path, n: int, sizes: tuple[tuple[int, int], ...]) -> Path:
     """Convert (jpg) n ramp pictures of the given (h, w) sizes with labels from `labels_of`."""
-    from loaders.convert import convert_dataset
+    from cornpipe.shards.convert import convert_dataset
 
     src.mkdir()
     rows = [("path", "position", "grade")]
@@ -191,7 +192,7 @@ def test_validation_images_match_the_torch_backend(backend, ramps):
 def test_ffcv_decodes_large_crops_at_a_reduced_scale_with_the_same_pixels(tmp_path):
     """Crops >= 2x the output are decoded at 1/2, 1/4 or 1/8 scale (libjpeg-turbo's IDCT); the
     pixels must still be the crop's, at the right place, as on the torch backend."""
-    from loaders.ffcv_ops import _dct_eighths
+    from cornpipe.loaders.ffcv_ops import _dct_eighths
 
     assert [_dct_eighths(side, side, S) for side in (16, 31, 32, 63, 64, 128, 500)] == [8, 8, 4, 4, 2, 1, 1]
     assert _dct_eighths(200, 40, S) == 4  # the shorter side decides

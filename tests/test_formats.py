@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cli import cli
-from loaders import fields as F
-from loaders.base import LoaderError
-from loaders.convert import ConvertError, convert_dataset
-from loaders.inspect import verify_shards
-from loaders.shards import ShardSet
+from cornpipe.cli import cli
+from cornpipe.errors import ConvertError, LoaderError
+from cornpipe.shards import fields as F
+from cornpipe.shards.convert import convert_dataset
+from cornpipe.shards.inspect import verify_shards
+from cornpipe.shards.shard_set import ShardSet
 
 RUNNER = CliRunner()
 NO_FFCV = ("Error: writing .beton files needs FFCV: pip install ffcv, or convert with --formats wds "

@@ -19,11 +19,12 @@ import torch
 from conftest import FORMATS, needs_library
 from PIL import Image
 
-from loaders import BACKEND_MODULES, make_loader
-from loaders.augment import value_range
-from loaders.base import MEAN_255, STD_255, AugmentConfig, LoaderError, MissingDependency
-from loaders.sampling import epoch_indices
-from loaders.shards import ShardSet, parse_dali_index
+from cornpipe.errors import LoaderError, MissingDependency
+from cornpipe.loaders import BACKEND_MODULES, make_loader
+from cornpipe.loaders.augment import value_range
+from cornpipe.loaders.base import MEAN_255, STD_255, AugmentConfig
+from cornpipe.loaders.sampling import epoch_indices
+from cornpipe.shards.shard_set import ShardSet, parse_dali_index
 
 # Every make_loader backend, in one place: each cross-backend test below runs over all of them.
 LOADER_BACKENDS: tuple[str, ...] = ("torch", "resident", "ffcv", "dali")
@@ -68,7 +69,7 @@ def colour_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _convert(csv_path: Path, out: Path, mode: str) -> Path:
-    from loaders.convert import convert_dataset
+    from cornpipe.shards.convert import convert_dataset
 
     convert_dataset(None, out, manifest_csv=csv_path, write_mode=mode, workers=1, seed=0, formats=FORMATS)
     return out
@@ -371,7 +372,7 @@ def test_folder_loader_keeps_labels_and_reads_each_image_once(colour_csv):
 
 
 def test_folder_split_matches_the_converted_split(synth_raw, tiny_shards):
-    from loaders.folder import make_folder_loader
+    from cornpipe.loaders.folder import make_folder_loader
 
     shards = ShardSet(tiny_shards)
     for split in ("train", "val"):

@@ -12,9 +12,10 @@ import torch
 from rich.console import Console
 from sklearn.metrics import accuracy_score, cohen_kappa_score, confusion_matrix, f1_score, recall_score
 
-from models.losses import MultiTaskLoss
-from models.metrics import CI_METRICS, ModelConfigError, compute_metrics, snap_to_scale
-from models.report import ReportError, format_epoch_table, load_metrics, write_report
+from cornpipe.errors import ModelConfigError, ReportError
+from cornpipe.models.losses import MultiTaskLoss
+from cornpipe.models.metrics import CI_METRICS, compute_metrics, snap_to_scale
+from cornpipe.runs.report import format_epoch_table, load_metrics, write_report
 
 SCALE = [0, 3, 5, 7, 9]
 NAMES = ["lower", "middle", "upper"]

@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import MODELS, ModelConfigError, create_model
-from models.heads import corn_level_probs, corn_loss
-from models.losses import MultiTaskLoss
-from models.resnet_plus import BasicBlock, BlurPool2d, Bottleneck, DropPath
+from cornpipe.errors import ModelConfigError
+from cornpipe.models import MODELS, create_model
+from cornpipe.models.heads import corn_level_probs, corn_loss
+from cornpipe.models.losses import MultiTaskLoss
+from cornpipe.models.resnet_plus import BasicBlock, BlurPool2d, Bottleneck, DropPath
 
 SCALE = [0, 3, 5, 7, 9]
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli import cli
-from loaders import make_loader
-from loaders.shards import ShardSet
-from models import create_model
-from models.checkpoint import load_checkpoint
-from models.config import TrainConfig
-from train import train
+from cornpipe.cli import cli
+from cornpipe.loaders import make_loader
+from cornpipe.models import create_model
+from cornpipe.runs.checkpoint import load_checkpoint
+from cornpipe.runs.config import TrainConfig
+from cornpipe.shards.shard_set import ShardSet
+from cornpipe.train import train
 
 POSITIONS = ["lower", "middle", "upper"]
 SCALE = [0.0, 3.0, 5.0, 7.0, 9.0]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from loaders.base import OVERSAMPLE_STRATEGIES, LoaderError
-from loaders.sampling import epoch_indices, num_batches, rank_length, sample_weights
+from cornpipe.errors import LoaderError
+from cornpipe.loaders.base import OVERSAMPLE_STRATEGIES
+from cornpipe.loaders.sampling import epoch_indices, num_batches, rank_length, sample_weights
 
 
 def mix(n: int = 500, shares=(0.6, 0.3, 0.1), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

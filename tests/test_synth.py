@@ -11,14 +11,14 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-import loaders.synth as synth_module
-from loaders.base import CornpipeError
-from loaders.fields import POSITION_CODES, SOURCES
-from loaders.synth import make_synthetic, parse_grade_scale, parse_position_weights
+import cornpipe.shards.synth as synth_module
+from cornpipe.errors import CornpipeError
+from cornpipe.shards.fields import POSITION_CODES, SOURCES
+from cornpipe.shards.synth import make_synthetic, parse_grade_scale, parse_position_weights
 
 
 def run(*args: object):
-    from cli import cli
+    from cornpipe.cli import cli
 
     return CliRunner().invoke(cli, ["synth", *map(str, args)])
 

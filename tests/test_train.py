@@ -16,10 +16,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli import cli
-from models.checkpoint import load_checkpoint
-from models.config import TrainConfig
-from train import train
+from cornpipe.cli import cli
+from cornpipe.runs.checkpoint import load_checkpoint
+from cornpipe.runs.config import TrainConfig
+from cornpipe.train import train
 
 TINY = dict(model="resnet_plus_tiny", image_size=32, batch_size=16, workers=0, device="cpu", bootstrap=50,
             loader="torch")
@@ -204,21 +204,20 @@ def test_resume_refuses_changes_that_would_void_the_saved_state(tiny_run: Path) 
                                      "model='resnet_plus_tiny')")
 
 
-def test_python_train_py_is_cornpipe_train() -> None:
+def test_python_m_cornpipe_train_is_cornpipe_train(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parents[1]
-    direct = subprocess.run([sys.executable, "train.py", "--help"], cwd=root, capture_output=True, text=True,
-                            check=True).stdout
+    direct = subprocess.run([sys.executable, "-m", "cornpipe.train", "--help"], cwd=tmp_path, capture_output=True,
+                            text=True, check=True).stdout
     via_cli = CliRunner().invoke(cli, ["train", "--help"]).output
-    assert direct.startswith("Usage: train.py [OPTIONS] [SHARDS]")
+    assert direct.startswith("Usage: python -m cornpipe.train [OPTIONS] [SHARDS]")
     assert re.findall(r"--[a-z-]+", direct) == re.findall(r"--[a-z-]+", via_cli)
     assert len(re.findall(r"--[a-z-]+", direct)) > 40
 
 
 def test_optimizer_defaults_and_lr_schedule() -> None:
-    from models.training_utils import scheduled_lr
+    from cornpipe.runs.optim import scheduled_lr
 
     assert (TrainConfig().lr, TrainConfig().weight_decay) == (1e-3, 0.05)
     assert (TrainConfig(optimizer="sgd").lr, TrainConfig(optimizer="sgd").weight_decay) == (0.05, 5e-4)
@@ -250,8 +249,8 @@ LEARN_IMAGE_SIZE = 64  # px, ... and stored and trained at this one (convert's l
 
 @pytest.fixture(scope="module")
 def learn_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from loaders.convert import convert_dataset
-    from loaders.synth import make_synthetic
+    from cornpipe.shards.convert import convert_dataset
+    from cornpipe.shards.synth import make_synthetic
 
     root = tmp_path_factory.mktemp("learn")
     make_synthetic(root / "raw", per_source=LEARN_PER_SOURCE, image_size=LEARN_DRAW_SIZE, seed=0, workers=1)

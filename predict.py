@@ -23,13 +23,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from loaders.augment import val_preprocess
-from loaders.base import AugmentConfig, CornpipeError
-from loaders.imageio import IMAGE_EXTENSIONS, ImageRejected, encode_jpeg, prepare_image
-from models import create_model
-from models.checkpoint import inference_weights, load_checkpoint
-from models.config import TrainConfig, resolve_runtime
-from models.metrics import snap_to_scale
+from cornpipe.errors import CornpipeError
+from cornpipe.loaders.augment import val_preprocess
+from cornpipe.loaders.base import AugmentConfig
+from cornpipe.models import create_model
+from cornpipe.models.metrics import snap_to_scale
+from cornpipe.runs.checkpoint import inference_weights, load_checkpoint
+from cornpipe.runs.config import TrainConfig, resolve_runtime
+from cornpipe.shards.imageio import IMAGE_EXTENSIONS, ImageRejected, encode_jpeg, prepare_image
 
 
 @dataclass(frozen=True)

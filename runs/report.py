@@ -19,8 +19,8 @@ from typing import Any
 
 from rich.table import Table
 
-from loaders.base import CornpipeError
-from models.plots import plot_confusion, plot_curves
+from cornpipe.errors import ReportError
+from cornpipe.runs.plots import plot_confusion, plot_curves
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -46,9 +46,6 @@ WIDE_CI = 0.20  # a 95% CI of position accuracy wider than this: the val set is 
 CONFIG_SUMMARY_KEYS = ("model", "grade_head", "loader", "epochs", "batch_size", "image_size", "lr",
                        "optimizer", "oversample", "loss_weights", "device", "amp", "monitor", "seed")
 
-
-class ReportError(CornpipeError):
-    """The run directory has no readable metrics."""
 
 
 def load_metrics(run_dir: Path | str) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""`cornpipe convert`: a labelled image collection -> one shard set (see loaders/fields.py for the layout).
+"""`cornpipe convert`: a labelled image collection -> one shard set (see shards/fields.py for the layout).
 
 Flow: discover inputs and labels -> decode, repair and resize every image in `workers` processes
 (staging the pixels and the tar JPEG in the temporary folder) -> drop duplicates -> stratified split ->
@@ -9,7 +9,7 @@ folder to OUT.
 `formats` is "beton,wds" (default) or "wds": the tar shards are always written, since the torch,
 resident and dali backends, inspect and verify read them; "wds" alone needs no FFCV installed.
 
-Writing is atomic (loaders/atomic.py): an interrupted run leaves no OUT, and the next run cleans up.
+Writing is atomic (shards/atomic.py): an interrupted run leaves no OUT, and the next run cleans up.
 """
 
 from __future__ import annotations
@@ -28,21 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
-from loaders import fields as F
-from loaders.atomic import (
-    LOCK_FILE,
-    ConvertError,
-    clean_stale_temp,
-    fsync_tree,
-    lock_folder,
-    publish,
-    temp_folder,
-)
-from loaders.discover import Candidate, Discovery, Rejection, discover
-from loaders.imageio import DEFAULT_MAX_PIXELS, ImageRejected, encode_jpeg, prepare_image
-from loaders.manifest import build_manifest, write_json, write_rejected
-from loaders.split import assign_split
-from loaders.writers import (
+from cornpipe.errors import ConvertError
+from cornpipe.shards import fields as F
+from cornpipe.shards.atomic import LOCK_FILE, clean_stale_temp, fsync_tree, lock_folder, publish, temp_folder
+from cornpipe.shards.discover import Candidate, Discovery, Rejection, discover
+from cornpipe.shards.imageio import DEFAULT_MAX_PIXELS, ImageRejected, encode_jpeg, prepare_image
+from cornpipe.shards.manifest import build_manifest, write_json, write_rejected
+from cornpipe.shards.split import assign_split
+from cornpipe.shards.writers import (
     SMART_THRESHOLD,
     WRITE_MODES,
     StagedImages,
@@ -354,7 +347,7 @@ def _num(value: float) -> int | float:
 
 
 def _source_key(name: str) -> tuple:
-    from loaders.discover import SOURCE_RE
+    from cornpipe.shards.discover import SOURCE_RE
 
     m = SOURCE_RE.match(name)
     if m:

@@ -11,14 +11,11 @@ import os
 import shutil
 from pathlib import Path
 
-from loaders.base import CornpipeError
+from cornpipe.errors import ConvertError
 
 TMP_MARK = ".tmp-"
 LOCK_FILE = ".lock"
 
-
-class ConvertError(CornpipeError):
-    """convert cannot go on; the message is one line for the user."""
 
 
 def temp_folder(out: Path) -> Path:

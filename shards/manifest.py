@@ -1,4 +1,4 @@
-"""manifest.json and rejected.csv of a shard set (layout documented in loaders/fields.py)."""
+"""manifest.json and rejected.csv of a shard set (layout documented in shards/fields.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from loaders import fields as F
-from loaders.discover import Rejection, format_number
+from cornpipe.shards import fields as F
+from cornpipe.shards.discover import Rejection, format_number
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

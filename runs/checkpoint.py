@@ -30,15 +30,12 @@ from typing import Any
 
 import torch
 
-from loaders.base import CornpipeError
+from cornpipe.errors import CheckpointError
 
 CHECKPOINT_FORMAT = 1
 BEST = "best.pt"
 LAST = "last.pt"
 
-
-class CheckpointError(CornpipeError):
-    """A checkpoint that is missing, corrupt or from an incompatible version."""
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:

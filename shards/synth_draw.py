@@ -1,4 +1,4 @@
-"""Drawing one synthetic maize-leaf photo; see `loaders.synth` for what the picture encodes.
+"""Drawing one synthetic maize-leaf photo; see `shards.synth` for what the picture encodes.
 
 `render_image` is a pure function of (seed, source, image index, image size, grade scale): the image
 and its grade come from a numpy Generator seeded by (seed, source index, image index), and the
@@ -15,7 +15,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageFilter
 
-from loaders.fields import SOURCES
+from cornpipe.shards.fields import SOURCES
 
 # Leaf colour (hue in degrees, saturation, value) and width (fraction of the frame) per position.
 _LEAF_HSV: dict[str, tuple[float, float, float]] = {

@@ -1,4 +1,4 @@
-"""Read a shard set written by `cornpipe convert` (layout: loaders/fields.py).
+"""Read a shard set written by `cornpipe convert` (layout: shards/fields.py).
 
 `ShardSet` is what every loader backend, `inspect` and `verify` start from: the validated manifest,
 labels in row order, the paths of the .beton (when written: `has_beton`) and the tar/idx pairs, and
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from loaders import fields as F
-from loaders.base import LoaderError, MissingDependency
+from cornpipe.errors import LoaderError, MissingDependency
+from cornpipe.shards import fields as F
 
 REQUIRED_KEYS: tuple[str, ...] = ("format_version", "positions", "sources", "grade_scale", "params",
                                   "splits", "counts", "samples", "files")

@@ -4,7 +4,7 @@ FFCV is imported only to write a .beton (`--formats beton,wds`); the tar writer 
 
 Both read the same staged pixels/JPEG bytes that convert's workers produced, so the two formats hold
 the same image at the same resolution. In jpg mode the .beton's JPEG bytes equal the tar's: both are
-OpenCV encodes of the same pixels with the same quality (`loaders.imageio.encode_jpeg`).
+OpenCV encodes of the same pixels with the same quality (`shards.imageio.encode_jpeg`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from loaders import fields as F
-from loaders.base import MissingDependency
+from cornpipe.errors import MissingDependency
+from cornpipe.shards import fields as F
 
 DALI_INDEX_VERSION = "v1.2"  # the format DALI's wds2idx writes and fn.readers.webdataset reads
 WRITE_MODES: tuple[str, ...] = ("jpg", "raw", "smart")
@@ -129,7 +129,7 @@ def require_ffcv() -> None:
 
 def write_beton(path: Path, staged: StagedImages, *, write_mode: str, jpeg_quality: int,
                 smart_threshold: int = SMART_THRESHOLD, workers: int = 1) -> None:
-    """Write one split's .beton with FFCV's own DatasetWriter (fields as in loaders.fields)."""
+    """Write one split's .beton with FFCV's own DatasetWriter (fields as in shards.fields)."""
     try:
         import ffcv.writer as ffcv_writer
         from ffcv.fields import FloatField, IntField, RGBImageField

@@ -24,9 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loaders.base import CornpipeError
-from loaders.fields import DEFAULT_GRADE_SCALE, POSITION_CODES, POSITION_NAMES
-from loaders.imageio import IMAGE_EXTENSIONS
+from cornpipe.errors import DatasetError
+from cornpipe.shards.fields import DEFAULT_GRADE_SCALE, POSITION_CODES, POSITION_NAMES
+from cornpipe.shards.imageio import IMAGE_EXTENSIONS
 
 LABELS_FILE = "labels.csv"
 SOURCE_RE = re.compile(r"^(\d+)([lmt])$", re.IGNORECASE)
@@ -37,9 +37,6 @@ POSITION_ALIASES: dict[str, int] = {
     "top": 2, "u": 2, "bottom": 0, "low": 0, "mid": 1,
 }
 
-
-class DatasetError(CornpipeError):
-    """The input layout cannot be used at all (one-line message)."""
 
 
 @dataclass(frozen=True)

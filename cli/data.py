@@ -1,7 +1,7 @@
-"""Data commands: `synth` (built-in dataset), `convert`, `inspect`, `verify`.
+"""Shard-set commands: `synth` (built-in dataset), `convert`, `inspect`, `verify`.
 
-Thin edges over loaders.synth / loaders.convert / loaders.inspect: parse options, call the function,
-turn a CornpipeError into `Error: <one line>` with exit code 1.
+Thin edges over cornpipe.shards (synth, convert, inspect): parse options, call the function, print
+what it did. A CornpipeError is worded once, by the group (cornpipe.cli.CornpipeGroup).
 """
 
 from __future__ import annotations
@@ -12,31 +12,76 @@ from pathlib import Path
 
 import click
 
-from loaders.base import CornpipeError
-from loaders.imageio import DEFAULT_MAX_PIXELS
-from loaders.synth_command import synth
-from loaders.writers import WRITE_MODES
+from cornpipe.cli.handler import CornpipeCommand
+from cornpipe.errors import CornpipeError
+from cornpipe.shards.fields import DEFAULT_GRADE_SCALE
+from cornpipe.shards.imageio import DEFAULT_MAX_PIXELS
+from cornpipe.shards.synth import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, parse_grade_scale, parse_position_weights
+from cornpipe.shards.writers import WRITE_MODES
 
 __all__ = ["convert", "inspect_command", "synth", "verify"]
 
 
-def _grade_scale(ctx: click.Context, param: click.Parameter, value: str | None) -> Sequence[float] | None:
+def grade_scale_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Sequence[float] | None:
+    """click callback: `0,3,5,7,9` or `0-25` -> tuple of grades; bad text -> usage error (exit 2)."""
     if value is None:
         return None
-    from loaders.synth import parse_grade_scale
-
     try:
         return parse_grade_scale(value)
     except CornpipeError as exc:
-        raise click.BadParameter(str(exc)) from exc
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
 
 
-@click.command(short_help="Convert raw images + labels once into FFCV and webdataset/DALI shards.")
+def _position_weights_option(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> tuple[float, float, float] | None:
+    if value is None:
+        return None
+    try:
+        return parse_position_weights(value)
+    except CornpipeError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
+@click.command(cls=CornpipeCommand)
+@click.argument("out", type=click.Path(file_okay=False, writable=True))
+@click.option("--per-source", type=click.IntRange(min=1), default=40, show_default=True,
+              help="Images per source folder (the mean per source when --position-weights is given).")
+@click.option("--image-size", type=click.IntRange(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE), default=512,
+              show_default=True, help="Side of the square JPEG images, in pixels.")
+@click.option("--grade-scale", default=",".join(map(str, DEFAULT_GRADE_SCALE)), show_default=True,
+              callback=grade_scale_option, help="Allowed grades, ascending: a list 0,3,5,7,9 or a range 0-25.")
+@click.option("--position-weights", default=None, callback=_position_weights_option,
+              help="Share of lower,middle,upper images, e.g. 0.6,0.3,0.1 (default: balanced).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Same seed, same bytes.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Processes drawing images [default: all cores]; the output does not depend on it.")
+@click.option("--force", is_flag=True, help="Replace OUT when it exists and is not empty.")
+def synth(out: str, per_source: int, image_size: int, grade_scale: tuple[int, ...],
+          position_weights: tuple[float, float, float] | None, seed: int, workers: int | None,
+          force: bool) -> None:
+    """Write a synthetic maize-leaf collection to OUT: 9 source folders (9l ... 19t) with labels.csv.
+
+    Leaf colour and width show the leaf position; lesion count and area grow with the grade.
+    """
+    from cornpipe.shards.synth import make_synthetic
+
+    summary = make_synthetic(out, per_source=per_source, image_size=image_size, grade_scale=grade_scale,
+                             position_weights=position_weights, seed=seed, force=force, workers=workers)
+    positions = ", ".join(f"{name} {n}" for name, n in summary["positions"].items())
+    click.echo(
+        f"wrote {summary['images']} images in {len(summary['sources'])} sources ({positions}) to {out}: "
+        f"{summary['bytes'] / 1e6:.2f} MB in {summary['seconds']:.1f} s"
+    )
+
+
+@click.command(cls=CornpipeCommand, short_help="Convert raw images + labels once into FFCV and webdataset/DALI shards.")
 @click.argument("paths", nargs=-1, metavar="[SRC] OUT", type=click.Path(path_type=Path))
 @click.option("--manifest", "manifest_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="CSV with columns path,position,grade[,source,stage] (paths relative to the CSV), "
                    "instead of SRC.")
-@click.option("--grade-scale", callback=_grade_scale, metavar="SCALE",
+@click.option("--grade-scale", callback=grade_scale_option, metavar="SCALE",
               help="Allowed grades, e.g. 0,3,5,7,9 (default) or 0-25; every label is checked against it.")
 @click.option("--val-fraction", type=float, default=0.2, show_default=True,
               help="Share of images in the validation split (stratified by position x grade).")
@@ -63,7 +108,7 @@ def convert(paths: tuple[Path, ...], manifest_csv: Path | None, grade_scale: Seq
     into OUT: train/val .beton (unless --formats wds), webdataset tar shards with DALI index files,
     manifest.json and rejected.csv. Every input is either converted or listed in rejected.csv with its
     reason."""
-    from loaders.convert import convert_dataset
+    from cornpipe.shards.convert import convert_dataset
 
     if manifest_csv is not None:
         if len(paths) != 1:
@@ -77,15 +122,12 @@ def convert(paths: tuple[Path, ...], manifest_csv: Path | None, grade_scale: Seq
             raise click.ClickException(f"{src} is not a folder")
     if workers is not None and workers < 1:
         raise click.BadParameter("must be at least 1", param_hint="--workers")
-    try:
-        summary = convert_dataset(
-            src, out, manifest_csv=manifest_csv, grade_scale=grade_scale, val_fraction=val_fraction,
-            max_resolution=max_resolution, write_mode=write_mode, jpeg_quality=jpeg_quality,
-            workers=workers, seed=seed, force=force, shard_size=shard_size, max_pixels=max_pixels,
-            formats=formats, progress=sys.stderr.isatty(),
-        )
-    except CornpipeError as exc:
-        raise click.ClickException(str(exc)) from exc
+    summary = convert_dataset(
+        src, out, manifest_csv=manifest_csv, grade_scale=grade_scale, val_fraction=val_fraction,
+        max_resolution=max_resolution, write_mode=write_mode, jpeg_quality=jpeg_quality,
+        workers=workers, seed=seed, force=force, shard_size=shard_size, max_pixels=max_pixels,
+        formats=formats, progress=sys.stderr.isatty(),
+    )
     counts = ", ".join(f"{k} {v}" for k, v in summary.split_counts.items())
     click.echo(f"wrote {summary.out} ({counts})")
     if summary.rejected:
@@ -94,17 +136,14 @@ def convert(paths: tuple[Path, ...], manifest_csv: Path | None, grade_scale: Seq
     click.echo(summary.line())
 
 
-@click.command("inspect", short_help="Show what a shard set holds.")
+@click.command("inspect", cls=CornpipeCommand, short_help="Show what a shard set holds.")
 @click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def inspect_command(out: Path, as_json: bool) -> None:
     """Counts per split x source x position x grade, image sizes and bytes on disk of OUT."""
-    from loaders.inspect import dumps, inspect_shards, render_inspect
+    from cornpipe.shards.inspect import dumps, inspect_shards, render_inspect
 
-    try:
-        info = inspect_shards(out)
-    except CornpipeError as exc:
-        raise click.ClickException(str(exc)) from exc
+    info = inspect_shards(out)
     if as_json:
         click.echo(dumps(info))
         return
@@ -113,17 +152,14 @@ def inspect_command(out: Path, as_json: bool) -> None:
     render_inspect(info, Console(width=120) if not sys.stdout.isatty() else Console())
 
 
-@click.command(short_help="Check every file and image of a shard set.")
+@click.command(cls=CornpipeCommand, short_help="Check every file and image of a shard set.")
 @click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def verify(out: Path) -> None:
     """Re-hash every file of OUT against its manifest and decode every image from the .beton files (when
     written) and the tar shards. Exit 0 only when all is intact; otherwise name the damaged file."""
-    from loaders.inspect import verify_shards
+    from cornpipe.shards.inspect import verify_shards
 
-    try:
-        report = verify_shards(out)
-    except CornpipeError as exc:
-        raise click.ClickException(str(exc)) from exc
+    report = verify_shards(out)
     if "beton" in report["formats"]:
         decoded = f"{report['beton_images']} images from .beton and {report['tar_images']} from tar shards"
     else:

@@ -12,7 +12,9 @@ from typing import Any
 
 import click
 
-from loaders.base import OVERSAMPLE_STRATEGIES, CornpipeError
+from cornpipe.cli.handler import CornpipeGroup
+from cornpipe.errors import CornpipeError
+from cornpipe.loaders.base import DEFAULT_IMAGE_SIZE, OVERSAMPLE_STRATEGIES
 
 _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 _OUT_FILE = click.Path(dir_okay=False, path_type=Path)
@@ -28,7 +30,7 @@ def _writer(json_path: Path | None) -> Callable[[dict[str, Any]], None] | None:
         return None
 
     def write(summary: dict[str, Any]) -> None:
-        from bench.machine import machine_facts
+        from cornpipe.bench.machine import machine_facts
 
         summary.setdefault("machine", machine_facts())
         json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,7 +55,7 @@ def _finish(summary: dict[str, Any], table: Any, json_path: Path | None) -> None
                                    f"{failed[0]['error']}")
 
 
-@click.group()
+@click.group(cls=CornpipeGroup)
 def bench() -> None:
     """Throughput benchmarks: every loader backend, every training-step variant."""
 
@@ -66,7 +68,7 @@ def bench() -> None:
 @click.option("--backends", default=None, help="Comma-separated (ffcv,dali,torch,resident); default: all installed.")
 @click.option("--split", default="train", show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--image-size", type=click.IntRange(8), default=224, show_default=True, help="Output side, px.")
+@click.option("--image-size", type=click.IntRange(8), default=DEFAULT_IMAGE_SIZE, show_default=True, help="Output side, px.")
 @click.option("--workers", type=click.IntRange(1), default=None, help="Loader workers [default: all cores].")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--oversample", type=click.Choice(OVERSAMPLE_STRATEGIES), default="none", show_default=True,
@@ -98,29 +100,26 @@ def loaders_command(shards: tuple[Path, ...], raw_shards: tuple[Path, ...], sour
     size, batch size and workers; reported as ratios to the torch baseline and as a fraction of the
     decode-only ceiling of the same JPEGs.
     """
-    from bench.loader_bench import LoaderBenchConfig, choose_backends, run_loader_bench
-    from bench.machine import machine_facts
-    from bench.tables import loader_table
+    from cornpipe.bench.loader_bench import LoaderBenchConfig, choose_backends, run_loader_bench
+    from cornpipe.bench.machine import machine_facts
+    from cornpipe.bench.tables import loader_table
 
-    try:
-        names, notes = choose_backends(backends)
-        for note in notes:
-            _echo(note)
-        cfg = LoaderBenchConfig(split=split, batch_size=batch_size, image_size=image_size, device=device,
-                                workers=workers, oversample=oversample, seed=seed, seconds=seconds,
-                                epochs=epochs, warmup_batches=warmup_batches, repeats=repeats, ceiling=ceiling,
-                                ceiling_decoder=ceiling_decoder, timeout_s=timeout_s)
-        summary = run_loader_bench([*shards, *raw_shards], cfg, backends=names, source=source,
-                                   log_dir=log_dir, echo=_echo, partial=_writer(json_path))
-    except CornpipeError as exc:
-        raise click.ClickException(str(exc)) from exc
+    names, notes = choose_backends(backends)
+    for note in notes:
+        _echo(note)
+    cfg = LoaderBenchConfig(split=split, batch_size=batch_size, image_size=image_size, device=device,
+                            workers=workers, oversample=oversample, seed=seed, seconds=seconds,
+                            epochs=epochs, warmup_batches=warmup_batches, repeats=repeats, ceiling=ceiling,
+                            ceiling_decoder=ceiling_decoder, timeout_s=timeout_s)
+    summary = run_loader_bench([*shards, *raw_shards], cfg, backends=names, source=source,
+                               log_dir=log_dir, echo=_echo, partial=_writer(json_path))
     summary["machine"] = machine_facts()
     _finish(summary, loader_table(summary), json_path)
 
 
 @bench.command("train")
 @click.option("--model", default=None, help="[default: resnet_plus50 on CUDA, resnet_plus18 on CPU]")
-@click.option("--image-size", type=click.IntRange(8), default=224, show_default=True)
+@click.option("--image-size", type=click.IntRange(8), default=DEFAULT_IMAGE_SIZE, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="[default: 256 on CUDA, 16 on CPU]")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--variants", default="eager-fp32,channels_last,amp,compile,all", show_default=True,
@@ -151,26 +150,23 @@ def train_command(model: str | None, image_size: int, batch_size: int | None, de
     together). Synthetic tensors on the device, and with --shards a real loader too (data-wait
     share). Reported as ratios to eager-fp32; compile time apart from the steady state.
     """
-    from bench.machine import machine_facts
-    from bench.tables import train_table
-    from bench.train_bench import TrainBenchConfig, parse_variants, run_train_bench
-    from loaders.base import BACKENDS
-    from models import MODELS
+    from cornpipe.bench.machine import machine_facts
+    from cornpipe.bench.tables import train_table
+    from cornpipe.bench.train_bench import TrainBenchConfig, parse_variants, run_train_bench
+    from cornpipe.loaders.base import BACKENDS
+    from cornpipe.models import MODELS
 
-    try:
-        names = parse_variants(variants)
-        if model is not None and model not in MODELS:
-            raise CornpipeError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
-        if loader not in BACKENDS:
-            raise CornpipeError(f"unknown loader {loader!r}; choose from {', '.join(BACKENDS)}")
-        datas = None if data is None else (["synthetic", "loader"] if data == "both" else [data])
-        cfg = TrainBenchConfig(model=model, image_size=image_size, batch_size=batch_size, device=device,
-                               warmup_steps=warmup_steps, seconds=seconds, steps=steps, repeats=repeats,
-                               shards=str(shards) if shards else None, loader=loader, workers=workers,
-                               seed=seed, timeout_s=timeout_s)
-        summary = run_train_bench(cfg, names, datas=datas, log_dir=log_dir, echo=_echo,
-                                  partial=_writer(json_path))
-    except CornpipeError as exc:
-        raise click.ClickException(str(exc)) from exc
+    names = parse_variants(variants)
+    if model is not None and model not in MODELS:
+        raise CornpipeError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
+    if loader not in BACKENDS:
+        raise CornpipeError(f"unknown loader {loader!r}; choose from {', '.join(BACKENDS)}")
+    datas = None if data is None else (["synthetic", "loader"] if data == "both" else [data])
+    cfg = TrainBenchConfig(model=model, image_size=image_size, batch_size=batch_size, device=device,
+                           warmup_steps=warmup_steps, seconds=seconds, steps=steps, repeats=repeats,
+                           shards=str(shards) if shards else None, loader=loader, workers=workers,
+                           seed=seed, timeout_s=timeout_s)
+    summary = run_train_bench(cfg, names, datas=datas, log_dir=log_dir, echo=_echo,
+                              partial=_writer(json_path))
     summary["machine"] = machine_facts()
     _finish(summary, train_table(summary), json_path)

@@ -33,9 +33,9 @@ from multiprocessing import get_all_start_methods, get_context
 from multiprocessing.context import BaseContext
 from pathlib import Path
 
-from loaders.base import CornpipeError
-from loaders.fields import DEFAULT_GRADE_SCALE, POSITION_CODES, POSITION_NAMES, SOURCES
-from loaders.synth_draw import render_image
+from cornpipe.errors import CornpipeError, SynthError
+from cornpipe.shards.fields import DEFAULT_GRADE_SCALE, POSITION_CODES, POSITION_NAMES, SOURCES
+from cornpipe.shards.synth_draw import render_image
 
 LABELS_FILE = "labels.csv"
 LABELS_COLUMNS: tuple[str, str] = ("file", "grade")
@@ -43,9 +43,6 @@ MIN_IMAGE_SIZE = 32  # px
 MAX_IMAGE_SIZE = 4096  # px
 _POOL_MIN_PIXELS = 100 * 512 * 512  # drawing less than this (about 3 s) runs in-process
 
-
-class SynthError(CornpipeError):
-    """Bad synthetic-dataset parameters or an OUT that may not be written."""
 
 
 # ---------------------------------------------------------------------------------------------

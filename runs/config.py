@@ -26,18 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loaders.base import BACKENDS, OVERSAMPLE_STRATEGIES, CornpipeError
-
-
-class ConfigError(CornpipeError):
-    """A bad option or config file; the message is one line."""
-
+from cornpipe.errors import ConfigError
+from cornpipe.loaders.base import BACKENDS, DEFAULT_IMAGE_SIZE, OVERSAMPLE_STRATEGIES
+from cornpipe.models.heads import GRADE_HEADS
 
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 OPTIMIZER_DEFAULTS: dict[str, tuple[float, float]] = {"adamw": (1e-3, 0.05), "sgd": (0.05, 5e-4)}  # lr, wd
 SCHEDULES: tuple[str, ...] = ("plateau", "cosine")
 AMP_MODES: tuple[str, ...] = ("auto", "fp16", "bf16", "off")
-GRADE_HEADS: tuple[str, ...] = ("regression", "corn")
 # Every monitor is "higher is better"; metrics where lower is better enter negated.
 #   combined: position_macro_f1 - grade_mae / max(grade_scale)   (both parts in [0, 1]-ish units,
 #             so one grade step on 0..9 costs as much as ~11 points of macro-F1)
@@ -54,7 +50,7 @@ class TrainConfig:
     out: str = ""  # run directory (config.json, metrics.jsonl, best.pt, last.pt, report.md, plots)
     loader: str = "torch"  # backend: ffcv | dali | torch | resident
     oversample: str = "balanced"  # per-epoch draw of train rows: none | balanced | sqrt | joint
-    image_size: int = 224  # pixels, side of the square crop the model sees
+    image_size: int = DEFAULT_IMAGE_SIZE  # pixels, side of the square crop the model sees
     batch_size: int = 64  # images per optimiser step
     workers: int | None = None  # loader worker processes; None = the backend's default
     # model
@@ -253,6 +249,34 @@ def merge_for_resume(saved: dict[str, Any], overrides: dict[str, Any], run: str)
         raise ConfigError(f"--resume cannot change {', '.join(bad)} (the run was started with "
                           + ", ".join(f"{k}={getattr(base, k)!r}" for k in bad) + ")")
     return dataclasses.replace(base, **changed)
+
+
+def config_from_sources(given: dict[str, Any], *, config_file: str | Path | None = None,
+                        resume: str | Path | None = None) -> TrainConfig:
+    """The run's config from flags given explicitly (`given`, field names), a TOML file or a run to resume.
+
+    Precedence: TrainConfig's defaults < `config_file` < flags; or, with `resume`, the run's saved config
+    with the flags it allows to change (RESUME_OVERRIDABLE).
+    """
+    given = dict(given)
+    if isinstance(given.get("loss_weights"), str):
+        given["loss_weights"] = parse_loss_weights(given["loss_weights"])
+    if resume is not None:
+        from cornpipe.runs.checkpoint import LAST, load_checkpoint
+
+        if config_file:
+            raise ConfigError("use either --config or --resume, not both")
+        if given.get("out") and Path(given["out"]) != Path(resume):
+            raise ConfigError("--out and --resume name different runs; --resume RUN continues RUN")
+        saved = load_checkpoint(Path(resume) / LAST)["config"]
+        return merge_for_resume(saved, {**given, "out": str(resume)}, str(resume))
+    values = load_toml(config_file) if config_file else {}
+    values.update(given)
+    if not values.get("shards"):
+        raise ConfigError("missing SHARDS (the shard set to train on), or --resume RUN")
+    if not values.get("out"):
+        raise ConfigError("missing --out RUN (the run directory to create)")
+    return TrainConfig.from_dict(values, source=str(config_file) if config_file else "options")
 
 
 def write_config_json(cfg: TrainConfig, path: Path, extra: dict[str, Any] | None = None) -> None:

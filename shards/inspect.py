@@ -11,15 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from loaders import fields as F
-from loaders.base import LoaderError
-from loaders.discover import format_number
-from loaders.manifest import sha256_file
-from loaders.shards import BetonFile, ShardSet
-
-
-class VerifyError(LoaderError):
-    """A shard set failed verification; the message names the damaged file."""
+from cornpipe.errors import LoaderError, VerifyError
+from cornpipe.shards import fields as F
+from cornpipe.shards.discover import format_number
+from cornpipe.shards.manifest import sha256_file
+from cornpipe.shards.shard_set import BetonFile, ShardSet
 
 
 def _stats(values: list[int]) -> dict:
@@ -190,7 +186,7 @@ def _check_beton(shards: ShardSet, split: str) -> int:
 
 
 def _check_tar(shards: ShardSet, split: str) -> int:
-    from loaders.imageio import decode_jpeg_rgb
+    from cornpipe.shards.imageio import decode_jpeg_rgb
 
     samples = shards.samples(split)
     row = 0

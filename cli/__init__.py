@@ -1,0 +1,47 @@
+"""`cornpipe` command line: the Face, and the only part of cornpipe that imports click.
+
+Commands parse options, build a config and call an importable function. A library error
+(`cornpipe.errors.CornpipeError`) becomes a one-line `Error: <cause>` and exit code 1 in exactly one
+place, `cornpipe.cli.handler`, for every command and sub-command; anything else is a bug and keeps
+its traceback.
+
+    cli/data.py    synth, convert, inspect, verify       (over cornpipe.shards)
+    cli/runs.py    train, report, predict                 (over cornpipe.train, .runs, .predict)
+    cli/bench.py   bench loaders, bench train             (over cornpipe.bench; nothing else imports it)
+    cli/handler.py the command classes: CornpipeError -> `Error: <cause>`
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import click
+
+from cornpipe.cli.handler import CornpipeGroup, one_line
+
+
+@click.group(cls=CornpipeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cornpipe")
+def cli() -> None:
+    """cornpipe: convert maize-disease surveys once, feed them fast, train a two-task model."""
+
+
+def _register() -> None:
+    from cornpipe.cli.bench import bench
+    from cornpipe.cli.data import convert, inspect_command, synth, verify
+    from cornpipe.cli.runs import predict_command, report_command, train_command
+
+    for command in (synth, convert, inspect_command, verify, train_command, report_command, predict_command,
+                    bench):
+        cli.add_command(command)
+
+
+_register()
+
+
+def main(args: Sequence[str] | None = None, prog_name: str = "cornpipe") -> None:
+    """The `cornpipe` console script (and `python -m cornpipe`, `python -m cornpipe.train`)."""
+    cli.main(args=list(args) if args is not None else None, prog_name=prog_name)
+
+
+__all__ = ["CornpipeGroup", "cli", "main", "one_line"]

@@ -1,0 +1,123 @@
+"""Run commands: `cornpipe train`, `cornpipe report RUN`, `cornpipe predict CKPT IMAGES...`.
+
+The click edge over cornpipe.train, cornpipe.runs.report and cornpipe.predict. `train`'s options take
+their defaults and help from `TrainConfig` (cornpipe.runs.config), so a default is written once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from cornpipe.cli.handler import CornpipeCommand
+from cornpipe.loaders.base import BACKENDS, OVERSAMPLE_STRATEGIES
+from cornpipe.runs.config import (
+    AMP_MODES,
+    GRADE_HEADS,
+    MONITORS,
+    OPTIMIZERS,
+    SCHEDULES,
+    TrainConfig,
+    config_from_sources,
+)
+from cornpipe.runs.report import write_report
+
+FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def _opt(*decls: str, help: str, **kwargs: Any) -> Any:
+    """A click option whose default lives in TrainConfig (None here, so TOML/resume values survive)."""
+    flag = decls[0].split("/")[0]
+    default = FIELD_DEFAULTS[flag.lstrip("-").replace("-", "_")]
+    if isinstance(default, bool):
+        help += f"  [default: {flag if default else '--no-' + flag[2:]}]"
+    elif isinstance(default, tuple):
+        help += f"  [default: {','.join(f'{v:g}' for v in default)}]"
+    elif default is not None:
+        help += f"  [default: {default}]"
+    return click.option(*decls, default=None, help=help, **kwargs)
+
+
+@click.command("train", cls=CornpipeCommand)
+@click.argument("shards", required=False, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out", type=click.Path(file_okay=False), help="Run directory to create.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="run.toml with any of the options below (flags given here override it).")
+@click.option("--resume", type=click.Path(exists=True, file_okay=False),
+              help="Continue RUN from RUN/last.pt (flags such as --epochs/--patience may change).")
+@click.option("--force", is_flag=True, help="Overwrite the run files in an existing --out.")
+@_opt("--epochs", type=int, help="Maximum epochs.")
+@_opt("--batch-size", type=int, help="Images per step.")
+@_opt("--image-size", type=int, help="Side of the square model input, pixels.")
+@_opt("--model", type=str, help="Model name (resnet_plus18/34/50, resnet_plus_tiny).")
+@_opt("--grade-head", type=click.Choice(GRADE_HEADS), help="Grade head.")
+@_opt("--drop-path", type=float, help="Stochastic depth rate.")
+@_opt("--loader", type=click.Choice(BACKENDS), help="Loader backend.")
+@_opt("--oversample", type=click.Choice(OVERSAMPLE_STRATEGIES), help="Oversampling of train rows.")
+@_opt("--workers", type=int, help="Loader worker processes [default: backend's].")
+@_opt("--device", type=str, help="auto, cpu, cuda or cuda:N.")
+@_opt("--amp", type=click.Choice(AMP_MODES), help="Mixed precision (auto: fp16 on CUDA, off on CPU).")
+@_opt("--compile/--no-compile", help="torch.compile the model [default: on for CUDA].")
+@_opt("--channels-last/--no-channels-last", help="NHWC memory format [default: on for CUDA].")
+@_opt("--optimizer", type=click.Choice(OPTIMIZERS), help="AdamW or SGD with Nesterov momentum.")
+@_opt("--lr", type=float, help="Peak learning rate [default: 1e-3 adamw, 0.05 sgd].")
+@_opt("--weight-decay", type=float, help="Weight decay, not on norms/biases [default: 0.05 adamw, 5e-4 sgd].")
+@_opt("--warmup-epochs", type=int, help="Linear warm-up epochs.")
+@_opt("--schedule", type=click.Choice(SCHEDULES), help="LR schedule after warm-up.")
+@_opt("--grad-clip", type=float, help="Max gradient norm; 0 = off.")
+@_opt("--ema/--no-ema", help="Keep and evaluate an EMA of the weights.")
+@_opt("--label-smoothing", type=float, help="Position label smoothing.")
+@_opt("--loss-weights", type=str, help="POSITION,GRADE loss weights.")
+@_opt("--monitor", type=click.Choice(MONITORS), help="Validation metric for best.pt/early stopping.")
+@_opt("--patience", type=int, help="Early-stopping patience, epochs; 0 = never.")
+@_opt("--min-delta", type=float, help="Smallest monitor gain that counts.")
+@_opt("--tolerance", type=float, help="Grade tolerance for grade_within_tol, grade units.")
+@_opt("--bootstrap", type=int, help="Bootstrap resamples for val confidence intervals.")
+@_opt("--max-batches", type=int, help="Cap on batches per epoch (quick runs); 0 = all.")
+@_opt("--seed", type=int, help="Random seed.")
+@click.pass_context
+def train_command(ctx: click.Context, shards: str | None, out: str | None, config_file: str | None,
+                  resume: str | None, force: bool, **flags: Any) -> None:
+    """Train on SHARDS (a `cornpipe convert` output) into --out RUN."""
+    given = {k: v for k, v in flags.items()
+             if ctx.get_parameter_source(k) != ParameterSource.DEFAULT and v is not None}
+    if shards:
+        given["shards"] = shards
+    if out:
+        given["out"] = out
+    cfg = config_from_sources(given, config_file=config_file, resume=resume)
+    from cornpipe.train import train  # torch and the loaders load only for the commands that use them
+
+    train(cfg, resume=bool(resume), force=force)
+
+
+@click.command("report", cls=CornpipeCommand)
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+def report_command(run: str) -> None:
+    """Rebuild RUN/report.md, curves.png and confusion_matrix.png from RUN/metrics.jsonl."""
+    write_report(Path(run))
+    click.echo(f"wrote {Path(run) / 'report.md'}, curves.png, confusion_matrix.png")
+
+
+@click.command("predict", cls=CornpipeCommand)
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="CSV to write.")
+@click.option("--tta/--no-tta", default=False, show_default=True,
+              help="Average with the horizontally flipped image.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+def predict_command(checkpoint: str, inputs: tuple[str, ...], out: str, tta: bool, device: str,
+                    batch_size: int) -> None:
+    """Predict position and grade for IMAGES (files or folders) with a checkpoint; writes a CSV."""
+    from cornpipe.predict import predict
+
+    summary = predict(Path(checkpoint), [Path(p) for p in inputs], Path(out), tta=tta, device=device,
+                      batch_size=batch_size)
+    click.echo(f"predicted {summary.predicted} image(s), {summary.failed} unreadable -> {out}")
+    if summary.predicted == 0:
+        raise click.ClickException(f"no image could be read ({summary.failed} failed; see {out})")

@@ -1,0 +1,76 @@
+"""The optimiser and its step, shared by the trainer and `cornpipe bench train`, and the lr shape."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from cornpipe.runs.config import TrainConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on conv/linear weights only: never on norm scales/shifts or biases (ndim <= 1)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)  # no decay on norms and biases
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def scheduled_lr(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float | None:
+    """The learning rate this step sets, or None when the plateau schedule owns it (after warm-up).
+
+    Warm-up: linear from lr/10 to lr over warmup_epochs, per step. Cosine: from lr down to min_lr over
+    the remaining steps of `epochs`. A pure function of the step, so a resumed run matches.
+    """
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return cfg.lr * (0.1 + 0.9 * (step + 1) / warmup)
+    if cfg.schedule == "plateau":
+        return None
+    total = max(cfg.epochs * steps_per_epoch - warmup, 1)
+    progress = min((step - warmup) / total, 1.0)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class NonFiniteStep(Exception):
+    """The loss (or, without a GradScaler, the gradient) of a step was NaN/inf; no update was made."""
+
+
+def optimizer_step(model: nn.Module, raw_model: nn.Module, images: torch.Tensor, position: torch.Tensor,
+                   grade: torch.Tensor, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler, dtype: torch.dtype | None,
+                   grad_clip: float) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    """One training step (autocast forward, float32 loss, scaled backward, clipping, optimiser step):
+    the trainer's and `cornpipe bench train`'s. Returns (outputs, loss, loss parts)."""
+    with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        outputs = model(images)
+    outputs = {k: v.float() for k, v in outputs.items()}  # the loss always runs in float32
+    loss, parts = loss_fn(outputs, position, grade)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    grad_norm = None
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
+        grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+    # Device sync point, once a step: no optimiser step may ever see a NaN/inf loss. With the fp16
+    # GradScaler an inf gradient is expected now and then (the scaler skips that step and lowers
+    # its scale), so only the loss is checked there; without a scaler the gradient is checked too.
+    finite = torch.isfinite(loss)
+    if grad_norm is not None and not scaler.is_enabled():
+        finite = finite & torch.isfinite(grad_norm)
+    if not bool(finite):
+        raise NonFiniteStep
+    scaler.step(optimizer)
+    scaler.update()
+    return outputs, loss, parts

@@ -1,0 +1,85 @@
+"""The run directory: refuse or clear a used one, read and trim metrics.jsonl, restore the best epoch and report."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from torch import nn
+
+from cornpipe.errors import ConfigError
+from cornpipe.runs.checkpoint import BEST, LAST, load_checkpoint
+from cornpipe.runs.config import TrainConfig
+from cornpipe.runs.early_stopping import EarlyStopping
+from cornpipe.runs.ema import ModelEma
+from cornpipe.runs.report import (
+    CONFIG_FILE,
+    CONFUSION_FILE,
+    CURVES_FILE,
+    METRICS_FILE,
+    REPORT_FILE,
+    write_report,
+)
+
+RUN_FILES = (METRICS_FILE, CONFIG_FILE, BEST, LAST, REPORT_FILE, CURVES_FILE, CONFUSION_FILE)
+
+
+def prepare_run_dir(run: Path, force: bool, dry_run: bool = False) -> None:
+    """A fresh run directory: refuse a used one unless --force, then clear only the files a run writes."""
+    if run.exists() and any(run.iterdir()):
+        if not force:
+            raise ConfigError(f"run directory {run} already exists; use --force to overwrite it "
+                              f"or --resume {run} to continue it")
+        if not dry_run:
+            for name in RUN_FILES:  # only what a run writes: --force never deletes a user's other files
+                (run / name).unlink(missing_ok=True)
+    if not dry_run:
+        run.mkdir(parents=True, exist_ok=True)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def keep_metrics_until(path: Path, epoch: int) -> None:
+    records = [r for r in read_metrics(path) if r["epoch"] <= epoch]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+@dataclass
+class TrainResult:
+    run: Path
+    model: nn.Module  # the best epoch's weights (EMA weights when cfg.ema)
+    best_epoch: int
+    best_val: dict[str, Any]  # validation metrics of the best epoch
+    epochs_run: int  # epochs completed in total (including those before a resume)
+    stopped_early: bool
+
+
+def restore_best_and_report(run: Path, cfg: TrainConfig, model: nn.Module, ema: ModelEma | None,
+                            stopper: EarlyStopping, console: Console, epochs_run: int) -> TrainResult:
+    """Restore the best checkpoint, write the report and say what the best epoch reached."""
+    best = load_checkpoint(run / BEST, map_location=cfg.device)
+    model.load_state_dict(best["model"])
+    if ema is not None:
+        ema.load_state_dict(best["ema"])
+    write_report(run)
+    val = best["val"]
+    ci = val.get("ci", {})
+
+    def show(name: str) -> str:
+        lo_hi = f" [{ci[name][0]:.3f}, {ci[name][1]:.3f}]" if name in ci else ""
+        return f"{name} {val[name]:.3f}{lo_hi}"
+
+    console.print(f"best epoch {stopper.best_epoch} of {epochs_run} (monitor {cfg.monitor} = {stopper.best:.4f})"
+                  f"{'; stopped early' if stopper.should_stop else ''}")
+    console.print("val: " + ", ".join(show(k) for k in ("position_accuracy", "position_macro_f1",
+                                                          "grade_mae", "grade_within_tol")))
+    console.print(f"report: {run / REPORT_FILE}")
+    return TrainResult(run=run, model=ema.module if ema else model, best_epoch=stopper.best_epoch,
+                       best_val=val, epochs_run=epochs_run, stopped_early=stopper.should_stop)
