@@ -7,6 +7,14 @@ else that escapes is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+def install_hint(extra: str) -> str:
+    """How a user gets an optional part of cornpipe (an extra of pyproject.toml), e.g.
+    `pip install 'cornpipe[ffcv]'`."""
+    hint = f"pip install 'cornpipe[{extra}]'"
+    if extra == "dali":
+        hint += " (CUDA 12; 'cornpipe[dali-cuda13]' for CUDA 13 builds of torch)"
+    return hint
+
 
 class CornpipeError(Exception):
     """An error the user caused or can fix; the CLI prints `Error: <message>` (one line), exit 1."""
@@ -28,12 +36,16 @@ class ConvertError(CornpipeError):
     """convert cannot go on; the message is one line for the user."""
 
 
+class OutputError(CornpipeError):
+    """An output path that cannot be created (its parent is a file, a read-only folder, /proc, /sys)."""
+
+
 class SynthError(CornpipeError):
     """Bad synthetic-dataset parameters or an OUT that may not be written."""
 
 
 class VerifyError(LoaderError):
-    """A shard set failed verification; the message names the damaged file."""
+    """A shard set failed verification; the message names every damaged file."""
 
 
 class ConfigError(CornpipeError):

@@ -52,6 +52,7 @@ STEPS="$OUT/steps.tsv"
 # The repository root is the `cornpipe` package; without an install, a link named cornpipe makes it importable.
 SHIM=$(mktemp -d "${TMPDIR:-/tmp}/cornpipe-path.XXXXXX")
 ln -s "$PWD" "$SHIM/cornpipe"
+trap 'rm -rf "$SHIM"' EXIT
 export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 BUDGET_S=${GPU_CHECK_BUDGET_S:-450}  # all steps together; the summary comes after

@@ -24,12 +24,11 @@ from typing import Any
 
 from cornpipe.bench.isolate import run_isolated
 from cornpipe.bench.machine import usable_cores
-from cornpipe.errors import BenchError, LoaderError, MissingDependency
+from cornpipe.errors import BenchError, LoaderError, MissingDependency, install_hint
 from cornpipe.loaders.base import BACKENDS, DEFAULT_IMAGE_SIZE
 
 WARMUP_MAX_BATCHES = 50
 FOLDER = "folder"  # the `mode` of the torch baseline over the original image folder
-_PIP = {"ffcv": "ffcv", "dali": "nvidia-dali-cuda120"}
 _MODULE = {"ffcv": "ffcv", "dali": "nvidia.dali"}
 
 
@@ -81,7 +80,7 @@ def backend_missing(backend: str) -> str | None:
         found = importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:  # parent package missing (nvidia)
         found = False
-    return None if found else f"{backend} is not installed: pip install {_PIP[backend]}"
+    return None if found else f"{backend} is not installed: {install_hint(backend)}"
 
 
 def resolve_device(device: str) -> str:

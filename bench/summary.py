@@ -15,7 +15,6 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-import click
 from rich.console import Console
 from rich.table import Table
 
@@ -123,12 +122,8 @@ def read_steps(out: Path) -> list[dict[str, str]]:
     return steps
 
 
-@click.command()
-@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--device", default="cuda")
-@click.option("--no-gpu", "no_gpu", default=None, help="Why there is no GPU (the CUDA steps ran as CPU smoke runs).")
-@click.option("--elapsed", type=float, default=None)
 def main(out: Path, device: str, no_gpu: str | None, elapsed: float | None) -> None:
+    """Print the summary table of gpu_check.sh's steps, write OUT/summary.json, end with a RESULT line."""
     steps = read_steps(out)
     for s in steps:
         headline = HEADLINES.get(s["step"])
@@ -147,10 +142,21 @@ def main(out: Path, device: str, no_gpu: str | None, elapsed: float | None) -> N
                                                   "machine": machine, "steps": steps}, indent=2) + "\n")
     took = f" in {elapsed:.0f} s" if elapsed is not None else ""
     if bad:
-        click.echo(f"RESULT: {len(bad)} of {len(steps)} steps not ok{took}: {', '.join(bad)}")
+        print(f"RESULT: {len(bad)} of {len(steps)} steps not ok{took}: {', '.join(bad)}")
     else:
-        click.echo(f"RESULT: all {len(steps)} steps ok{took}" + (" (CPU smoke run)" if no_gpu else ""))
+        print(f"RESULT: all {len(steps)} steps ok{took}" + (" (CPU smoke run)" if no_gpu else ""))
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # a script of gpu_check.sh, not a user command: argparse, no click
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m cornpipe.bench.summary")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--no-gpu", dest="no_gpu", default=None,
+                        help="Why there is no GPU (the CUDA steps ran as CPU smoke runs).")
+    parser.add_argument("--elapsed", type=float, default=None)
+    args = parser.parse_args()
+    if not args.out.is_dir():
+        parser.error(f"{args.out} is not a folder")
+    main(args.out, args.device, args.no_gpu, args.elapsed)

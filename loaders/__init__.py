@@ -19,11 +19,11 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-from cornpipe.errors import LoaderError, MissingDependency
+from cornpipe.errors import LoaderError, MissingDependency, install_hint
 from cornpipe.loaders.base import BACKEND_MODULES, BACKENDS, FOLDER_BACKEND
 from cornpipe.loaders.common import EpochLoader, LoaderSpec, make_spec
 
-PIP_EXTRAS: dict[str, str] = {"ffcv": "ffcv", "nvidia": "dali"}  # missing library -> cornpipe extra
+LIBRARY_EXTRAS: dict[str, str] = {"ffcv": "ffcv", "nvidia": "dali"}  # missing top-level module -> extra
 ALL_BACKENDS: tuple[str, ...] = (*BACKENDS, FOLDER_BACKEND)
 
 __all__ = ["ALL_BACKENDS", "FOLDER_BACKEND", "EpochLoader", "LoaderSpec", "backend_module", "make_loader"]
@@ -39,10 +39,10 @@ def backend_module(backend: str):
         return importlib.import_module(name)
     except ImportError as exc:
         missing = (exc.name or "").split(".")[0]
-        if missing in PIP_EXTRAS:
-            extra = PIP_EXTRAS[missing]
+        if missing in LIBRARY_EXTRAS:
             raise MissingDependency(
-                f"backend {backend!r} needs {missing}, which is not installed: pip install 'cornpipe[{extra}]'"
+                f"backend {backend!r} needs {missing}, which is not installed: "
+                f"{install_hint(LIBRARY_EXTRAS[missing])}"
             ) from exc
         if exc.name == name:
             raise LoaderError(f"backend {backend!r} is not part of this install ({name} is missing)") from exc

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cornpipe.errors import LoaderError, MissingDependency
+from cornpipe.errors import LoaderError, MissingDependency, install_hint
 from cornpipe.loaders.base import Batch
 from cornpipe.loaders.common import AUGMENT_STREAM, EpochLoader, LoaderSpec
 from cornpipe.loaders.dali_source import ERROR_MARK, EpochPlan, EpochSource, SourceSpec
@@ -49,7 +49,7 @@ try:
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy, feed_ndarray
 except ImportError as exc:  # pragma: no cover - exercised by the missing-library test
     raise MissingDependency(
-        f"the dali backend needs NVIDIA DALI ({exc.name} is missing): pip install nvidia-dali-cuda120"
+        f"the dali backend needs NVIDIA DALI ({exc.name} is missing): {install_hint('dali')}"
     ) from exc
 
 READERS: tuple[str, ...] = ("external", "webdataset")

@@ -41,7 +41,7 @@ from queue import Full
 import numpy as np
 import torch
 
-from cornpipe.errors import LoaderError, MissingDependency
+from cornpipe.errors import LoaderError, MissingDependency, install_hint
 from cornpipe.loaders.base import Batch
 from cornpipe.loaders.common import EpochLoader, LoaderSpec, augment_params, cut_to_batches
 from cornpipe.loaders.finish import Finisher
@@ -59,7 +59,7 @@ try:
 
     from cornpipe.loaders import ffcv_ops as ops
 except ImportError as exc:  # pragma: no cover - exercised by the missing-library test
-    raise MissingDependency(f"the ffcv backend needs FFCV ({exc.name} is missing): pip install ffcv") from exc
+    raise MissingDependency(f"the ffcv backend needs FFCV ({exc.name} is missing): {install_hint('ffcv')}") from exc
 finally:
     torch.set_num_threads(_threads)
 

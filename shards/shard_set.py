@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cornpipe.errors import LoaderError, MissingDependency
+from cornpipe.errors import LoaderError, MissingDependency, install_hint
 from cornpipe.shards import fields as F
 
 REQUIRED_KEYS: tuple[str, ...] = ("format_version", "positions", "sources", "grade_scale", "params",
@@ -206,7 +206,7 @@ class BetonFile:
         try:
             from ffcv.reader import Reader
         except ImportError as exc:
-            raise MissingDependency("reading .beton files needs FFCV: pip install ffcv") from exc
+            raise MissingDependency(f"reading .beton files needs FFCV: {install_hint('ffcv')}") from exc
         if not self.path.is_file():
             raise LoaderError(f"{self.path} is missing")
         try:

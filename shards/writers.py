@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cornpipe.errors import MissingDependency
+from cornpipe.errors import MissingDependency, install_hint
 from cornpipe.shards import fields as F
 
 DALI_INDEX_VERSION = "v1.2"  # the format DALI's wds2idx writes and fn.readers.webdataset reads
@@ -114,7 +114,7 @@ def _quiet_tqdm(writer_module) -> Iterator[None]:
         writer_module.tqdm = original
 
 
-NO_FFCV = ("writing .beton files needs FFCV: pip install ffcv, or convert with --formats wds "
+NO_FFCV = (f"writing .beton files needs FFCV: {install_hint('ffcv')}, or convert with --formats wds "
            "(tar shards only, enough for the torch, resident and dali backends)")
 
 

@@ -19,7 +19,7 @@ from cornpipe.shards.inspect import verify_shards
 from cornpipe.shards.shard_set import ShardSet
 
 RUNNER = CliRunner()
-NO_FFCV = ("Error: writing .beton files needs FFCV: pip install ffcv, or convert with --formats wds "
+NO_FFCV = ("Error: writing .beton files needs FFCV: pip install 'cornpipe[ffcv]', or convert with --formats wds "
            "(tar shards only, enough for the torch, resident and dali backends)")
 
 

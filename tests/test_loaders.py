@@ -9,6 +9,7 @@ oversampling and geometric augmentation (colour jitter off there: it would chang
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -336,9 +337,9 @@ def test_unknown_names_list_the_valid_ones(colour_jpg):
 
 
 @pytest.mark.parametrize("backend", ["ffcv", "dali"])
-def test_missing_library_names_the_pip_package(backend, colour_jpg, monkeypatch):
-    module, package = {"ffcv": ("ffcv", "pip install ffcv"),
-                       "dali": ("nvidia", "pip install nvidia-dali-cuda120")}[backend]
+def test_missing_library_names_the_extra_to_install(backend, colour_jpg, monkeypatch):
+    module, package = {"ffcv": ("ffcv", re.escape("pip install 'cornpipe[ffcv]'")),
+                       "dali": ("nvidia", re.escape("pip install 'cornpipe[dali]'"))}[backend]
     for name in list(sys.modules):
         if name == module or name.startswith(module + ".") or name == BACKEND_MODULES[backend]:
             monkeypatch.delitem(sys.modules, name)

@@ -1,0 +1,80 @@
+"""A loader request is one LoaderSpec, resolved once, and every backend obeys what it says -- including
+the run's own choices of device layout, which the loader must not re-derive from the device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import needs_library
+
+from cornpipe.errors import LoaderError
+from cornpipe.loaders import LoaderSpec, make_loader
+from cornpipe.loaders.folder import make_folder_loader
+
+BACKENDS = ("torch", "resident", "ffcv", "dali")
+
+
+def _first_images(loader) -> torch.Tensor:
+    try:
+        return next(iter(loader)).images
+    finally:
+        loader.close()
+
+
+@pytest.mark.parametrize("channels_last", [True, False, None])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batches_have_the_memory_format_the_request_names(backend: str, channels_last: bool | None,
+                                                          tiny_shards: Path) -> None:
+    """`--channels-last`/`--no-channels-last` reach the batches; None means the device's default (CPU: NCHW)."""
+    needs_library(backend)
+    loader = make_loader(tiny_shards, "train", backend=backend, batch_size=4, image_size=32, workers=1,
+                         channels_last=channels_last)
+    assert loader.spec.channels_last is bool(channels_last)
+    images = _first_images(loader)  # (B, 3, H, W)
+    assert images.shape == (4, 3, 32, 32)
+    assert images.is_contiguous(memory_format=torch.channels_last) is bool(channels_last)
+    assert images.is_contiguous() is not bool(channels_last)
+
+
+def test_the_folder_loader_takes_the_same_request(synth_raw: Path) -> None:
+    loader = make_folder_loader(synth_raw, "val", batch_size=3, image_size=24, workers=0, channels_last=True,
+                                val_fraction=0.5, split_seed=1)
+    assert loader.spec.options["val_fraction"] == 0.5
+    assert _first_images(loader).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_whole_spec_can_be_passed_and_overridden(tiny_shards: Path) -> None:
+    spec = LoaderSpec(split="val", batch_size=5, image_size=24, workers=0)
+    loader = make_loader(tiny_shards, spec, backend="torch", batch_size=2)
+    assert (loader.spec.split, loader.spec.batch_size, loader.spec.image_size) == ("val", 2, 24)
+    assert loader.spec.augment is None and loader.spec.shuffle is False  # validation defaults, resolved
+    assert _first_images(loader).shape == (2, 3, 24, 24)
+
+
+def test_an_unknown_option_is_a_one_line_error(tiny_shards: Path) -> None:
+    with pytest.raises(LoaderError, match=r"^unknown loader option\(s\) batchsize; valid: .*batch_size"):
+        make_loader(tiny_shards, "train", backend="torch", batchsize=4)
+
+
+def test_the_trainer_passes_its_channels_last_choice_to_both_loaders(tiny_shards: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU channels_last is off by default; `--channels-last` must still give NHWC batches."""
+    import cornpipe.train as train_module
+    from cornpipe.runs.config import TrainConfig
+
+    seen: list[tuple[str, bool]] = []
+    real = train_module.make_loader
+
+    def recording(shards, split, **kwargs):
+        loader = real(shards, split, **kwargs)
+        seen.append((split, loader.spec.channels_last))
+        return loader
+
+    monkeypatch.setattr(train_module, "make_loader", recording)
+    cfg = TrainConfig(shards=str(tiny_shards), out=str(tmp_path / "run"), model="resnet_plus_tiny", image_size=32,
+                      batch_size=8, epochs=1, max_batches=1, workers=0, device="cpu", channels_last=True,
+                      compile=False, bootstrap=0)
+    train_module.train(cfg)
+    assert seen == [("train", True), ("val", True)]
