@@ -7,6 +7,7 @@ else that escapes is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+
 def install_hint(extra: str) -> str:
     """How a user gets an optional part of cornpipe (an extra of pyproject.toml), e.g.
     `pip install 'cornpipe[ffcv]'`."""
