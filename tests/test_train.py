@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import FORMATS
 
 from cornpipe.cli import cli
 from cornpipe.runs.checkpoint import load_checkpoint
@@ -254,7 +255,8 @@ def learn_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("learn")
     make_synthetic(root / "raw", per_source=LEARN_PER_SOURCE, image_size=LEARN_DRAW_SIZE, seed=0, workers=1)
-    convert_dataset(root / "raw", root / "shards", max_resolution=LEARN_IMAGE_SIZE, workers=2, seed=0)
+    convert_dataset(root / "raw", root / "shards", max_resolution=LEARN_IMAGE_SIZE, workers=2, seed=0,
+                    formats=FORMATS)
     return root / "shards"
 
 
