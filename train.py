@@ -52,7 +52,13 @@ from cornpipe.runs.early_stopping import EarlyStopping, monitor_value
 from cornpipe.runs.ema import ModelEma
 from cornpipe.runs.epoch_metrics import Collector, summarize
 from cornpipe.runs.optim import NonFiniteStep, make_optimizer, optimizer_step, scheduled_lr
-from cornpipe.runs.report import CONFIG_FILE, METRICS_FILE, format_epoch_table, write_report
+from cornpipe.runs.report import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    format_epoch_line,
+    format_epoch_table,
+    write_report,
+)
 from cornpipe.runs.run_dir import (
     TrainResult,
     keep_metrics_until,
@@ -140,8 +146,11 @@ def evaluate(model: nn.Module, loader: Any, loss_fn: nn.Module, cfg: TrainConfig
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
-          console: Console | None = None) -> TrainResult:
-    """Run (or resume) a training run as configured; see the module docstring for what it writes."""
+          console: Console | None = None, verbose: bool = False) -> TrainResult:
+    """Run (or resume) a training run as configured; see the module docstring for what it writes.
+
+    The console gets one line per epoch (and a progress bar on a terminal), then the last epoch's full
+    table; `verbose` prints the full table every epoch instead."""
     console = console or Console(stderr=True)
     cfg = resolve_runtime(cfg, torch.cuda.is_available())
     device = torch.device(cfg.device)
@@ -223,6 +232,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
                       f"{data['counts']['val']} val) -> {run}  [device {cfg.device}, amp {cfg.amp}, "
                       f"compile {cfg.compile}, loader {cfg.loader}, oversample {cfg.oversample}]")
         previous = ([None] + read_metrics(run / METRICS_FILE))[-1]
+        previous_record = None  # the epoch before `previous`, for the closing table
         epoch = start_epoch
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[ips]:>7.1f} img/s"), TimeRemainingColumn())
@@ -254,11 +264,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
                     plateau.step(value)  # warm-up owns the lr until it ends
                 with (run / METRICS_FILE).open("a") as f:
                     f.write(json.dumps(record) + "\n")
-                progress.console.print(format_epoch_table(record, previous))
-                if val_m["never_predicted"]:
-                    progress.console.print(f"[bold red]WARNING: position class(es) never predicted on val "
-                                           f"in epoch {epoch + 1}: {', '.join(val_m['never_predicted'])}")
-                previous = record
+                if verbose:  # the team's full table, every epoch
+                    progress.console.print(format_epoch_table(record, previous))
+                    if val_m["never_predicted"]:
+                        progress.console.print(f"[bold red]WARNING: position class(es) never predicted on val "
+                                               f"in epoch {epoch + 1}: {', '.join(val_m['never_predicted'])}")
+                else:  # one line an epoch; the table comes once, at the end, and in report.md
+                    progress.console.print(format_epoch_line(record, cfg.epochs), markup=False, highlight=False,
+                                           soft_wrap=True)  # one line, even in a narrow log
+                previous_record, previous = previous, record
                 checkpoint_state = state(epoch + 1, val_m)
                 if improved:
                     save_checkpoint(checkpoint_state, run / BEST)
@@ -266,6 +280,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
                 progress.update(epochs_task, advance=1, ips=train_m["images_per_s"])
             else:
                 epoch = cfg.epochs
+        if not verbose and previous is not None and epoch > start_epoch:
+            console.print(format_epoch_table(previous, previous_record))  # the last epoch, against the one before
     except NonFiniteLoss:
         if (run / METRICS_FILE).is_file() and (run / METRICS_FILE).stat().st_size:
             write_report(run)

@@ -181,6 +181,32 @@ def format_epoch_table(record: dict[str, Any], previous: dict[str, Any] | None =
     return table
 
 
+def format_epoch_line(record: dict[str, Any], epochs: int) -> str:
+    """One console line per epoch: the numbers the team reads every epoch, a mark on a new best.
+
+    `epoch 3/14  lr 1.0e-03  loss 0.81/0.90  val acc 0.812 F1 0.790 MAE 1.23  312 img/s  wait 4%  * best`
+    (loss is train/val; acc, F1 are position accuracy and macro-F1; MAE is the grade's, in scale units).
+    """
+    train, val = record.get("train") or {}, record.get("val") or {}
+
+    def num(value: Any, spec: str) -> str:
+        return "—" if value is None else format(value, spec)
+
+    parts = [f"epoch {record.get('epoch', '?')}/{epochs}", f"lr {num(record.get('lr'), '.1e')}",
+             f"loss {num(train.get('loss'), '.3f')}/{num(val.get('loss'), '.3f')}",
+             f"val acc {num(val.get('position_accuracy'), '.3f')} F1 {num(val.get('position_macro_f1'), '.3f')} "
+             f"MAE {num(val.get('grade_mae'), '.2f')}",
+             f"{num(train.get('images_per_s'), ',.0f')} img/s",
+             f"wait {num(None if train.get('data_wait_share') is None else 100 * train['data_wait_share'], '.0f')}%"]
+    line = "  ".join(parts)
+    if record.get("best"):
+        line += "  * best"
+    never = val.get("never_predicted") or []
+    if never:
+        line += f"  (never predicted: {', '.join(never)})"
+    return line
+
+
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
