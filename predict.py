@@ -30,6 +30,7 @@ from cornpipe.models import create_model
 from cornpipe.models.metrics import snap_to_scale
 from cornpipe.runs.checkpoint import inference_weights, load_checkpoint
 from cornpipe.runs.config import TrainConfig, resolve_runtime
+from cornpipe.shards.atomic import check_can_create
 from cornpipe.shards.imageio import IMAGE_EXTENSIONS, ImageRejected, encode_jpeg, prepare_image
 
 
@@ -68,6 +69,9 @@ def _batches(files: list[Path], size: int) -> Iterator[list[Path]]:
 def predict(checkpoint: Path, inputs: Sequence[Path], out: Path, *, tta: bool = False, device: str = "auto",
             batch_size: int = 64) -> PredictSummary:
     """Write predictions for `inputs` (files and/or folders) to the CSV `out`."""
+    if out.is_dir():
+        raise CornpipeError(f"--out {out} is a folder; give the CSV file to write")
+    check_can_create(out)  # before the checkpoint and the model load
     state = load_checkpoint(checkpoint)
     saved = TrainConfig.from_dict(state["config"], source=str(checkpoint))
     cfg = resolve_runtime(dataclasses.replace(saved, device=device, amp="auto", compile=False, channels_last=None),

@@ -35,6 +35,7 @@ from cornpipe.errors import CheckpointError
 CHECKPOINT_FORMAT = 1
 BEST = "best.pt"
 LAST = "last.pt"
+_ZIP_MAGIC = b"PK\x03\x04"  # the first bytes of every file torch.save writes
 
 
 
@@ -60,11 +61,32 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {first_line}") from exc
+        raise CheckpointError(_load_failure(path, exc)) from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a cornpipe checkpoint (format {CHECKPOINT_FORMAT})")
     return state
+
+
+def _load_failure(path: Path, exc: BaseException) -> str:
+    """Why torch.load(weights_only=True) failed, in words for the user (never torch's advice to retry
+    with weights_only=False: a file that needs it is not a cornpipe checkpoint and may run code)."""
+    if isinstance(exc, pickle.UnpicklingError) and "unsupported global" in str(exc).lower():
+        return (f"{path} is not a cornpipe checkpoint: it holds pickled Python objects, "
+                "which cornpipe never loads (they could run code)")
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(4)
+    except OSError:
+        size, head = -1, b""
+    # torch.save writes a zip; cut short, it loses the central directory at its end, and torch reports
+    # that as a miniz error, [Errno 22] or EOFError depending on where the cut falls
+    if size == 0 or (head and head == _ZIP_MAGIC[:len(head)] and not zipfile.is_zipfile(path)):
+        return f"checkpoint {path} is truncated (only {size} bytes): a save or copy did not finish"
+    if isinstance(exc, pickle.UnpicklingError):  # junk, or a pickle torch's safe loader cannot read
+        return f"cannot read checkpoint {path}: it is not a cornpipe checkpoint (not a file written by torch.save)"
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"cannot read checkpoint {path}: {first_line}"
 
 
 def rng_state() -> dict[str, Any]:

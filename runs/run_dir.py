@@ -23,16 +23,28 @@ from cornpipe.runs.report import (
     REPORT_FILE,
     write_report,
 )
+from cornpipe.shards.atomic import check_can_create
 
 RUN_FILES = (METRICS_FILE, CONFIG_FILE, BEST, LAST, REPORT_FILE, CURVES_FILE, CONFUSION_FILE)
+RUN_MARKERS = (METRICS_FILE, CONFIG_FILE, BEST, LAST)  # what makes a folder a run directory
 
 
 def prepare_run_dir(run: Path, force: bool, dry_run: bool = False) -> None:
-    """A fresh run directory: refuse a used one unless --force, then clear only the files a run writes."""
+    """A fresh run directory: refuse a used one unless --force, then clear only the files a run writes.
+
+    --force takes only a folder that already holds a run (one of RUN_MARKERS); any other non-empty
+    folder is refused. An --out that cannot be created fails here, before any slow work.
+    """
+    if run.exists() and not run.is_dir():
+        raise ConfigError(f"run directory {run} is a file, not a folder")
+    check_can_create(run)
     if run.exists() and any(run.iterdir()):
         if not force:
             raise ConfigError(f"run directory {run} already exists; use --force to overwrite it "
                               f"or --resume {run} to continue it")
+        if not any((run / name).exists() for name in RUN_MARKERS):
+            raise ConfigError(f"{run} is not a run directory (it has none of {', '.join(RUN_MARKERS)}) and "
+                              "is not empty; --force overwrites only a run directory's files")
         if not dry_run:
             for name in RUN_FILES:  # only what a run writes: --force never deletes a user's other files
                 (run / name).unlink(missing_ok=True)

@@ -2,6 +2,8 @@
 
 The temporary folder holds an flock (`.lock`) while its run is alive, so a later run can tell a killed
 run's leftovers (removed) from a live run's folder (refused) without trusting pids, which get reused.
+`check_can_create` is the one check, shared by every command that writes, that an output path can be
+made at all, done before any slow work.
 """
 
 from __future__ import annotations
@@ -9,13 +11,43 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
-from cornpipe.errors import ConvertError
+from cornpipe.errors import ConvertError, OutputError
 
 TMP_MARK = ".tmp-"
 LOCK_FILE = ".lock"
 
+
+def check_can_create(path: Path | str) -> None:
+    """Raise OutputError (one line) unless the output `path` (a file or folder) can be written.
+
+    Every existing folder above `path` must be a folder, and the nearest one (and `path` itself when it
+    is an existing folder) must take a new entry: a hidden probe folder is made and removed there. So a
+    parent that is a file, a read-only folder or file system, and /proc or /sys fail at once, before
+    any slow work. Whether an existing `path` may be replaced is the caller's question.
+    """
+    path = Path(path).absolute()
+    nearest = None
+    for parent in path.parents:
+        if parent.is_dir():
+            nearest = parent
+            break
+        if parent.exists() or parent.is_symlink():
+            what = "a file, not a folder" if parent.is_file() else "not a folder"
+            raise OutputError(f"cannot create {path}: {parent} is {what}")
+    folders = [nearest] if nearest is not None else []
+    if path.is_dir():
+        folders.append(path)
+    for folder in folders:
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.probe-", dir=folder))
+        except OSError as exc:
+            raise OutputError(f"cannot create {path}: {folder} does not accept new files or folders "
+                              f"({exc.strerror or exc})") from exc
+    if path.is_file() and not os.access(path, os.W_OK):
+        raise OutputError(f"cannot write {path}: the file is read-only")
 
 
 def temp_folder(out: Path) -> Path:

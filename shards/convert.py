@@ -30,7 +30,15 @@ import numpy as np
 
 from cornpipe.errors import ConvertError
 from cornpipe.shards import fields as F
-from cornpipe.shards.atomic import LOCK_FILE, clean_stale_temp, fsync_tree, lock_folder, publish, temp_folder
+from cornpipe.shards.atomic import (
+    LOCK_FILE,
+    check_can_create,
+    clean_stale_temp,
+    fsync_tree,
+    lock_folder,
+    publish,
+    temp_folder,
+)
 from cornpipe.shards.discover import Candidate, Discovery, Rejection, discover
 from cornpipe.shards.imageio import DEFAULT_MAX_PIXELS, ImageRejected, encode_jpeg, prepare_image
 from cornpipe.shards.manifest import build_manifest, write_json, write_rejected
@@ -179,6 +187,20 @@ def _check_paths(src: Path | None, manifest_csv: Path | None, out: Path, force: 
             raise ConvertError(f"OUT {out} is inside the input folder {root}; choose a folder outside it")
     if (out.exists() or out.is_symlink()) and not force:
         raise ConvertError(f"{out} exists; use --force to replace it")
+    if force:
+        _check_replaceable(out)
+    check_can_create(out)
+
+
+def _check_replaceable(out: Path) -> None:
+    """--force replaces a shard set (it has manifest.json), an empty folder or a symlink, nothing else."""
+    if out.is_symlink() or not out.exists():
+        return  # only the link is replaced, never what it points to
+    rule = "--force replaces only a cornpipe convert output or an empty folder"
+    if not out.is_dir():
+        raise ConvertError(f"{out} is a file, not a shard set; {rule}")
+    if not (out / F.MANIFEST).is_file() and any(out.iterdir()):
+        raise ConvertError(f"{out} is not a shard set (it has no {F.MANIFEST}) and is not empty; {rule}")
 
 
 # --------------------------------------------------------------------------- the conversion
@@ -212,14 +234,14 @@ def convert_dataset(
                            shard_size=int(shard_size), max_pixels=int(max_pixels),
                            smart_threshold=int(smart_threshold), formats=parse_formats(formats))
     params.check()
-    if "beton" in params.formats:
-        require_ffcv()
-    start = time.perf_counter()
     src_p = Path(src) if src is not None else None
     csv_p = Path(manifest_csv) if manifest_csv is not None else None
     out = Path(out).absolute()
+    _check_paths(src_p, csv_p, out, force)  # before FFCV's slow import and any discovery
+    if "beton" in params.formats:
+        require_ffcv()
+    start = time.perf_counter()
     workers = max(1, int(workers) if workers else (os.cpu_count() or 1))
-    _check_paths(src_p, csv_p, out, force)
     found = discover(src_p, csv_p, grade_scale)
 
     out.parent.mkdir(parents=True, exist_ok=True)

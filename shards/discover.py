@@ -10,15 +10,20 @@ Two layouts are understood:
   the CSV's folder and may not leave it. Every row is an input.
 
 Label problems become rejections (`Rejection(path, reason)`), never exceptions; only a layout that cannot
-be used at all raises `DatasetError` with a one-line message.
+be used at all raises `DatasetError` with a one-line message. A named pipe, device, socket, broken or
+looping symlink, or a folder named like an image is an input too, rejected with what it is
+(`file_problem`) and never opened.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import math
+import os
 import posixpath
 import re
+import stat
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -128,13 +133,40 @@ def _is_hidden(rel_parts: Sequence[str]) -> bool:
     return any(part.startswith(".") for part in rel_parts)
 
 
+_NOT_REGULAR = ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "named pipe"), (stat.S_ISCHR, "character device"),
+                (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))
+
+
+def file_problem(path: Path) -> str | None:
+    """Why `path` cannot be read as an input file (a rejection reason), or None for a regular file.
+
+    Only the file's metadata is looked at: a named pipe or /dev/zero is never opened.
+    """
+    try:
+        mode = path.stat().st_mode  # follows symlinks
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink loop"
+        if path.is_symlink():
+            return f"broken symlink (points to {os.readlink(path)}, which does not exist)"
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "file does not exist"
+        return f"cannot read file ({exc.strerror or exc})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _NOT_REGULAR if test(mode)), "special file")
+    return f"not a regular file ({kind})"
+
+
 def _files_under(folder: Path) -> list[Path]:
-    """Non-hidden regular files under folder, sorted by path."""
+    """Every non-hidden entry under folder that is not a folder, sorted by path: regular files and
+    also named pipes, devices, sockets and broken or looping symlinks, so that each is an input that
+    gets converted or rejected with its reason, never silently skipped."""
     out = []
     for p in folder.rglob("*"):
         if _is_hidden(p.relative_to(folder).parts):
             continue
-        if p.is_file():
+        if not p.is_dir():
             out.append(p)
     return sorted(out)
 
@@ -200,8 +232,9 @@ def _discover_folders(root: Path, scale: tuple[float, ...]) -> Discovery:
                           "e.g. 9l 14m 19t)")
                 for f in _files_under(entry):
                     found.rejected.append(Rejection(f.relative_to(root).as_posix(), reason))
-        elif entry.is_file() and entry.suffix.lower() in IMAGE_EXTENSIONS:
-            found.rejected.append(Rejection(entry.name, "image not inside a source folder (<stage><l|m|t>)"))
+        elif entry.suffix.lower() in IMAGE_EXTENSIONS:
+            reason = file_problem(entry) or "image not inside a source folder (<stage><l|m|t>)"
+            found.rejected.append(Rejection(entry.name, reason))
     if not sources:
         raise DatasetError(f"no source folders (<stage><l|m|t>, e.g. 9l 14m 19t) found in {root}")
     for folder in sources:
@@ -250,6 +283,10 @@ def _discover_source(root: Path, folder: Path, scale: tuple[float, ...], found: 
         on_disk = {_nfc(f.relative_to(folder).as_posix()): f for f in files}
         for key, f in on_disk.items():
             entries = by_file.get(key)
+            problem = file_problem(f)
+            if problem:
+                found.rejected.append(Rejection(rel(f), problem))
+                continue
             if not entries:
                 found.rejected.append(Rejection(rel(f), f"no row for this file in {display}"))
                 continue
@@ -262,13 +299,18 @@ def _discover_source(root: Path, folder: Path, scale: tuple[float, ...], found: 
             accept(f, entries[0][1])
         for key, entries in by_file.items():
             if key not in on_disk:
-                found.rejected.append(Rejection(
-                    f"{folder.name}/{key}",
-                    f"listed in {display} (line {entries[0][0]}) but the file does not exist"))
+                problem = file_problem(folder / key)  # a folder named like an image is not on_disk
+                if problem is None or problem == "file does not exist":
+                    problem = f"listed in {display} (line {entries[0][0]}) but the file does not exist"
+                found.rejected.append(Rejection(f"{folder.name}/{key}", problem))
         return
 
     for f in files:
         parts = f.relative_to(folder).parts
+        problem = file_problem(f)
+        if problem:
+            found.rejected.append(Rejection(rel(f), problem))
+            continue
         if len(parts) == 1:
             found.rejected.append(Rejection(
                 rel(f), f"no grade: {folder.name} has no {LABELS_FILE} and the file is not in a grade folder"))
@@ -288,8 +330,12 @@ def _is_number(text: str) -> bool:
 
 
 def _discover_manifest(csv_path: Path, scale: tuple[float, ...]) -> Discovery:
-    if not csv_path.is_file():
+    problem = file_problem(csv_path)
+    if problem == "file does not exist":
         raise DatasetError(f"manifest {csv_path} does not exist")
+    if problem:
+        raise DatasetError(f"manifest {csv_path} is {problem}" if problem.startswith("not a")
+                           else f"manifest {csv_path}: {problem}")
     root = csv_path.resolve().parent
     found = Discovery(root=root, grade_scale=scale)
     rows = _read_csv(csv_path, ("path", "position", "grade"), csv_path.name)
@@ -311,9 +357,11 @@ def _discover_manifest(csv_path: Path, scale: tuple[float, ...]) -> Discovery:
             continue
         first_line[rel] = line
         path = root / rel
-        if not path.is_file():
-            found.rejected.append(Rejection(
-                rel, f"listed in {csv_path.name} (line {line}) but the file does not exist"))
+        problem = file_problem(path)
+        if problem:
+            if problem == "file does not exist":
+                problem = f"listed in {csv_path.name} (line {line}) but the file does not exist"
+            found.rejected.append(Rejection(rel, problem))
             continue
         bad_ext = _image_extension_reason(path)
         if bad_ext:
@@ -345,9 +393,14 @@ def _manifest_labels(row: dict[str, str], scale: tuple[float, ...]) -> tuple[str
     stage: int | None = None
     if stage_text:
         try:
-            stage = int(float(stage_text))
+            value = float(stage_text)
         except ValueError:
             return f"stage '{stage_text}' is not a number"
+        if math.isnan(value):
+            return f"stage '{stage_text}' is not a number"
+        if math.isinf(value):  # inf, 1e400: int() would overflow
+            return f"stage '{stage_text}' is not a finite number"
+        stage = int(value)
     source = (row.get("source") or "").strip()
     match = SOURCE_RE.match(source)
     if match:

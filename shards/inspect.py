@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cornpipe.errors import LoaderError, VerifyError
+from cornpipe.errors import LoaderError, MissingDependency, VerifyError
 from cornpipe.shards import fields as F
 from cornpipe.shards.discover import format_number
 from cornpipe.shards.manifest import sha256_file
@@ -135,7 +135,8 @@ def render_inspect(info: dict, console) -> None:
 
 # --------------------------------------------------------------------------- verify
 
-def _check_files(shards: ShardSet) -> int:
+def _check_files(shards: ShardSet, damaged: dict[Path, str]) -> int:
+    """Size and sha256 of every file in the manifest; records each damaged file in `damaged`."""
     root = shards.root
     listed = shards.manifest["files"]
     needed = [F.REJECTED]
@@ -146,20 +147,21 @@ def _check_files(shards: ShardSet) -> int:
             needed += [tar.name, idx.name]
     for name in needed:
         if name not in listed:
-            raise VerifyError(f"{root / F.MANIFEST} is damaged ({name} has no sha256 entry)")
+            damaged.setdefault(root / F.MANIFEST, f"{root / F.MANIFEST} is damaged ({name} has no sha256 entry)")
     for name, entry in listed.items():
         path = root / name
         if not path.is_file():
-            raise VerifyError(f"{path} is missing")
+            damaged.setdefault(path, f"{path} is missing")
+            continue
         size = path.stat().st_size
         if size != entry["bytes"]:
-            raise VerifyError(f"{path} is damaged ({size} bytes, manifest says {entry['bytes']})")
-        if sha256_file(path) != entry["sha256"]:
-            raise VerifyError(f"{path} is damaged (sha256 mismatch)")
+            damaged.setdefault(path, f"{path} is damaged ({size} bytes, manifest says {entry['bytes']})")
+        elif sha256_file(path) != entry["sha256"]:
+            damaged.setdefault(path, f"{path} is damaged (sha256 mismatch)")
     return len(listed)
 
 
-def _check_beton(shards: ShardSet, split: str) -> int:
+def _check_beton(shards: ShardSet, split: str, damaged: dict[Path, str]) -> int:
     path = shards.beton_path(split)
     samples = shards.samples(split)
     try:
@@ -178,67 +180,89 @@ def _check_beton(shards: ShardSet, split: str) -> int:
             if image.shape != (s["height"], s["width"], 3):
                 raise VerifyError(f"{path} is damaged (row {row} is {image.shape[1]}x{image.shape[0]}, "
                                   f"manifest says {s['width']}x{s['height']})")
-    except VerifyError:
-        raise
-    except LoaderError as exc:
-        raise VerifyError(str(exc)) from exc
+    except MissingDependency:
+        raise  # not damage: FFCV is not installed
+    except LoaderError as exc:  # VerifyError included
+        damaged.setdefault(path, str(exc))
     return len(samples)
 
 
-def _check_tar(shards: ShardSet, split: str) -> int:
-    from cornpipe.shards.imageio import decode_jpeg_rgb
-
+def _check_tar(shards: ShardSet, split: str, damaged: dict[Path, str]) -> int:
+    """Every tar shard of `split` against its index and the manifest; a damaged shard does not stop
+    the check of the next one (each starts at the row the manifest's shard counts give)."""
     samples = shards.samples(split)
     row = 0
-    for tar, idx in shards.shards(split):
-        index = shards.index(idx)
+    intact = True
+    for entry, (tar, idx) in zip(shards.manifest["splits"][split]["shards"], shards.shards(split), strict=True):
         try:
-            with tarfile.open(tar) as tf:
-                members = [m for m in tf.getmembers() if m.isfile()]
-        except (tarfile.TarError, OSError) as exc:
-            raise VerifyError(f"{tar} is damaged ({exc})") from exc
-        flat = [(ext, off, size) for entry in index for ext, (off, size) in entry.items()]
-        if [(m.name.split(".", 1)[1], m.offset_data, m.size) for m in members] != flat:
-            raise VerifyError(f"{idx} does not match {tar.name} (offsets or members differ)")
-        for k in range(len(index)):
-            s = samples[row]
-            key = F.sample_key(s["id"])
-            names = {m.name for m in members[5 * k:5 * k + 5]}
-            if f"{key}.{F.TAR_IMAGE_EXT}" not in names:
-                raise VerifyError(f"{tar} is damaged (sample {k} is not id {s['id']})")
-            pos = int(np.frombuffer(shards.read_member(split, row, F.TAR_POSITION_EXT), "<i8")[0])
-            grade = float(np.frombuffer(shards.read_member(split, row, F.TAR_GRADE_EXT), "<f4")[0])
-            sid = int(np.frombuffer(shards.read_member(split, row, F.TAR_ID_EXT), "<i8")[0])
-            if (pos, sid) != (s["position"], s["id"]) or not np.isclose(grade, s["grade"]):
-                raise VerifyError(f"{tar} is damaged (labels of sample {s['id']} differ from the manifest)")
-            try:
-                image = decode_jpeg_rgb(shards.read_image_bytes(split, row))
-            except LoaderError:
-                raise
-            except Exception as exc:
-                raise VerifyError(f"{tar} is damaged (image of sample {s['id']} does not decode: {exc})") from exc
-            if image.shape != (s["height"], s["width"], 3):
-                raise VerifyError(f"{tar} is damaged (image of sample {s['id']} has the wrong size)")
-            row += 1
-    if row != len(samples):
-        raise VerifyError(f"{shards.root} is damaged ({split} shards hold {row} samples, manifest says {len(samples)})")
+            _check_one_tar(shards, split, tar, idx, row, samples[row:row + entry["count"]])
+        except LoaderError as exc:  # VerifyError included
+            message = str(exc)
+            damaged.setdefault(idx if message.startswith((str(idx), f"index file {idx}")) else tar, message)
+            intact = False
+        row += entry["count"]
+    if intact and row != len(samples):
+        damaged.setdefault(shards.root, f"{shards.root} is damaged ({split} shards hold {row} samples, "
+                                        f"manifest says {len(samples)})")
     return row
+
+
+def _check_one_tar(shards: ShardSet, split: str, tar: Path, idx: Path, first_row: int,
+                   samples: list[dict]) -> None:
+    from cornpipe.shards.imageio import decode_jpeg_rgb
+
+    index = shards.index(idx)
+    if len(index) != len(samples):
+        raise VerifyError(f"{idx} is damaged ({len(index)} samples, manifest says {len(samples)})")
+    try:
+        with tarfile.open(tar) as tf:
+            members = [m for m in tf.getmembers() if m.isfile()]
+    except (tarfile.TarError, OSError) as exc:
+        raise VerifyError(f"{tar} is damaged ({exc})") from exc
+    flat = [(ext, off, size) for entry in index for ext, (off, size) in entry.items()]
+    if [(m.name.split(".", 1)[1], m.offset_data, m.size) for m in members] != flat:
+        raise VerifyError(f"{idx} does not match {tar.name} (offsets or members differ)")
+    for k, s in enumerate(samples):
+        row = first_row + k
+        key = F.sample_key(s["id"])
+        names = {m.name for m in members[5 * k:5 * k + 5]}
+        if f"{key}.{F.TAR_IMAGE_EXT}" not in names:
+            raise VerifyError(f"{tar} is damaged (sample {k} is not id {s['id']})")
+        pos = int(np.frombuffer(shards.read_member(split, row, F.TAR_POSITION_EXT), "<i8")[0])
+        grade = float(np.frombuffer(shards.read_member(split, row, F.TAR_GRADE_EXT), "<f4")[0])
+        sid = int(np.frombuffer(shards.read_member(split, row, F.TAR_ID_EXT), "<i8")[0])
+        if (pos, sid) != (s["position"], s["id"]) or not np.isclose(grade, s["grade"]):
+            raise VerifyError(f"{tar} is damaged (labels of sample {s['id']} differ from the manifest)")
+        try:
+            image = decode_jpeg_rgb(shards.read_image_bytes(split, row))
+        except LoaderError:
+            raise
+        except Exception as exc:
+            raise VerifyError(f"{tar} is damaged (image of sample {s['id']} does not decode: {exc})") from exc
+        if image.shape != (s["height"], s["width"], 3):
+            raise VerifyError(f"{tar} is damaged (image of sample {s['id']} has the wrong size)")
 
 
 def verify_shards(root: Path | str) -> dict:
     """Re-hash every file against the manifest and decode every image of every format written
     (the tar shards only for a `--formats wds` set: no FFCV needed then).
 
-    Returns a summary; raises VerifyError (one line naming the damaged file) at the first problem.
+    Returns a summary; raises VerifyError (one line) naming every damaged file, with a count when
+    there are several. Every file is checked, however many are damaged.
     """
     start = time.perf_counter()
     shards = ShardSet(root)
-    files = _check_files(shards)
+    damaged: dict[Path, str] = {}  # file -> its first problem, in the order found
+    files = _check_files(shards, damaged)
     beton = tar = 0
     for split in shards.splits:
         if shards.has_beton:
-            beton += _check_beton(shards, split)
-        tar += _check_tar(shards, split)
+            beton += _check_beton(shards, split, damaged)
+        tar += _check_tar(shards, split, damaged)
+    if len(damaged) == 1:
+        raise VerifyError(next(iter(damaged.values())))
+    if damaged:
+        raise VerifyError(f"{len(damaged)} files are damaged: " + "; ".join(damaged.values()))
     return {"root": str(root), "formats": list(shards.formats), "files": files, "beton_images": beton,
             "tar_images": tar, "seconds": round(time.perf_counter() - start, 3)}
 

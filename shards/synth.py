@@ -34,6 +34,7 @@ from multiprocessing.context import BaseContext
 from pathlib import Path
 
 from cornpipe.errors import CornpipeError, SynthError
+from cornpipe.shards.atomic import check_can_create
 from cornpipe.shards.fields import DEFAULT_GRADE_SCALE, POSITION_CODES, POSITION_NAMES, SOURCES
 from cornpipe.shards.synth_draw import render_image
 
@@ -171,8 +172,28 @@ def images_per_source(
     return {s: round(per_source * len(POSITION_CODES) * by_code[s[-1]]) for s in SOURCES}
 
 
+_IMAGE_NAME = re.compile(r"^(?P<source>\d+[lmt])_\d{5,}\.jpg$")  # _render_job's names
+
+
+def _foreign_entry(out: Path) -> str | None:
+    """The first entry of `out` (relative, posix) that make_synthetic does not write, or None.
+
+    A synth output holds only source folders (fields.SOURCES) of `labels.csv` and `<source>_NNNNN.jpg`;
+    a user's survey in the same layout has other file names, so --force never takes it for one.
+    """
+    for entry in sorted(out.iterdir()):
+        if entry.name not in SOURCES or entry.is_symlink() or not entry.is_dir():
+            return entry.name
+        for item in sorted(entry.iterdir()):
+            match = _IMAGE_NAME.match(item.name)
+            ours = item.name == LABELS_FILE or (match is not None and match.group("source") == entry.name)
+            if not ours or item.is_symlink() or not item.is_file():
+                return f"{entry.name}/{item.name}"
+    return None
+
+
 def _prepare_out(out: Path, force: bool) -> None:
-    """Refuse an OUT that holds something, unless force; never replace / or the home folder."""
+    """Refuse an OUT that holds something, unless force and it is a synth output; never replace / or home."""
     if out.exists() and not out.is_dir():
         raise SynthError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
@@ -181,6 +202,11 @@ def _prepare_out(out: Path, force: bool) -> None:
         resolved = out.resolve()
         if resolved == Path(resolved.anchor) or resolved == Path.home().resolve():
             raise SynthError(f"refusing to replace {out}")
+        foreign = _foreign_entry(out)
+        if foreign is not None:
+            raise SynthError(f"{out} holds {foreign}, which cornpipe synth does not write; "
+                             "--force replaces only a synth output or an empty folder")
+    check_can_create(out)
 
 
 def make_synthetic(

@@ -219,16 +219,16 @@ def test_all_inputs_rejected(tmp_path: Path) -> None:
                                   "(most common reason, 2x: empty file (0 bytes))")
 
 
-def test_existing_out_needs_force(synth_raw: Path, tmp_path: Path) -> None:
+def test_existing_out_needs_force(synth_raw: Path, tiny_shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    shutil.copytree(tiny_shards, out)  # an earlier shard set
     result = run("convert", synth_raw, out, "--max-resolution", 32, "--workers", 1)
     assert result.exit_code == 1
     assert error_line(result) == f"Error: {out} exists; use --force to replace it"
     result = run("convert", synth_raw, out, "--max-resolution", 32, "--workers", 1, "--force")
     assert result.exit_code == 0, result.output
-    assert not (out / "old.txt").exists() and ShardSet(out).manifest["counts"]["converted"] == 54
+    manifest = ShardSet(out).manifest
+    assert manifest["params"]["max_resolution"] == 32 and manifest["counts"]["converted"] == 54
 
 
 def test_grade_scale_option_validates_labels(synth_raw: Path, tmp_path: Path) -> None:

@@ -169,9 +169,16 @@ def test_existing_out_needs_force(tmp_path: Path) -> None:
     assert result.output == f"Error: {out} exists and is not empty (use --force to replace it)\n"
     assert (out / "keep.txt").read_text() == "mine"
 
+    result = run(out, "--per-source", 1, "--image-size", 32, "--force")  # not a synth output: kept
+    assert result.exit_code == 1
+    assert (out / "keep.txt").read_text() == "mine"
+
+    (out / "keep.txt").unlink()
+    assert run(out, "--per-source", 2, "--image-size", 32).exit_code == 0
     result = run(out, "--per-source", 1, "--image-size", 32, "--force")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == sorted(SOURCES)  # replaced, not merged
+    assert len(list((out / "9l").glob("*.jpg"))) == 1
 
     empty = tmp_path / "empty"
     empty.mkdir()
