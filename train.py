@@ -34,6 +34,8 @@ from torch import nn
 from cornpipe.errors import ConfigError, NonFiniteLoss
 from cornpipe.loaders import make_loader
 from cornpipe.models import create_model
+from cornpipe.models.finetune import set_trunk_frozen, trunk_norms_eval
+from cornpipe.models.init_weights import load_init_weights
 from cornpipe.models.losses import MultiTaskLoss
 from cornpipe.runs.checkpoint import (
     BEST,
@@ -51,7 +53,7 @@ from cornpipe.runs.config import (
 from cornpipe.runs.early_stopping import EarlyStopping, monitor_value
 from cornpipe.runs.ema import ModelEma
 from cornpipe.runs.epoch_metrics import Collector, summarize
-from cornpipe.runs.optim import NonFiniteStep, make_optimizer, optimizer_step, scheduled_lr
+from cornpipe.runs.optim import NonFiniteStep, base_lr, make_optimizer, optimizer_step, scheduled_lr, set_lr
 from cornpipe.runs.report import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -82,6 +84,8 @@ def train_one_epoch(model: nn.Module, loader: Any, loss_fn: nn.Module, optimizer
                     epoch: int, steps: int, last_good: str, progress: Progress, task: Any) -> dict[str, Any]:
     """One pass over the training loader; returns predictions, mean losses and timing."""
     model.train()
+    if cfg.freeze_bn or epoch < cfg.freeze_epochs:
+        trunk_norms_eval(model)  # a frozen (or --freeze-bn) trunk keeps its BatchNorm statistics
     device = torch.device(cfg.device)
     dtype = amp_dtype(cfg)
     raw_model = getattr(model, "_orig_mod", model)  # EMA and grad clipping see the uncompiled module
@@ -97,8 +101,7 @@ def train_one_epoch(model: nn.Module, loader: Any, loss_fn: nn.Module, optimizer
             break
         lr = scheduled_lr(cfg, epoch * steps + step, steps)
         if lr is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr)  # the trunk's groups at lr * trunk_lr_scale
         images = batch.images  # (B, 3, H, W), normalised, on the device, in the memory format cfg chose
         try:
             outputs, loss, parts = optimizer_step(model, raw_model, images, batch.position, batch.grade,
@@ -171,7 +174,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
     # model, loss, optimiser and the rest of the state a checkpoint carries
     torch.manual_seed(cfg.seed)  # initial weights
     model = create_model(cfg.model, num_positions=len(data["positions"]), grade_scale=data["grade_scale"],
-                         grade_head=cfg.grade_head, drop_path=cfg.drop_path).to(device)
+                         grade_head=cfg.grade_head, drop_path=cfg.drop_path,
+                         pretrained=cfg.pretrained and not resume)  # a resumed run's weights are in last.pt
+    if cfg.init_weights and not resume:
+        init = load_init_weights(model, cfg.init_weights, allow_partial=cfg.allow_partial_init)
+        console.print(init.line())
+        data["init"] = init.to_dict()  # config.json and every checkpoint say what the run started from
+    elif checkpoint and "init" in checkpoint["data"]:
+        data["init"] = checkpoint["data"]["init"]
+    model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = ModelEma(model, cfg.ema_decay) if cfg.ema else None
@@ -243,6 +254,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
                 if stopper.should_stop:
                     break
                 torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout, drop-path, on-device augmentation
+                set_trunk_frozen(model, epoch < cfg.freeze_epochs)  # heads only for the first freeze_epochs
                 train_loader.set_epoch(epoch)
                 epoch_start = time.perf_counter()
                 progress.reset(batch_task, total=train_steps, description=f"train {epoch + 1}", ips=0.0)
@@ -257,7 +269,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
                 val_m = summarize(val_out, cfg, data, bootstrap=cfg.bootstrap)
                 value = monitor_value(val_m, cfg.monitor, data["grade_scale"])
                 improved = stopper.step(value, epoch + 1)
-                record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+                record = {"epoch": epoch + 1, "lr": base_lr(optimizer),
                           "time_s": time.perf_counter() - epoch_start, "train": train_m, "val": val_m,
                           "monitor": value if math.isfinite(value) else None, "best": improved}
                 if plateau is not None and epoch >= cfg.warmup_epochs:

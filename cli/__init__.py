@@ -6,7 +6,7 @@ place, `cornpipe.cli.handler`, for every command and sub-command; anything else 
 its traceback.
 
     cli/data.py    synth, convert, inspect, verify       (over cornpipe.shards)
-    cli/runs.py    train, report, predict                 (over cornpipe.train, .runs, .predict)
+    cli/runs.py    train, report, predict, models         (over cornpipe.train, .runs, .predict, .models)
     cli/bench.py   bench loaders, bench train             (over cornpipe.bench; nothing else imports it)
     cli/handler.py the command classes: CornpipeError -> `Error: <cause>`
 """
@@ -29,10 +29,10 @@ def cli() -> None:
 def _register() -> None:
     from cornpipe.cli.bench import bench
     from cornpipe.cli.data import convert, inspect_command, synth, verify
-    from cornpipe.cli.runs import predict_command, report_command, train_command
+    from cornpipe.cli.runs import models_command, predict_command, report_command, train_command
 
     for command in (synth, convert, inspect_command, verify, train_command, report_command, predict_command,
-                    bench):
+                    models_command, bench):
         cli.add_command(command)
 
 

@@ -118,7 +118,7 @@ def loaders_command(shards: tuple[Path, ...], raw_shards: tuple[Path, ...], sour
 
 
 @bench.command("train")
-@click.option("--model", default=None, help="[default: resnet_plus50 on CUDA, resnet_plus18 on CPU]")
+@click.option("--model", default=None, help="A built-in name or timm:NAME [default: resnet_plus50 on CUDA, resnet_plus18 on CPU]")
 @click.option("--image-size", type=click.IntRange(8), default=DEFAULT_IMAGE_SIZE, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="[default: 256 on CUDA, 16 on CPU]")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
@@ -154,11 +154,11 @@ def train_command(model: str | None, image_size: int, batch_size: int | None, de
     from cornpipe.bench.tables import train_table
     from cornpipe.bench.train_bench import TrainBenchConfig, parse_variants, run_train_bench
     from cornpipe.loaders.base import BACKENDS
-    from cornpipe.models import MODELS
+    from cornpipe.models import check_model_name
 
     names = parse_variants(variants)
-    if model is not None and model not in MODELS:
-        raise CornpipeError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
+    if model is not None:
+        check_model_name(model)  # a built-in name or timm:NAME
     if loader not in BACKENDS:
         raise CornpipeError(f"unknown loader {loader!r}; choose from {', '.join(BACKENDS)}")
     datas = None if data is None else (["synthetic", "loader"] if data == "both" else [data])

@@ -33,7 +33,9 @@ def _opt(*decls: str, help: str, **kwargs: Any) -> Any:
     """A click option whose default lives in TrainConfig (None here, so TOML/resume values survive)."""
     flag = decls[0].split("/")[0]
     default = FIELD_DEFAULTS[flag.lstrip("-").replace("-", "_")]
-    if isinstance(default, bool):
+    if isinstance(default, bool) and kwargs.get("is_flag"):
+        help += f"  [default: {'on' if default else 'off'}]"
+    elif isinstance(default, bool):
         help += f"  [default: {flag if default else '--no-' + flag[2:]}]"
     elif isinstance(default, tuple):
         help += f"  [default: {','.join(f'{v:g}' for v in default)}]"
@@ -55,7 +57,18 @@ def _opt(*decls: str, help: str, **kwargs: Any) -> Any:
 @_opt("--epochs", type=int, help="Maximum epochs.")
 @_opt("--batch-size", type=int, help="Images per step.")
 @_opt("--image-size", type=int, help="Side of the square model input, pixels.")
-@_opt("--model", type=str, help="Model name (resnet_plus18/34/50, resnet_plus_tiny).")
+@_opt("--model", type=str, help="Model: resnet_plus18/34/50, resnet_plus_tiny, or timm:NAME for any timm trunk "
+      "under the two heads (`cornpipe models`).")
+@_opt("--pretrained/--no-pretrained", help="timm:NAME only: timm's pretrained weights (needs its hub or cache).")
+@_opt("--init-weights", type=click.Path(exists=True, dir_okay=False),
+      help="Start from a weights file: a timm/torchvision state dict, a lukemelas EfficientNet file or a "
+           "cornpipe checkpoint (heads too). Matched by name, then in order; counts and sha256 go to "
+           "config.json.")
+@_opt("--allow-partial-init", is_flag=True,
+      help="Accept --init-weights matching fewer than 90 % of the trunk's parameters.")
+@_opt("--freeze-epochs", type=int, help="Fine-tuning: epochs training the heads only (trunk frozen).")
+@_opt("--trunk-lr-scale", type=float, help="Fine-tuning: the trunk's lr as a fraction of the heads'.")
+@_opt("--freeze-bn/--no-freeze-bn", help="Keep the trunk's BatchNorm statistics fixed the whole run.")
 @_opt("--grade-head", type=click.Choice(GRADE_HEADS), help="Grade head.")
 @_opt("--drop-path", type=float, help="Stochastic depth rate.")
 @_opt("--loader", type=click.Choice(BACKENDS), help="Loader backend.")
@@ -95,6 +108,29 @@ def train_command(ctx: click.Context, shards: str | None, out: str | None, confi
     from cornpipe.train import train  # torch and the loaders load only for the commands that use them
 
     train(cfg, resume=bool(resume), force=force, verbose=verbose)
+
+
+@click.command("models", cls=CornpipeCommand)
+@click.option("--filter", "pattern", default=None, metavar="GLOB",
+              help="Also list timm's models matching GLOB, e.g. 'resnet*' or '*efficientnet_lite*'.")
+@click.option("--pretrained", "only_pretrained", is_flag=True, help="Only timm models with pretrained weights.")
+def models_command(pattern: str | None, only_pretrained: bool) -> None:
+    """List the built-in models (and timm's, with --filter) and their parameter counts."""
+    from cornpipe.models import MODELS, TIMM_PREFIX
+    from cornpipe.models.catalogue import count_parameters
+
+    click.echo("built-in (--model NAME):")
+    for name in MODELS:
+        click.echo(f"  {name:<40} {count_parameters(name) / 1e6:8.2f} M parameters")
+    if pattern is None:
+        click.echo("timm trunks (--model timm:NAME): list them with --filter GLOB, e.g. --filter 'resnet*'")
+        return
+    from cornpipe.models.timm_net import timm_names
+
+    names = timm_names(pattern, pretrained=only_pretrained)
+    click.echo(f"timm (--model {TIMM_PREFIX}NAME), {len(names)} matching {pattern!r}:")
+    for name in names:
+        click.echo(f"  {TIMM_PREFIX + name:<40} {count_parameters(TIMM_PREFIX + name) / 1e6:8.2f} M parameters")
 
 
 @click.command("report", cls=CornpipeCommand)

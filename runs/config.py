@@ -57,6 +57,13 @@ class TrainConfig:
     model: str = "resnet_plus18"  # name in models.MODELS
     grade_head: str = "regression"  # regression | corn (ordinal)
     drop_path: float = 0.0  # stochastic depth rate (probability at the deepest block)
+    pretrained: bool = False  # timm:NAME only: timm's pretrained weights (its hub or local cache)
+    init_weights: str | None = None  # a weights file to start from (cornpipe.models.init_weights)
+    allow_partial_init: bool = False  # accept init weights matching < 90 % of the trunk's parameters
+    # fine-tuning a pretrained trunk
+    freeze_epochs: int = 0  # epochs training the heads only (trunk frozen, its BatchNorm in eval mode)
+    trunk_lr_scale: float = 1.0  # the trunk's lr as a fraction of the heads' (schedule applies to both)
+    freeze_bn: bool = False  # keep the trunk's BatchNorm statistics fixed (eval mode) the whole run
     # loss
     loss_weights: tuple[float, float] = (0.7, 0.3)  # (position, grade) weights of the total loss
     label_smoothing: float = 0.0  # position cross-entropy smoothing, fraction of the target mass
@@ -113,11 +120,13 @@ class TrainConfig:
         for name in ("image_size", "batch_size", "epochs"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1 (got {getattr(self, name)})")
         for name in ("lr", "weight_decay", "momentum", "min_lr", "grad_clip", "min_delta", "tolerance",
-                     "drop_path", "label_smoothing", "warmup_epochs", "patience", "plateau_patience",
+                     "drop_path", "label_smoothing", "warmup_epochs", "patience", "plateau_patience", "freeze_epochs",
                      "bootstrap", "max_batches"):
             value = getattr(self, name)
             check(math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0 (got {value})")
         check(self.lr > 0, f"lr must be > 0 (got {self.lr})")
+        check(math.isfinite(self.trunk_lr_scale) and self.trunk_lr_scale > 0,
+              f"trunk_lr_scale must be > 0 (got {self.trunk_lr_scale}); use freeze_epochs to freeze the trunk")
         check(self.workers is None or self.workers >= 0, f"workers must be >= 0 (got {self.workers})")
         check(0 < self.plateau_factor < 1, f"plateau_factor must be in (0, 1) (got {self.plateau_factor})")
         check(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1) (got {self.ema_decay})")

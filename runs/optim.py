@@ -11,20 +11,43 @@ from torch import nn
 from cornpipe.runs.config import TrainConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on conv/linear weights only: never on norm scales/shifts or biases (ndim <= 1)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(model: nn.Module, weight_decay: float, trunk_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """Weight decay on conv/linear weights only: never on norm scales/shifts or biases (ndim <= 1).
+
+    The trunk's groups carry `lr_scale = trunk_lr_scale` (a pretrained trunk learns slower than the
+    fresh heads); every lr the trainer sets is the schedule's lr times the group's lr_scale.
+    """
+    from cornpipe.models import trunk_and_head_parameters
+
+    trunk, heads = trunk_and_head_parameters(model)
+    groups = []
+    for params, scale in ((trunk, trunk_lr_scale), (heads, 1.0)):
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        groups += [{"params": decay, "weight_decay": weight_decay, "lr_scale": scale},
+                   {"params": no_decay, "weight_decay": 0.0, "lr_scale": scale}]
+    return [g for g in groups if g["params"]]
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)  # no decay on norms and biases
+    groups = param_groups(model, cfg.weight_decay, cfg.trunk_lr_scale)  # no decay on norms and biases
+    for group in groups:
+        group["lr"] = cfg.lr * group["lr_scale"]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def base_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The schedule's lr (a group's lr divided by its lr_scale)."""
+    group = optimizer.param_groups[-1]  # the heads' groups come last and are never scaled
+    return group["lr"] / group.get("lr_scale", 1.0)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's lr to `lr` times its lr_scale."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def scheduled_lr(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float | None:

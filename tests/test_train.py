@@ -20,6 +20,7 @@ from conftest import FORMATS
 from cornpipe.cli import cli
 from cornpipe.runs.checkpoint import load_checkpoint
 from cornpipe.runs.config import TrainConfig
+from cornpipe.runs.early_stopping import monitor_value
 from cornpipe.train import train
 
 TINY = dict(model="resnet_plus_tiny", image_size=32, batch_size=16, workers=0, device="cpu", bootstrap=50,
@@ -61,7 +62,10 @@ def test_run_directory_holds_config_metrics_checkpoints_and_report(tiny_run: Pat
             assert 0.0 <= m["data_wait_share"] <= 1.0
         assert set(record["val"]["ci"]) >= {"position_accuracy", "grade_mae"}
         assert "ci" not in record["train"]
-    assert sum(r["best"] for r in lines) >= 1
+    # best = a validation-monitor gain above min_delta (1e-3) over every earlier epoch; epoch 1 always
+    monitors = [monitor_value(r["val"], "combined", config["data"]["grade_scale"]) for r in lines]
+    assert [r["monitor"] for r in lines] == pytest.approx(monitors)
+    assert [r["best"] for r in lines] == [True, monitors[1] > monitors[0] + 1e-3]
     for name in ("report.md", "curves.png", "confusion_matrix.png"):
         assert (tiny_run / name).stat().st_size > 0, name
     assert "Epoch 2" in (tiny_run / "report.md").read_text() or "epoch 2" in (tiny_run / "report.md").read_text()
@@ -93,39 +97,58 @@ def test_report_command_rebuilds_report_from_metrics(tiny_run: Path, tmp_path: P
 
 
 def test_resumed_run_matches_uninterrupted_run(tiny_shards: Path, tmp_path: Path) -> None:
-    # EMA, drop-path, oversampling, augmentation and the plateau schedule all carry state or draw
-    # random numbers: each must survive the restart for the weights to come out identical.
-    cfg = TrainConfig(shards=str(tiny_shards), out=str(tmp_path / "straight"), epochs=3, ema=True,
-                      drop_path=0.1, oversample="balanced", plateau_patience=0, warmup_epochs=1, **TINY)
-    train(cfg)
-    interrupted = dataclasses.replace(cfg, out=str(tmp_path / "resumed"), epochs=2)
+    # EMA, drop-path, oversampling, augmentation, the plateau schedule and early stopping all carry
+    # state or draw random numbers: each must survive the restart for the run to come out identical.
+    # min_delta 10 (more than any monitor gain) makes the streaks certain whatever the tiny model
+    # learns: epoch 1 is the best, every later epoch is "no gain". So the plateau schedule (patience 1,
+    # from epoch 2 after the warm-up) halves the lr after epoch 4, and early stopping (patience 4) ends
+    # the run after epoch 5 -- only if the resumed run (stopped after epoch 3) restored both states.
+    cfg = TrainConfig(shards=str(tiny_shards), out=str(tmp_path / "straight"), epochs=7, ema=True,
+                      drop_path=0.1, oversample="balanced", plateau_patience=1, warmup_epochs=1, patience=4,
+                      min_delta=10.0, **TINY)
+    straight_result = train(cfg)
+    interrupted = dataclasses.replace(cfg, out=str(tmp_path / "resumed"), epochs=3)
     train(interrupted)
-    result = CliRunner().invoke(cli, ["train", "--resume", interrupted.out, "--epochs", "3"])
+    result = CliRunner().invoke(cli, ["train", "--resume", interrupted.out, "--epochs", "7"])
     assert result.exit_code == 0, result.output
 
+    lines = records(tmp_path / "straight")
+    assert straight_result.stopped_early and [r["epoch"] for r in lines] == [1, 2, 3, 4, 5]
+    assert [r["best"] for r in lines] == [True, False, False, False, False]
+    assert lines[4]["lr"] == pytest.approx(lines[3]["lr"] / 2)  # the plateau acted after epoch 4
     straight = load_checkpoint(tmp_path / "straight" / "last.pt")
     resumed = load_checkpoint(tmp_path / "resumed" / "last.pt")
-    assert resumed["epoch"] == straight["epoch"] == 3
+    assert resumed["epoch"] == straight["epoch"] == 5
     for part in ("model", "ema"):
         a = straight[part] if part == "model" else straight[part]["module"]
         b = resumed[part] if part == "model" else resumed[part]["module"]
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), (part, key)
-    assert ([without_timing(r) for r in records(tmp_path / "straight")]
-            == [without_timing(r) for r in records(tmp_path / "resumed")])
-    assert json.loads((tmp_path / "resumed" / "config.json").read_text())["epochs"] == 3
+    assert resumed["scheduler"] == straight["scheduler"]
+    assert resumed["early_stopping"] == straight["early_stopping"]
+    assert ([without_timing(r) for r in lines] == [without_timing(r) for r in records(tmp_path / "resumed")])
+    assert json.loads((tmp_path / "resumed" / "config.json").read_text())["epochs"] == 7
 
 
-def test_early_stopping_restores_the_best_epoch(tiny_shards: Path, tmp_path: Path) -> None:
-    # min_delta larger than any possible gain: epoch 1 is best, the run stops after patience epochs
-    cfg = TrainConfig(shards=str(tiny_shards), out=str(tmp_path / "run"), epochs=10, patience=2,
-                      min_delta=10.0, max_batches=1, bootstrap=0,
+def test_early_stopping_stops_patience_epochs_after_the_best_and_restores_it(tiny_shards: Path,
+                                                                           tmp_path: Path) -> None:
+    # min_delta 0: every validation gain counts. With a learning rate this high the tiny model's val
+    # monitor peaks early and wanders; the run must stop exactly `patience` epochs after its best.
+    cfg = TrainConfig(shards=str(tiny_shards), out=str(tmp_path / "run"), epochs=12, patience=2,
+                      min_delta=0.0, bootstrap=0, lr=0.02, schedule="cosine", warmup_epochs=0, seed=3,
                       **{k: v for k, v in TINY.items() if k != "bootstrap"})
     result = train(cfg)
-    assert result.best_epoch == 1 and result.epochs_run == 3 and result.stopped_early
-    assert [r["best"] for r in records(tmp_path / "run")] == [True, False, False]
+    lines = records(tmp_path / "run")
+    monitors = [monitor_value(r["val"], "combined", [0.0, 3.0, 5.0, 7.0, 9.0]) for r in lines]
+    best_epoch = 1 + monitors.index(max(monitors))
+    assert [r["monitor"] for r in lines] == pytest.approx(monitors)
+    assert [r["best"] for r in lines] == [i == 0 or m > max(monitors[:i]) for i, m in enumerate(monitors)]
+    assert best_epoch > 1 and len(lines) < cfg.epochs, monitors  # the test needs a gain, then a stop
+    assert result.stopped_early and result.epochs_run == len(lines) == best_epoch + cfg.patience
+    assert result.best_epoch == best_epoch
     best = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert best["epoch"] == best_epoch
     for key, value in result.model.state_dict().items():
         assert torch.equal(value, best["model"][key]), key
 
@@ -209,8 +232,11 @@ def test_python_m_cornpipe_train_is_cornpipe_train(tmp_path: Path) -> None:
     import subprocess
     import sys
 
+    import os
+
+    env = {**os.environ, "COLUMNS": "80"}  # the width CliRunner renders at: the same line breaks
     direct = subprocess.run([sys.executable, "-m", "cornpipe.train", "--help"], cwd=tmp_path, capture_output=True,
-                            text=True, check=True).stdout
+                            text=True, check=True, env=env).stdout
     via_cli = CliRunner().invoke(cli, ["train", "--help"]).output
     assert direct.startswith("Usage: python -m cornpipe.train [OPTIONS] [SHARDS]")
     assert re.findall(r"--[a-z-]+", direct) == re.findall(r"--[a-z-]+", via_cli)
