@@ -229,10 +229,9 @@ def test_resume_refuses_changes_that_would_void_the_saved_state(tiny_run: Path) 
 
 
 def test_python_m_cornpipe_train_is_cornpipe_train(tmp_path: Path) -> None:
+    import os
     import subprocess
     import sys
-
-    import os
 
     env = {**os.environ, "COLUMNS": "80"}  # the width CliRunner renders at: the same line breaks
     direct = subprocess.run([sys.executable, "-m", "cornpipe.train", "--help"], cwd=tmp_path, capture_output=True,
