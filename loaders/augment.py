@@ -223,6 +223,27 @@ def crop_resize_batch(images: torch.Tensor, boxes: np.ndarray | torch.Tensor, si
     return torch.cat(outs)
 
 
+def roi_align_window(boxes: np.ndarray, height: int, width: int) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1): the rows y0:y1 and columns x0:x1 of a (height, width) image that
+    `crop_resize_batch`'s roi_align reads for (B, 4) top/left/height/width `boxes`.
+
+    With aligned=True a box [t, t + h) samples at t - 0.5 < y < t + h - 0.5 and each sample reads
+    rows floor(y) and floor(y) + 1: one row above the box (when t's fraction is below 0.5) and one
+    below it, likewise for columns. Cropping from this window (boxes shifted by -y0, -x0) gives the
+    same pixels as cropping from the whole image; a window starting at floor(t) would make roi_align
+    clamp the first samples to the box's own top row instead of blending in the row above.
+    """
+    top, left, h, w = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).T
+    if not len(top):
+        return 0, 0, 0, 0
+    # One pixel more than the taps need on each side (floor - 1, ceil + 1): float rounding of a
+    # sample position can never step outside, and a border the image lacks is clamped away.
+    y0, x0 = max(0, int(np.floor(top.min())) - 1), max(0, int(np.floor(left.min())) - 1)
+    y1 = min(height, int(np.ceil((top + h).max())) + 1)
+    x1 = min(width, int(np.ceil((left + w).max())) + 1)
+    return y0, y1, x0, x1
+
+
 def crop_resize_uint8(images: torch.Tensor, boxes: np.ndarray | torch.Tensor, size: int,
                       index: np.ndarray | None = None) -> torch.Tensor:
     """CPU path: (N, 3, H, W) uint8 -> (B, 3, S, S) uint8, one antialiased bilinear resize per box.
@@ -327,7 +348,7 @@ def finish_batch(pixels: torch.Tensor, factors: np.ndarray | torch.Tensor | None
     `normalize_batch`. Both compute the same thing (tests/test_augment.py holds them together).
     """
     if fast is None:
-        fast = fused.AVAILABLE and pixels.device.type == "cpu" and pixels.dtype == torch.uint8
+        fast = pixels.device.type == "cpu" and pixels.dtype == torch.uint8 and fused.ready()
     if fast:
         x = fused.fused_finish(pixels, factors, channels_last_input=hwc)
         x = x if dtype == torch.float32 else x.to(dtype)

@@ -37,17 +37,22 @@ def one_cpu_thread(active: bool = True) -> Iterator[None]:
 
 class Finisher:
     """uint8 (B, S, S, 3) on `device` -> normalised (B, 3, S, S) `dtype`, NHWC in memory when
-    `channels_last` (the resolved LoaderSpec's choice)."""
+    `channels_last` (the resolved LoaderSpec's choice).
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, jitter: bool, channels_last: bool) -> None:
+    tensor_ops: finish with batched tensor ops (one kernel per step) rather than the fused CPU pass;
+    None = on CUDA only. True on a CPU device runs the CUDA code on CPU tensors (tests/test_cuda_paths_on_cpu.py).
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, jitter: bool, channels_last: bool,
+                 tensor_ops: bool | None = None) -> None:
         self.device, self.dtype, self.jitter, self.channels_last = device, dtype, jitter, channels_last
-        self.cuda = device.type == "cuda"
+        self.tensor_ops = device.type == "cuda" if tensor_ops is None else bool(tensor_ops)
         self.mean = torch.tensor(MEAN_255, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(STD_255, dtype=torch.float32, device=device).view(1, 3, 1, 1)
 
     def __call__(self, pixels: torch.Tensor, jitter: np.ndarray | torch.Tensor) -> torch.Tensor:
         factors = jitter if self.jitter else None
-        if not self.cuda:  # one fused numba pass (the tensor ops where numba is missing)
+        if not self.tensor_ops:  # one fused numba pass (the tensor ops where numba is missing)
             with one_cpu_thread():
                 return finish_batch(pixels, factors, dtype=self.dtype, hwc=True, channels_last=self.channels_last)
         b, h, w, _ = pixels.shape

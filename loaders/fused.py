@@ -10,7 +10,9 @@ contrast centre) and written once as float32, in loops that vectorise, images in
 ~0.07 ms per 224 px image on one core against ~1 ms for the tensor ops.
 
 numba ships with FFCV; without it (the bare GPU machine, where batches are finished on the GPU
-anyway) `AVAILABLE` is False and callers use the tensor path. The kernel releases the GIL and
+anyway) `AVAILABLE` is False and callers use the tensor path. An installed numba that fails to import
+(built for another NumPy, a broken llvmlite) makes `ready()` False with one RuntimeWarning, and callers
+use the tensor path too: a slower epoch, not a crashed run. The kernel releases the GIL and
 runs images in parallel on numba's threads when numba's threading layer is thread-safe (tbb, omp).
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import warnings
 
 import numpy as np
 import torch
@@ -92,9 +95,14 @@ prange = range  # numba.prange inside the compiled kernel (see _compiled)
 
 
 @functools.cache
-def _compiled():  # noqa: ANN202 - a numba dispatcher
-    import numba
-
+def _compiled():  # noqa: ANN202 - a numba dispatcher, or None where numba does not import
+    try:
+        import numba
+    except Exception as exc:  # ImportError, or whatever a half-installed numba raises on import
+        # functools.cache: one warning per process, however many batches ask.
+        warnings.warn(f"numba is installed but does not import ({type(exc).__name__}: {exc}); CPU batches "
+                      f"are finished with the slower tensor ops", RuntimeWarning, stacklevel=3)
+        return None
     global prange
     prange = numba.prange  # the kernel's global, read when numba compiles it
     return numba.njit(nogil=True, cache=True, fastmath=True, error_model="numpy",
@@ -105,6 +113,11 @@ _MEAN = np.asarray(MEAN_255, dtype=np.float32)
 _INV_STD = (1.0 / np.asarray(STD_255, dtype=np.float64)).astype(np.float32)
 
 
+def ready() -> bool:
+    """Whether the fused kernel runs here: numba installed and importable (imported on the first call)."""
+    return AVAILABLE and _compiled() is not None
+
+
 def fused_finish(pixels: torch.Tensor, factors: np.ndarray | torch.Tensor | None, *,
                  channels_last_input: bool) -> torch.Tensor:
     """uint8 CPU pixels -> jittered, normalised (B, 3, H, W) float32, contiguous.
@@ -112,8 +125,8 @@ def fused_finish(pixels: torch.Tensor, factors: np.ndarray | torch.Tensor | None
     pixels: (B, H, W, 3) when `channels_last_input`, else (B, 3, H, W); any strides.
     factors: (B, 3) brightness, contrast, saturation (1 = unchanged); None = no jitter.
     """
-    if not AVAILABLE:
-        raise RuntimeError("fused_finish needs numba")
+    if not ready():
+        raise RuntimeError("fused_finish needs numba (not installed, or it does not import)")
     if pixels.dtype != torch.uint8 or pixels.device.type != "cpu":
         raise ValueError(f"fused_finish needs uint8 CPU pixels, got {pixels.dtype} on {pixels.device}")
     # (B, 3, H, W) planes, contiguous: a uint8 copy when the input is interleaved or strided

@@ -12,7 +12,8 @@ and column once (roi_align's bilinear taps at the border read one pixel past it)
 Memory: N * 3 * H_max * W_max bytes, e.g. 3000 images at max_resolution 512 with mixed portrait
 and landscape orientation = 3000 * 3 * 512 * 512 = 2.2 GiB. `options["max_bytes"]` caps it
 (default: 75 % of free CUDA memory, or half the available RAM on CPU); over the cap is a
-LoaderError before anything is decoded.
+LoaderError before anything is decoded. Decoding happens once, here: nvJPEG batches on CUDA with a
+per-image CPU fallback, PIL on threads on the CPU (`loaders.resident_decode`).
 
 Augmentation draws: one generator per batch, seeded by (seed, epoch, rank, batch index).
 Crop-resize kernel (`options["crop_kernel"]`): "auto" = roi_align on a gathered batch on CUDA,
@@ -32,12 +33,13 @@ import torch
 from PIL import Image
 
 from cornpipe.errors import LoaderError
-from cornpipe.loaders.augment import CROP_KERNELS, augment_batch, use_interpolate
+from cornpipe.loaders.augment import CROP_KERNELS, augment_batch, roi_align_window, use_interpolate
 from cornpipe.loaders.base import Batch
 from cornpipe.loaders.common import EpochLoader, LoaderSpec, augment_params, cut_to_batches
+from cornpipe.loaders.resident_decode import batch_decoder, chunks, decode_images, place
 from cornpipe.loaders.torch_loader import shard_of
 
-_DECODE_CHUNK = 64  # images decoded (and copied to the device) at a time
+_DECODE_CHUNK = 64  # images decoded at a time (one nvJPEG batch on CUDA)
 
 
 def default_max_bytes(device: torch.device) -> int | None:
@@ -112,24 +114,16 @@ class ResidentLoader(EpochLoader):
         return torch.from_numpy(array).permute(2, 0, 1)  # (3, h, w)
 
     def _fill(self, blobs: list[bytes]) -> None:
-        """Decode every image once into self.store (threads: PIL releases the GIL while decoding)."""
-        cuda = self.store.is_cuda
-        _n, _c, height, width = self.store.shape
-        buf = torch.zeros((_DECODE_CHUNK, 3, height, width), dtype=torch.uint8, pin_memory=cuda) if cuda else None
+        """Decode every image once into self.store: nvJPEG batches on CUDA, PIL on threads (it releases
+        the GIL while decoding) for the rest and everywhere else (loaders.resident_decode)."""
+        decode_batch = batch_decoder(self.store.device)
         with ThreadPoolExecutor(max_workers=max(1, self.spec.workers)) as pool:
-            for start in range(0, len(blobs), _DECODE_CHUNK):
-                rows = range(start, min(start + _DECODE_CHUNK, len(blobs)))
-                images = list(pool.map(self._decode, rows, [blobs[r] for r in rows]))
-                target = buf if cuda else self.store[start:start + len(rows)]
-                for i, image in enumerate(images):
-                    _, h, w = image.shape
-                    target[i, :, :h, :w] = image
-                    target[i, :, h, :w] = image[:, h - 1, :]  # replicate: see module doc
-                    target[i, :, :h + 1, w] = target[i, :, :h + 1, w - 1]
-                    target[i, :, h + 1:, :] = 0
-                    target[i, :, :, w + 1:] = 0
-                if cuda:
-                    self.store[start:start + len(rows)].copy_(buf[:len(rows)])
+            for rows in chunks(len(blobs), _DECODE_CHUNK):
+                images = decode_images(rows, [blobs[r] for r in rows], self.sizes[rows.start:rows.stop],
+                                       self._decode, decode_batch, pool.map)
+                for row, image in zip(rows, images, strict=True):
+                    # a CPU-decoded image crosses to the device here: h * w * 3 bytes, once per image
+                    place(self.store[row], image.to(self.store.device))
 
     def __iter__(self) -> Iterator[Batch]:
         spec = self.spec
@@ -146,11 +140,9 @@ class ResidentLoader(EpochLoader):
                 images = augment_batch(self.store, params, spec.image_size, dtype=spec.dtype,
                                        channels_last=spec.channels_last, index=rows, kernel="interpolate")
             else:
-                # Gather only the region the batch's boxes touch (+1 px for the bilinear taps).
-                top, left, h, w = params.boxes.T
-                y0, x0 = int(np.floor(top.min())), int(np.floor(left.min()))
-                y1 = min(self.store.shape[2], int(np.ceil((top + h).max())) + 1)
-                x1 = min(self.store.shape[3], int(np.ceil((left + w).max())) + 1)
+                # Gather only the window the batch's bilinear taps read (the row/column above and
+                # left of each box included): a smaller float copy for roi_align, the same pixels.
+                y0, y1, x0, x1 = roi_align_window(params.boxes, *self.store.shape[2:])
                 pixels = self.store[index, :, y0:y1, x0:x1]  # (B, 3, y1 - y0, x1 - x0) uint8
                 shifted = replace(params, boxes=params.boxes - np.array([y0, x0, 0, 0], dtype=np.float64))
                 images = augment_batch(pixels, shifted, spec.image_size, dtype=spec.dtype,
