@@ -25,7 +25,7 @@ from PIL import Image
 
 from cornpipe.errors import CornpipeError
 from cornpipe.loaders.augment import val_preprocess
-from cornpipe.loaders.base import AugmentConfig
+from cornpipe.loaders.base import IMAGENET, AugmentConfig, Normalization
 from cornpipe.models import create_model
 from cornpipe.models.metrics import snap_to_scale
 from cornpipe.runs.checkpoint import inference_weights, load_checkpoint
@@ -53,12 +53,13 @@ def image_files(inputs: Sequence[Path]) -> list[Path]:
     return files
 
 
-def load_for_inference(path: Path, convert_params: dict, image_size: int) -> torch.Tensor:
-    """One image file -> (3, S, S) float32, normalised; ImageRejected/OSError when unreadable."""
+def load_for_inference(path: Path, convert_params: dict, image_size: int,
+                       norm: Normalization = IMAGENET) -> torch.Tensor:
+    """One image file -> (3, S, S) float32, normalised as in training; ImageRejected/OSError when unreadable."""
     prepared = prepare_image(path.read_bytes(), max_resolution=int(convert_params["max_resolution"]))
     jpeg = encode_jpeg(prepared.pixels, int(convert_params["jpeg_quality"]))  # what the shards hold
     with Image.open(io.BytesIO(jpeg)) as image:
-        return val_preprocess(image.convert("RGB"), image_size, AugmentConfig().val_crop_fraction)
+        return val_preprocess(image.convert("RGB"), image_size, AugmentConfig().val_crop_fraction, norm)
 
 
 def _batches(files: list[Path], size: int) -> Iterator[list[Path]]:
@@ -78,6 +79,8 @@ def predict(checkpoint: Path, inputs: Sequence[Path], out: Path, *, tta: bool = 
                           torch.cuda.is_available())
     data = state["data"]
     positions, grade_scale = list(data["positions"]), list(data["grade_scale"])
+    saved = data.get("normalization")  # a pretrained trunk's own statistics (runs before it: ImageNet's)
+    norm = Normalization(tuple(saved["mean"]), tuple(saved["std"])) if saved else IMAGENET
     model = create_model(cfg.model, num_positions=len(positions), grade_scale=grade_scale,
                          grade_head=cfg.grade_head)
     model.load_state_dict(inference_weights(state))
@@ -99,7 +102,7 @@ def predict(checkpoint: Path, inputs: Sequence[Path], out: Path, *, tta: bool = 
             tensors, ok, errors = [], [], {}
             for path in chunk:
                 try:
-                    tensors.append(load_for_inference(path, data["convert"], cfg.image_size))
+                    tensors.append(load_for_inference(path, data["convert"], cfg.image_size, norm))
                     ok.append(path)
                 except (ImageRejected, OSError) as exc:
                     errors[path] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

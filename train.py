@@ -33,7 +33,8 @@ from torch import nn
 
 from cornpipe.errors import ConfigError, NonFiniteLoss
 from cornpipe.loaders import make_loader
-from cornpipe.models import create_model
+from cornpipe.loaders.base import IMAGENET, Normalization
+from cornpipe.models import create_model, input_stats
 from cornpipe.models.finetune import set_trunk_frozen, trunk_norms_eval
 from cornpipe.models.init_weights import load_init_weights
 from cornpipe.models.losses import MultiTaskLoss
@@ -183,6 +184,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
     elif checkpoint and "init" in checkpoint["data"]:
         data["init"] = checkpoint["data"]["init"]
     model = model.to(device)
+    norm = IMAGENET
+    stats = input_stats(model)
+    if stats is not None:  # a pretrained trunk: normalise as its weights expect
+        norm = Normalization.from_unit(*stats)
+        if norm != IMAGENET:
+            console.print(f"{cfg.model} expects inputs normalised with mean {stats[0]} and std {stats[1]} "
+                          f"(0-1 scale), not ImageNet's: the loaders use the trunk's")
+    data["normalization"] = norm.to_dict()  # predict normalises the same way
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = ModelEma(model, cfg.ema_decay) if cfg.ema else None
@@ -200,6 +209,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
     # device, dtype and memory format are the run's (resolve_runtime), not re-derived by the loader
     loader_args = dict(backend=cfg.loader, batch_size=cfg.batch_size, image_size=cfg.image_size,
                        device=cfg.device, seed=cfg.seed, workers=cfg.workers, channels_last=cfg.channels_last,
+                       normalization=norm,
                        dtype=torch.float32 if cfg.amp == "off" else None)
     train_loader = make_loader(shards, "train", oversample=cfg.oversample,
                                drop_last=data["counts"]["train"] > cfg.batch_size, **loader_args)

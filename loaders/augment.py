@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from cornpipe.loaders import fused
-from cornpipe.loaders.base import MEAN_255, STD_255, AugmentConfig
+from cornpipe.loaders.base import IMAGENET, AugmentConfig, Normalization
 from cornpipe.loaders.fused import GREY_WEIGHTS
 
 CROP_TRIES = 10  # torchvision's RandomResizedCrop
@@ -166,10 +166,11 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
-def val_preprocess(image: Image.Image, image_size: int, crop_fraction: float = 0.875) -> torch.Tensor:
+def val_preprocess(image: Image.Image, image_size: int, crop_fraction: float = 0.875,
+                   norm: Normalization = IMAGENET) -> torch.Tensor:
     """What predict feeds the model: (3, S, S) float32, normalised like every loader's output."""
     pixels = pil_to_tensor(val_transform(image, image_size, crop_fraction))[None].float()
-    return normalize_batch(pixels, dtype=torch.float32)[0]
+    return normalize_batch(pixels, dtype=torch.float32, norm=norm)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,10 +325,10 @@ def _jitter(x: torch.Tensor, f: torch.Tensor, active: np.ndarray) -> None:
 
 
 def normalize_batch(x: torch.Tensor, dtype: torch.dtype = torch.float32,
-                    channels_last: bool = False) -> torch.Tensor:
-    """(B, 3, H, W) values in [0, 255] -> (x - MEAN_255) / STD_255 as `dtype`."""
-    mean = torch.tensor(MEAN_255, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
-    inv_std = 1.0 / torch.tensor(STD_255, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
+                    channels_last: bool = False, norm: Normalization = IMAGENET) -> torch.Tensor:
+    """(B, 3, H, W) values in [0, 255] -> (x - norm.mean) / norm.std as `dtype`."""
+    mean = torch.tensor(norm.mean, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
+    inv_std = 1.0 / torch.tensor(norm.std, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     for start in range(0, len(x), _chunk(x)):
         end = start + _chunk(x)
@@ -340,7 +341,7 @@ def normalize_batch(x: torch.Tensor, dtype: torch.dtype = torch.float32,
 
 def finish_batch(pixels: torch.Tensor, factors: np.ndarray | torch.Tensor | None, *,
                  dtype: torch.dtype = torch.float32, channels_last: bool = False,
-                 hwc: bool = False, fast: bool | None = None) -> torch.Tensor:
+                 hwc: bool = False, fast: bool | None = None, norm: Normalization = IMAGENET) -> torch.Tensor:
     """uint8 pixels -> colour jitter (`factors`, None = none) -> normalised (B, 3, H, W) `dtype`.
 
     pixels: (B, 3, H, W), or (B, H, W, 3) with `hwc`. On the CPU with numba this is one fused pass
@@ -350,18 +351,18 @@ def finish_batch(pixels: torch.Tensor, factors: np.ndarray | torch.Tensor | None
     if fast is None:
         fast = pixels.device.type == "cpu" and pixels.dtype == torch.uint8 and fused.ready()
     if fast:
-        x = fused.fused_finish(pixels, factors, channels_last_input=hwc)
+        x = fused.fused_finish(pixels, factors, channels_last_input=hwc, norm=norm)
         x = x if dtype == torch.float32 else x.to(dtype)
         return x.contiguous(memory_format=torch.channels_last) if channels_last else x
     x = (pixels.permute(0, 3, 1, 2) if hwc else pixels).float()
     if factors is not None:
         x = color_jitter_batch(x, factors)
-    return normalize_batch(x, dtype=dtype, channels_last=channels_last)
+    return normalize_batch(x, dtype=dtype, channels_last=channels_last, norm=norm)
 
 
 def augment_batch(images: torch.Tensor, params: AugParams, size: int, *, dtype: torch.dtype = torch.float32,
                   channels_last: bool = False, index: np.ndarray | None = None,
-                  kernel: str = "auto") -> torch.Tensor:
+                  kernel: str = "auto", norm: Normalization = IMAGENET) -> torch.Tensor:
     """Everything for a batch of (possibly padded) uint8 images: (B, 3, H, W) -> (B, 3, S, S).
 
     `index`: box i applies to images[index[i]] (a resident store; read in place on the CPU path).
@@ -369,16 +370,16 @@ def augment_batch(images: torch.Tensor, params: AugParams, size: int, *, dtype: 
     """
     if use_interpolate(images, kernel):  # flips are cheaper on uint8; then one fused pass on the CPU
         x = flip_rot_batch(crop_resize_uint8(images, params.boxes, size, index), params)
-        return finish_batch(x, params.jitter, dtype=dtype, channels_last=channels_last)
+        return finish_batch(x, params.jitter, dtype=dtype, channels_last=channels_last, norm=norm)
     if index is not None:
         images = images[torch.as_tensor(index, device=images.device)]
     x = flip_rot_batch(crop_resize_batch(images, params.boxes, size, kernel="roi_align"), params)
     x = color_jitter_batch(x, params.jitter)
-    return normalize_batch(x, dtype=dtype, channels_last=channels_last)
+    return normalize_batch(x, dtype=dtype, channels_last=channels_last, norm=norm)
 
 
-def value_range() -> tuple[float, float]:
+def value_range(norm: Normalization = IMAGENET) -> tuple[float, float]:
     """The smallest and largest value a normalised image can hold (for contract checks)."""
-    lo = min((0.0 - m) / s for m, s in zip(MEAN_255, STD_255, strict=True))
-    hi = max((255.0 - m) / s for m, s in zip(MEAN_255, STD_255, strict=True))
+    lo = min((0.0 - m) / s for m, s in zip(norm.mean, norm.std, strict=True))
+    hi = max((255.0 - m) / s for m, s in zip(norm.mean, norm.std, strict=True))
     return lo, hi

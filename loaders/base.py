@@ -26,6 +26,25 @@ STD_255: tuple[float, float, float] = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
 @dataclass(frozen=True)
+class Normalization:
+    """Per-channel (x - mean) / std of the 0-255 pixels every backend applies last."""
+
+    mean: tuple[float, float, float] = MEAN_255  # 0-255 scale
+    std: tuple[float, float, float] = STD_255  # 0-255 scale
+
+    @classmethod
+    def from_unit(cls, mean: tuple[float, ...], std: tuple[float, ...]) -> Normalization:
+        """From statistics on the 0-1 scale (timm's pretrained_cfg)."""
+        return cls(tuple(255.0 * float(m) for m in mean), tuple(255.0 * float(s) for s in std))
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+
+IMAGENET = Normalization()  # what cornpipe's own trunks are trained with
+
+
+@dataclass(frozen=True)
 class AugmentConfig:
     """Train-time augmentation; every backend applies the same parameters."""
 

@@ -20,7 +20,7 @@ import torch
 
 from cornpipe.errors import LoaderError
 from cornpipe.loaders.augment import AugParams, sample_params, val_params
-from cornpipe.loaders.base import DEFAULT_IMAGE_SIZE, AugmentConfig, Batch
+from cornpipe.loaders.base import DEFAULT_IMAGE_SIZE, IMAGENET, AugmentConfig, Batch, Normalization
 from cornpipe.loaders.sampling import check_strategy, epoch_indices, num_batches, rank_length
 
 # Sub-streams of the per-(seed, epoch, ...) random generators, so that augmentation draws never
@@ -55,6 +55,7 @@ class LoaderSpec:
     dtype: torch.dtype | None = None  # None: float16 on CUDA, float32 on CPU
     shuffle: bool | None = None  # None: shuffle where augmentation is on by default
     channels_last: bool | None = None  # NHWC batches; None: on CUDA only (the trainer passes its choice)
+    normalization: Normalization = IMAGENET  # mean/std (0-255) of the last step; a pretrained trunk's own
     num_samples: int | None = None  # global epoch length (all ranks); None = rows in the split
     even: bool = False  # truncate the global epoch to a multiple of world_size (DDP)
     options: Mapping[str, Any] = field(default_factory=dict)  # backend-specific extras
@@ -103,6 +104,7 @@ class LoaderSpec:
             drop_last=bool(self.drop_last), dtype=dtype,
             shuffle=train if self.shuffle is None else bool(self.shuffle),
             channels_last=dev.type == "cuda" if self.channels_last is None else bool(self.channels_last),
+            normalization=self.normalization,
             num_samples=None if self.num_samples is None else int(self.num_samples), even=bool(self.even),
             options=dict(self.options or {}),
         )

@@ -131,7 +131,7 @@ class DaliLoader(EpochLoader):
         self._dali_epoch = 0  # DALI's own epoch counter (one per pipeline reset)
         self._open: dict | None = None  # the epoch being iterated: dali_epoch, epoch, batches left
         self._finish = Finisher(spec.device, spec.dtype, jitter=spec.augment is not None,
-                                channels_last=spec.channels_last)
+                                channels_last=spec.channels_last, norm=spec.normalization)
 
     # -- the DALI graph ------------------------------------------------------------------------
 

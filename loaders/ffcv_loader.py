@@ -212,7 +212,7 @@ class FfcvLoader(EpochLoader):
             torch.set_num_threads(self._torch_threads)
         self._run: _EpochRun | None = None
         self._finish = Finisher(spec.device, spec.dtype, jitter=spec.augment is not None,
-                                channels_last=spec.channels_last)
+                                channels_last=spec.channels_last, norm=spec.normalization)
 
     def _params(self, epoch: int, batches: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Per batch: the decoder's int64 param rows and the (B, 3) colour jitter factors."""

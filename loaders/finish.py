@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from cornpipe.loaders.augment import color_jitter_batch, finish_batch
-from cornpipe.loaders.base import MEAN_255, STD_255
+from cornpipe.loaders.base import IMAGENET, Normalization
 
 
 @contextmanager
@@ -44,17 +44,19 @@ class Finisher:
     """
 
     def __init__(self, device: torch.device, dtype: torch.dtype, jitter: bool, channels_last: bool,
-                 tensor_ops: bool | None = None) -> None:
+                 tensor_ops: bool | None = None, norm: Normalization = IMAGENET) -> None:
         self.device, self.dtype, self.jitter, self.channels_last = device, dtype, jitter, channels_last
         self.tensor_ops = device.type == "cuda" if tensor_ops is None else bool(tensor_ops)
-        self.mean = torch.tensor(MEAN_255, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(STD_255, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.norm = norm
+        self.mean = torch.tensor(norm.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(norm.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
 
     def __call__(self, pixels: torch.Tensor, jitter: np.ndarray | torch.Tensor) -> torch.Tensor:
         factors = jitter if self.jitter else None
         if not self.tensor_ops:  # one fused numba pass (the tensor ops where numba is missing)
             with one_cpu_thread():
-                return finish_batch(pixels, factors, dtype=self.dtype, hwc=True, channels_last=self.channels_last)
+                return finish_batch(pixels, factors, dtype=self.dtype, hwc=True, channels_last=self.channels_last,
+                                    norm=self.norm)
         b, h, w, _ = pixels.shape
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         x = torch.empty((b, 3, h, w), dtype=torch.float32, device=self.device, memory_format=layout)

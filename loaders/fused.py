@@ -26,7 +26,7 @@ import warnings
 import numpy as np
 import torch
 
-from cornpipe.loaders.base import MEAN_255, STD_255
+from cornpipe.loaders.base import IMAGENET, Normalization
 
 GREY_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)  # ITU-R 601 luma
 
@@ -109,8 +109,6 @@ def _compiled():  # noqa: ANN202 - a numba dispatcher, or None where numba does 
                       parallel=_thread_safe_layer())(_kernel)
 
 
-_MEAN = np.asarray(MEAN_255, dtype=np.float32)
-_INV_STD = (1.0 / np.asarray(STD_255, dtype=np.float64)).astype(np.float32)
 
 
 def ready() -> bool:
@@ -119,7 +117,7 @@ def ready() -> bool:
 
 
 def fused_finish(pixels: torch.Tensor, factors: np.ndarray | torch.Tensor | None, *,
-                 channels_last_input: bool) -> torch.Tensor:
+                 channels_last_input: bool, norm: Normalization = IMAGENET) -> torch.Tensor:
     """uint8 CPU pixels -> jittered, normalised (B, 3, H, W) float32, contiguous.
 
     pixels: (B, H, W, 3) when `channels_last_input`, else (B, 3, H, W); any strides.
@@ -141,5 +139,7 @@ def fused_finish(pixels: torch.Tensor, factors: np.ndarray | torch.Tensor | None
         f = np.ascontiguousarray(f, dtype=np.float32).reshape(b, 3)
     out = torch.empty((b, 3, h, w), dtype=torch.float32)
     if b:
-        _compiled()(planes.view(b, 3, h * w).numpy(), f, _MEAN, _INV_STD, out.view(b, 3, h * w).numpy())
+        mean = np.asarray(norm.mean, dtype=np.float32)
+        inv_std = (1.0 / np.asarray(norm.std, dtype=np.float64)).astype(np.float32)
+        _compiled()(planes.view(b, 3, h * w).numpy(), f, mean, inv_std, out.view(b, 3, h * w).numpy())
     return out

@@ -138,7 +138,7 @@ class ResidentLoader(EpochLoader):
             if use_interpolate(self.store, self.crop_kernel):
                 # CPU: each box is cropped from the store in place (no gather).
                 images = augment_batch(self.store, params, spec.image_size, dtype=spec.dtype,
-                                       channels_last=spec.channels_last, index=rows, kernel="interpolate")
+                                       channels_last=spec.channels_last, norm=spec.normalization, index=rows, kernel="interpolate")
             else:
                 # Gather only the window the batch's bilinear taps read (the row/column above and
                 # left of each box included): a smaller float copy for roi_align, the same pixels.
@@ -146,7 +146,7 @@ class ResidentLoader(EpochLoader):
                 pixels = self.store[index, :, y0:y1, x0:x1]  # (B, 3, y1 - y0, x1 - x0) uint8
                 shifted = replace(params, boxes=params.boxes - np.array([y0, x0, 0, 0], dtype=np.float64))
                 images = augment_batch(pixels, shifted, spec.image_size, dtype=spec.dtype,
-                                       channels_last=spec.channels_last, kernel="roi_align")
+                                       channels_last=spec.channels_last, norm=spec.normalization, kernel="roi_align")
             yield Batch(images, self.position_t[index], self.grade_t[index], self.sample_id_t[index])
 
     def close(self) -> None:

@@ -150,7 +150,7 @@ class TorchLoader(EpochLoader):
             with one_cpu_thread(not spec.on_cuda and self._loader.num_workers > 0):
                 x = pixels.to(spec.device, non_blocking=spec.on_cuda)  # (B, 3, S, S) uint8
                 images = finish_batch(x, jitter if spec.augment is not None else None, dtype=spec.dtype,
-                                      channels_last=spec.channels_last)
+                                      channels_last=spec.channels_last, norm=spec.normalization)
             yield Batch(images, *self.labels_for(rows))
 
     def close(self) -> None:

@@ -78,3 +78,21 @@ def test_the_trainer_passes_its_channels_last_choice_to_both_loaders(tiny_shards
                       compile=False, bootstrap=0)
     train_module.train(cfg)
     assert seen == [("train", True), ("val", True)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batches_are_normalised_with_the_requested_statistics(backend: str, tiny_shards: Path) -> None:
+    """A pretrained trunk's mean/std (here timm's 0.5/0.5) replace ImageNet's in every backend."""
+    from cornpipe.loaders.base import IMAGENET, Normalization
+
+    needs_library(backend)
+    half = Normalization.from_unit((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    args = dict(backend=backend, batch_size=6, image_size=32, workers=1)
+    imagenet = _first_images(make_loader(tiny_shards, "val", **args)).float()
+    mine = _first_images(make_loader(tiny_shards, "val", normalization=half, **args)).float()
+
+    def pixels(x: torch.Tensor, norm: Normalization) -> torch.Tensor:
+        return x * torch.tensor(norm.std).view(1, 3, 1, 1) + torch.tensor(norm.mean).view(1, 3, 1, 1)
+
+    assert mine.min() >= -1.0 - 1e-4 and mine.max() <= 1.0 + 1e-4  # (x - 127.5) / 127.5
+    torch.testing.assert_close(pixels(mine, half), pixels(imagenet, IMAGENET), atol=0.05, rtol=0)

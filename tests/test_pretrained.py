@@ -107,6 +107,7 @@ def test_a_timm_trunk_fine_tunes_from_the_file_then_predicts(lite0_file: Path, t
            "--freeze-epochs", "1")
     config = json.loads((one / "config.json").read_text())
     assert config["data"]["init"]["matched"] == 245 and config["data"]["init"]["method"] == "order"
+    assert config["data"]["normalization"]["mean"] == [127.5] * 3  # the trunk's statistics, not ImageNet's
     start = create_model(LITE0, num_positions=3, grade_scale=SCALE)
     load_init_weights(start, lite0_file)
     trained = torch.load(one / "last.pt", weights_only=True)["model"]
