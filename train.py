@@ -64,10 +64,12 @@ from cornpipe.runs.report import (
 )
 from cornpipe.runs.run_dir import (
     TrainResult,
+    check_resumed_shards,
     keep_metrics_until,
     prepare_run_dir,
     read_metrics,
     restore_best_and_report,
+    shard_identity,
 )
 from cornpipe.shards.shard_set import ShardSet
 
@@ -150,11 +152,12 @@ def evaluate(model: nn.Module, loader: Any, loss_fn: nn.Module, cfg: TrainConfig
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
-          console: Console | None = None, verbose: bool = False) -> TrainResult:
+          console: Console | None = None, verbose: bool = False, allow_new_shards: bool = False) -> TrainResult:
     """Run (or resume) a training run as configured; see the module docstring for what it writes.
 
     The console gets one line per epoch (and a progress bar on a terminal), then the last epoch's full
-    table; `verbose` prints the full table every epoch instead."""
+    table; `verbose` prints the full table every epoch instead. A resumed run refuses a shard set other
+    than its own (manifest sha256, counts) unless `allow_new_shards`."""
     console = console or Console(stderr=True)
     cfg = resolve_runtime(cfg, torch.cuda.is_available())
     device = torch.device(cfg.device)
@@ -166,9 +169,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
     data = {"positions": list(shards.positions), "grade_scale": [float(g) for g in shards.grade_scale],
             "shards": str(cfg.shards), "counts": {s: shards.count(s) for s in ("train", "val")},
             "convert": {k: shards.params.get(k) for k in ("write_mode", "max_resolution", "jpeg_quality")}}
+    data["identity"] = shard_identity(cfg.shards, data["counts"])  # what --resume must find again
     if checkpoint and (checkpoint["data"]["positions"] != data["positions"]
                        or checkpoint["data"]["grade_scale"] != data["grade_scale"]):
         raise ConfigError(f"{cfg.shards} has other position classes or grade scale than the run in {run}")
+    if checkpoint:
+        data["shard_changes"] = list(checkpoint["data"].get("shard_changes", []))
+        change = check_resumed_shards(checkpoint["data"], data, run, cfg.shards, allow_new_shards)
+        if change is not None:
+            data["shard_changes"].append({**change, "at_epoch": checkpoint["epoch"]})
+            console.print(f"[bold yellow]resuming on another shard set ({change['summary']}): "
+                          f"--allow-new-shards; the report says so")
     if not resume:
         prepare_run_dir(run, force, dry_run=True)  # refuse a used --out before any slow work
 

@@ -52,6 +52,8 @@ def _opt(*decls: str, help: str, **kwargs: Any) -> Any:
 @click.option("--resume", type=click.Path(exists=True, file_okay=False),
               help="Continue RUN from RUN/last.pt (flags such as --epochs/--patience may change).")
 @click.option("--force", is_flag=True, help="Overwrite the run files in an existing --out.")
+@click.option("--allow-new-shards", is_flag=True,
+              help="With --resume: continue on a shard set other than the run's own (the report says so).")
 @click.option("--verbose", is_flag=True, help="Print the full metrics table every epoch (default: one line an "
               "epoch, the table at the end and in report.md).")
 @_opt("--epochs", type=int, help="Maximum epochs.")
@@ -96,7 +98,7 @@ def _opt(*decls: str, help: str, **kwargs: Any) -> Any:
 @_opt("--seed", type=int, help="Random seed.")
 @click.pass_context
 def train_command(ctx: click.Context, shards: str | None, out: str | None, config_file: str | None,
-                  resume: str | None, force: bool, verbose: bool, **flags: Any) -> None:
+                  resume: str | None, force: bool, verbose: bool, allow_new_shards: bool, **flags: Any) -> None:
     """Train on SHARDS (a `cornpipe convert` output) into --out RUN."""
     given = {k: v for k, v in flags.items()
              if ctx.get_parameter_source(k) != ParameterSource.DEFAULT and v is not None}
@@ -107,7 +109,7 @@ def train_command(ctx: click.Context, shards: str | None, out: str | None, confi
     cfg = config_from_sources(given, config_file=config_file, resume=resume)
     from cornpipe.train import train  # torch and the loaders load only for the commands that use them
 
-    train(cfg, resume=bool(resume), force=force, verbose=verbose)
+    train(cfg, resume=bool(resume), force=force, verbose=verbose, allow_new_shards=allow_new_shards)
 
 
 @click.command("models", cls=CornpipeCommand)

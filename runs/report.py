@@ -310,6 +310,9 @@ def write_report(run_dir: Path | str) -> Path:
     summary = [(k, v) for k, v in summary if v is not None]
     if summary:
         lines += ["Run: " + ", ".join(f"{k} `{v}`" for k, v in summary), ""]
+    for change in config_get(config, "shard_changes") or []:  # --resume --allow-new-shards
+        lines += [f"**Resumed after epoch {change.get('at_epoch')} on another shard set** "
+                  f"({change.get('summary')}): epochs before and after are not comparable.", ""]
     tolerance = config_get(config, "tolerance", "grade_tolerance")
     lines += [f"Epochs recorded: {len(records)}. Latest epoch: {last['epoch']}"
               + (f", lr {last['lr']:.3g}" if isinstance(last.get("lr"), (int, float)) else "")

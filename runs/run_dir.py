@@ -95,3 +95,29 @@ def restore_best_and_report(run: Path, cfg: TrainConfig, model: nn.Module, ema: 
     console.print(f"report: {run / REPORT_FILE}")
     return TrainResult(run=run, model=ema.module if ema else model, best_epoch=stopper.best_epoch,
                        best_val=val, epochs_run=epochs_run, stopped_early=stopper.should_stop)
+
+
+def shard_identity(root: Path | str, counts: dict[str, int]) -> dict[str, Any]:
+    """What identifies a shard set for a run: its manifest's sha256 and its split counts."""
+    from cornpipe.shards.fields import MANIFEST
+    from cornpipe.shards.manifest import sha256_file
+
+    return {"manifest_sha256": sha256_file(Path(root) / MANIFEST), "counts": dict(counts)}
+
+
+def check_resumed_shards(saved: dict[str, Any], current: dict[str, Any], run: Path, shards: str,
+                         allow_new: bool) -> dict[str, Any] | None:
+    """Refuse to resume `run` on a shard set other than the one it was trained on, unless `allow_new`;
+    then return the change to record (config.json and the report say so). None: the same set (or a
+    run from before identities were recorded)."""
+    before = saved.get("identity")
+    if before is None or before == current["identity"]:
+        return None
+    old, new = before, current["identity"]
+    what = (f"manifest sha256 {old['manifest_sha256'][:12]} -> {new['manifest_sha256'][:12]}, "
+            f"train/val {old['counts'].get('train')}/{old['counts'].get('val')} -> "
+            f"{new['counts'].get('train')}/{new['counts'].get('val')}")
+    if not allow_new:
+        raise ConfigError(f"{shards} is not the shard set {run} was trained on ({what}); "
+                          f"pass --allow-new-shards to continue on it anyway")
+    return {"from": old, "to": new, "summary": what}
