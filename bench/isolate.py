@@ -9,6 +9,11 @@ all its descendants from /proc while it runs, and reads the child's result JSON.
 Memory is the proportional set size (PSS: resident pages, shared pages split between the processes
 sharing them) summed over the process tree, so N forked workers sharing libtorch are not counted N
 times. Where /proc/<pid>/smaps_rollup is unreadable, VmRSS is used instead.
+
+The child runs in a new session (so its whole group can be ended at once, workers included), which
+also puts it beyond a signal sent to the parent's process group (`timeout`, a terminal's Ctrl-C). So
+while a child runs, SIGTERM and SIGHUP to the parent end the child's group before the parent exits
+(status 128 + signal), instead of leaving the child running on its own.
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +36,40 @@ from cornpipe.errors import BenchError, CornpipeError
 
 SAMPLE_INTERVAL_S = 0.25
 EXIT_GRACE_S = 15.0  # a child that wrote its result but has not exited after this is ended
+END_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
+
+@contextmanager
+def _signals_exit() -> Iterator[None]:
+    """Within: SIGTERM/SIGHUP raise SystemExit(128 + signal), so `finally` blocks run and end the child.
+
+    Python's default for SIGTERM is to die at once, skipping every `finally`. Only the main thread
+    may set handlers; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def leave(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, leave) for sig in END_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the child's process group (the child and the workers it forked), then reap the child.
+
+    The group is ended even when the child has exited: a worker it forked may still be in it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # the group is empty
+        pass
+    proc.wait()
 
 
 def _read_kb(path: str, key: str) -> int | None:
@@ -97,14 +137,15 @@ def run_isolated(module: str, spec: dict[str, Any], *, timeout_s: float, label: 
         log_path = (log_dir / f"{label}.log") if log_dir else Path(tmp) / "child.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)  # the child imports cornpipe as this process did (install or PYTHONPATH)
-        with open(log_path, "wb") as log:
-            # a new session, so a timeout can end the child together with its workers
-            proc = subprocess.Popen([sys.executable, "-m", module, str(spec_path), str(result_path)],
-                                    stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    start_new_session=True)
-            peak_mb, deadline = 0.0, time.monotonic() + timeout_s
-            finished_at: float | None = None  # when the result file appeared
+        peak_mb, deadline = 0.0, time.monotonic() + timeout_s
+        finished_at: float | None = None  # when the result file appeared
+        proc: subprocess.Popen | None = None
+        with open(log_path, "wb") as log, _signals_exit():
             try:
+                # a new session, so a timeout can end the child together with its workers
+                proc = subprocess.Popen([sys.executable, "-m", module, str(spec_path), str(result_path)],
+                                        stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)
                 while proc.poll() is None:
                     peak_mb = max(peak_mb, tree_memory_mb(proc.pid))
                     now = time.monotonic()
@@ -115,10 +156,9 @@ def run_isolated(module: str, spec: dict[str, Any], *, timeout_s: float, label: 
                     if now > deadline:
                         raise BenchError(f"{label}: no result after {timeout_s:.0f} s (log: {log_path})")
                     time.sleep(SAMPLE_INTERVAL_S)
-            finally:
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            finally:  # also on SystemExit from SIGTERM (see _signals_exit)
+                if proc is not None:
+                    _end_group(proc)
         result = json.loads(result_path.read_text()) if result_path.exists() else None
         # a result without "error" counts even if the child then crashed at exit (seen with
         # native libraries' threads at interpreter shutdown)

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,8 @@ from click.testing import CliRunner
 from cornpipe.bench.ceiling import decode_ceiling
 from cornpipe.bench.isolate import run_isolated
 from cornpipe.bench.machine import machine_facts
+from cornpipe.bench.summary import OUT_FILES, SUMMARY_MAX_CHARS
+from cornpipe.bench.summary import main as write_summary
 from cornpipe.cli import cli
 from cornpipe.errors import BenchError
 
@@ -66,7 +71,9 @@ def test_bench_loaders_reports_ratios_and_the_class_mix_each_backend_delivered(t
         fractions = row["class_fractions"]
         assert len(fractions) == 3 and sum(fractions) == pytest.approx(1.0)
         assert all(abs(f - 1 / 3) < 0.15 for f in fractions), fractions
-    assert rows["torch"]["ratio_vs_torch"] == pytest.approx(1.0)
+    for row in rows.values():  # the figure is the round it measured (--repeats 1), not a constant
+        assert len(row["repeats"]) == 1 and row["images_per_s"] == row["repeats"][0]
+        assert row["images_per_s_min"] == row["images_per_s_max"] == row["images_per_s"]
     assert rows["resident"]["ratio_vs_torch"] == pytest.approx(
         rows["resident"]["images_per_s"] / rows["torch"]["images_per_s"])
     assert summary["machine"]["cores"] >= 1 and summary["machine"]["libraries"]["torch"]
@@ -136,6 +143,76 @@ def test_isolated_run_counts_the_memory_of_worker_processes(tmp_path, monkeypatc
         run_isolated("memchild", {"mb": 1, "fail": True}, timeout_s=120, label="fail")
 
 
+SLEEPER = """
+import multiprocessing as mp, os, time
+from pathlib import Path
+from cornpipe.bench.isolate import child_main
+
+def sleep():
+    time.sleep(300)
+
+def measure(spec):
+    worker = mp.get_context("fork").Process(target=sleep)
+    worker.start()
+    Path(spec["pids"]).write_text(f"{os.getpid()} {worker.pid}")
+    time.sleep(300)
+    return {}
+
+if __name__ == "__main__":
+    child_main(measure)
+"""
+
+PARENT = """
+import sys
+from cornpipe.bench.isolate import run_isolated
+run_isolated("sleeper", {"pids": sys.argv[1]}, timeout_s=300, label="sleeper")
+"""
+
+
+def gone(pid: int) -> bool:
+    """No such process, or only its zombie (dead, waiting for a parent that is not ours to reap it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in ("Z", "X")
+
+
+def wait_until(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+def test_isolated_child_and_its_workers_end_when_the_parent_is_terminated(tmp_path, monkeypatch):
+    # The child runs in its own session, out of reach of a signal to the parent's group (`timeout`):
+    # the parent must end it on SIGTERM, or it runs on after the parent is gone.
+    (tmp_path / "sleeper.py").write_text(SLEEPER)
+    (tmp_path / "parent.py").write_text(PARENT)
+    pids_file = tmp_path / "pids"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    parent = subprocess.Popen([sys.executable, str(tmp_path / "parent.py"), str(pids_file)], env=env)
+    try:
+        assert wait_until(lambda: pids_file.is_file() and len(pids_file.read_text().split()) == 2, 60)
+        child, worker = map(int, pids_file.read_text().split())
+        assert os.getsid(child) == child != os.getsid(parent.pid)  # a session of its own
+        parent.send_signal(signal.SIGTERM)
+        status = parent.wait(timeout=30)
+        assert wait_until(lambda: gone(child) and gone(worker), 10), (child, worker)
+        assert status == 128 + signal.SIGTERM  # it exited through its `finally`, not killed outright
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        if pids_file.is_file():
+            for pid in map(int, pids_file.read_text().split()):
+                if not gone(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+
 def test_machine_facts_name_the_cores_cpu_and_library_versions():
     facts = machine_facts()
     assert facts["cores"] == len(os.sched_getaffinity(0))
@@ -193,44 +270,140 @@ def test_bench_train_rejects_unknown_variants_and_models():
 
 
 # ---------------------------------------------------------------------------------------------
-# the prepared GPU check, on a machine without a GPU (and without FFCV and DALI, like the GPU machine)
+# the prepared GPU check: its step runner, its summary, and the whole script on a machine without a GPU
+# (and without FFCV and DALI, like the GPU machine)
+
+OUT_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+
+GRANDCHILD = """
+import subprocess, sys, time
+grandchild = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                               "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)"],
+                              start_new_session=True)
+open(sys.argv[1], "w").write(str(grandchild.pid))
+time.sleep(300)
+"""
+
+
+def run_step(tmp_path: Path, name: str, limit: int, *command: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TMPDIR=str(tmp_path), PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    return subprocess.run(["bash", "bench/gpu_check.sh", "--step", name, str(limit), *command], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_step_past_its_limit_ends_every_process_it_started(tmp_path):
+    # a grandchild in a session of its own that ignores SIGTERM: neither `timeout` (its group) nor the
+    # child's death reaches it; the step runner must still end it (SIGKILL after the grace)
+    (tmp_path / "spawn.py").write_text(GRANDCHILD)
+    pid_file = tmp_path / "grandchild.pid"
+    start = time.monotonic()
+    proc = run_step(tmp_path, "sleeper", 3, sys.executable, str(tmp_path / "spawn.py"), str(pid_file))
+    took = time.monotonic() - start
+    pid = int(pid_file.read_text())
+    try:
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert gone(pid), "the grandchild outlived its step"
+        assert "!! sleeper: timeout (no result after 3 s)" in proc.stdout
+        assert proc.stdout.strip().splitlines()[-1].split("\t")[:2] == ["sleeper", "timeout"]
+        assert took < 3 + 5 + 10  # the limit, the kill grace, a margin for a busy machine
+    finally:
+        if not gone(pid):
+            os.kill(pid, signal.SIGKILL)
+    assert not list(tmp_path.glob("cornpipe-*")), "the scratch folder and the import link are removed"
+
+
+def test_pytest_collecting_nothing_is_not_a_passing_step(tmp_path):
+    proc = run_step(tmp_path, "pytest-gpu", 60, sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                    "-m", "no_such_marker", "tests/test_layout.py")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-1].split("\t")[:2] == ["pytest-gpu", "no tests collected"]
+    passing = run_step(tmp_path, "ok-step", 60, sys.executable, "-c", "print('fine')")
+    assert passing.returncode == 0 and passing.stdout.strip().splitlines()[-1].split("\t")[:2] == ["ok-step", "ok"]
+
+
+def test_summary_fits_in_its_limit_and_out_gets_only_its_files(tmp_path):
+    # a bad run: every row failed with a long message, a step timed out, most inputs missing
+    scratch, out = tmp_path / "scratch", tmp_path / "out"
+    (scratch / "logs").mkdir(parents=True)
+    out.mkdir()
+    (out / "steps.tsv").write_text("stale\n")  # a previous check's file is replaced, not mixed in
+    (scratch / "steps.tsv").write_text("data\tok\t9\t\n" + "".join(
+        f"bench-train\ttimeout\t120\tno result after 120 s {'x' * 300}\n" for _ in range(3)))
+    rows = [{"variant": f"v{i}", "data": "synthetic", "error": "E" * 500} for i in range(80)]
+    (scratch / "bench_train.json").write_text(json.dumps({"config": {}, "results": rows}))
+    (scratch / "logs" / "bench-train.log").write_text("line\n" * 100_000)
+    lines = write_summary(scratch, out, "cuda", None, 400.0)
+    text = "\n".join(lines)
+    assert len(text) <= SUMMARY_MAX_CHARS
+    assert lines[-1] == "RESULT: 3 of 4 steps not ok in 400 s: bench-train, bench-train, bench-train"
+    assert sorted(p.name for p in out.iterdir()) == ["bench_train.json", "log_tail.txt", "steps.tsv",
+                                                     "summary.json"]
+    assert sum(line.startswith("bench-train    timeout") for line in lines) == 3  # every step keeps its line
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["out_files"]["pytest.xml"] == "missing"
+    assert len(summary["figures"]["bench-train"]["results"]) == 80
+    assert [s["status"] for s in summary["steps"]] == ["ok", "timeout", "timeout", "timeout"]
+    assert (out / "steps.tsv").read_text() == (scratch / "steps.tsv").read_text()
+    assert (out / "log_tail.txt").stat().st_size < 64 * 1024  # a tail, not the log
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path; on a GPU run the script itself")
-def test_gpu_check_script_runs_without_gpu_and_says_what_it_skipped(tmp_path):
+def test_gpu_check_script_runs_without_gpu_and_brings_back_a_few_small_files(tmp_path):
     blocker = tmp_path / "no_ffcv_dali"
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text(NO_FFCV_DALI)
-    out = tmp_path / "gpu-out"
-    env = dict(os.environ, OUT=str(out), PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-               PYTHONPATH=str(blocker))
+    out, tmp = tmp_path / "gpu-out", tmp_path / "tmp"
+    tmp.mkdir()
+    env = dict(os.environ, OUT=str(out), TMPDIR=str(tmp), PYTHONPATH=str(blocker),
+               PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("GPU_CHECK_QUICK", None)
+    env.pop("GPU_CHECK_SCRATCH", None)
+    start = time.monotonic()
     proc = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
+    took = time.monotonic() - start
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
+    assert took < 360, took  # the script's own budget (~85 s measured here)
     assert "SKIP: no CUDA GPU (" in output
     for what in ("bench train", "bench loaders", "train ("):
         assert any(line.startswith("SKIP: no CUDA GPU") and what in line for line in output.splitlines()), what
-    tail = proc.stdout.strip().splitlines()
-    assert tail[-1].startswith("RESULT: all 6 steps ok") and "GPU check summary" in proc.stdout
+
+    # what comes back from a GPU machine: at most 8 plain files, small, with plain names, not deep
+    files = [p for p in out.rglob("*")]
+    assert all(p.is_file() and not p.is_symlink() for p in files), files
+    assert sorted(p.name for p in files) == sorted(OUT_FILES) and len(files) <= 8
+    for p in files:
+        assert OUT_NAME.match(p.name) and len(p.relative_to(out).parts) <= 3, p
+        assert p.stat().st_size < 4 * 1024**2, p
+    assert sum(p.stat().st_size for p in files) < 16 * 1024**2
+    assert not list(tmp.glob("cornpipe-*")), "the scratch folder (data, checkpoints, logs) is removed"
+
+    # the summary is printed last and fits
+    start_line = next(i for i, line in enumerate(proc.stdout.splitlines()) if line.startswith("GPU check summary"))
+    summary_text = "\n".join(proc.stdout.splitlines()[start_line:])
+    assert len(summary_text) <= SUMMARY_MAX_CHARS
+    assert summary_text.splitlines()[-1].startswith("RESULT: all 5 steps ok")
     steps = [line.split("\t")[:2] for line in (out / "steps.tsv").read_text().splitlines()]
-    assert steps == [[name, "ok"] for name in ("pytest-gpu", "data", "bench-train", "bench-train-loader",
-                                               "bench-loaders", "train-run")]
-    # every number landed in $OUT, measured on the CPU
+    assert steps == [[name, "ok"] for name in ("data", "train-run", "bench-train", "bench-loaders", "pytest-gpu")]
+
+    # every number landed in $OUT, measured on the CPU, and the summary shows each with its ratio
     train = json.loads((out / "bench_train.json").read_text())
     assert [r["variant"] for r in train["results"]] == ["eager-fp32", "amp"]
     assert all(r["device"] == "cpu" and r["images_per_s"] > 0 for r in train["results"])
-    assert train["results"][1]["amp"] == "bfloat16"
-    assert train["results"][0]["ratio_vs_eager"] == pytest.approx(1.0)
-    assert train["results"][1]["ratio_vs_eager"] == pytest.approx(
-        train["results"][1]["images_per_s"] / train["results"][0]["images_per_s"])
-    fed = json.loads((out / "bench_train_loader.json").read_text())["results"][0]
-    assert fed["data"] == "resident loader" and 0 <= fed["data_wait_share"] < 1
+    eager, amp = train["results"]
+    assert amp["amp"] == "bfloat16"
+    assert amp["ratio_vs_eager"] == pytest.approx(amp["images_per_s"] / eager["images_per_s"])
+    assert f"{amp['images_per_s']:,.0f} img/s  {amp['ratio_vs_eager']:.2f}× eager-fp32" in summary_text
     loaders = json.loads((out / "bench_loaders.json").read_text())
     assert {r["backend"] for r in loaders["results"]} == {"resident", "torch"}
     assert loaders["ceiling"]["images_per_s"] > 0
     assert all(r["fraction_of_ceiling"] > 0 for r in loaders["results"])
-    assert (out / "run" / "metrics.jsonl").is_file() and (out / "machine.json").is_file()
-    assert json.loads((out / "summary.json").read_text())["no_gpu"]
+    epochs = [json.loads(line) for line in (out / "run_metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["no_gpu"] and summary["machine"]["cores"] >= 1
+    assert summary["figures"]["train-run"]["epochs"] == 2 and summary["figures"]["train-run"]["loader"] == "resident"
+    assert summary["figures"]["pytest-gpu"]["tests"] >= 1  # the gpu tests were collected (and skipped here)
+    assert "==> train-run.log" in (out / "log_tail.txt").read_text()
