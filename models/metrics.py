@@ -7,6 +7,10 @@ tests check the numpy arithmetic against scikit-learn.
 Conventions (documented because reports and early stopping read them):
 - position predictions are the argmax of `position_prob` (probabilities or logits, either works);
 - `position_recall[name]` is None (JSON null) for a class with no true samples: recall is undefined;
+- `grade_qwk` is quadratic weighted kappa over the FULL declared scale (`labels=range(K)`): a level
+  absent from both truth and predictions still counts in the distances between the others, on
+  purpose (scikit-learn's default, the levels present only, would shrink the scale and inflate kappa
+  when e.g. no grade-9 leaf is in the split); reports and the README say so;
 - `grade_qwk` is None when kappa is undefined, i.e. when the true and the predicted grades all fall
   on one and the same scale level (expected disagreement is zero); a bootstrap resample where it is
   undefined is left out of the interval;

@@ -42,6 +42,9 @@ TABLE_METRICS: tuple[tuple[str, str, bool], ...] = (
     ("images_per_s", "images/s", True),
     ("data_wait_share", "data-wait share", False),
 )
+QWK_NOTE = ("Grade QWK weighs disagreements on the full declared grade scale, levels absent from this split "
+            "included (scikit-learn's default would use only the levels present, shrinking the distances "
+            "and flattering kappa when, say, no grade-9 leaf is in the validation split).")
 WIDE_CI = 0.20  # a 95% CI of position accuracy wider than this: the val set is too small to tell
 CONFIG_SUMMARY_KEYS = ("model", "grade_head", "loader", "epochs", "batch_size", "image_size", "lr",
                        "optimizer", "oversample", "loss_weights", "device", "amp", "monitor", "seed")
@@ -326,6 +329,8 @@ def write_report(run_dir: Path | str) -> Path:
             continue
         lines += [f"## {title}, epoch {last['epoch']}" + (f" vs epoch {prev['epoch']}" if prev else ""), ""]
         lines += _split_table(split, (prev or {}).get(key) if prev else None, with_ci) + [""]
+    if "grade_qwk" in (last.get("val") or {}):
+        lines += [QWK_NOTE, ""]
 
     val, train = last.get("val") or {}, last.get("train") or {}
     prev_recall = ((prev or {}).get("val") or {}).get("position_recall") or {}

@@ -79,6 +79,16 @@ def test_qwk_degenerate_case_is_null_without_warnings() -> None:
     json.dumps(m, allow_nan=False)
 
 
+def test_qwk_counts_levels_absent_from_the_split() -> None:
+    """Kept on purpose (README, report.md): the distances are those of the full declared scale."""
+    true, pred = [0.0, 3.0, 3.0, 9.0, 9.0, 0.0], [0.0, 3.0, 9.0, 9.0, 3.0, 3.0]  # no 5s or 7s anywhere
+    m = compute_metrics([0] * 6, _one_hot([0] * 6), true, pred, grade_scale=SCALE, positions=NAMES)
+    idx = {g: i for i, g in enumerate(SCALE)}
+    ti, pi = [idx[g] for g in true], [idx[g] for g in pred]
+    assert m["grade_qwk"] == pytest.approx(cohen_kappa_score(ti, pi, labels=range(len(SCALE)), weights="quadratic"))
+    assert m["grade_qwk"] != pytest.approx(cohen_kappa_score(ti, pi, weights="quadratic"))  # sklearn's default
+
+
 def test_bad_inputs_raise() -> None:
     kw = {"grade_scale": SCALE, "positions": NAMES}
     with pytest.raises(ValueError, match="shape"):
@@ -220,6 +230,7 @@ def test_report_files_tables_and_assessment(run_dir) -> None:
     assert "| upper | 0.8000 | 0.0000 | 0.8000 | ▼ -100.0% (worse) |" in text
     assert "| **upper** | 2 | 3 | 0 | 5 |" in text  # confusion row, last epoch
     assert "WARNING: position class(es) `upper` never predicted on validation in epoch 3" in text
+    assert "Grade QWK weighs disagreements on the full declared grade scale" in text
     assert "Possible overfitting: train loss fell 25.0% while validation loss rose 25.0%" in text
     assert "Validation set too small to tell (16 images)" in text
     assert "## Best epoch: 2 (marked best by the trainer, monitor 0.6500)" in text
