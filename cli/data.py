@@ -128,6 +128,8 @@ def convert(paths: tuple[Path, ...], manifest_csv: Path | None, grade_scale: Seq
         workers=workers, seed=seed, force=force, shard_size=shard_size, max_pixels=max_pixels,
         formats=formats, progress=sys.stderr.isatty(),
     )
+    for name in summary.cleaned:
+        click.echo(f"removed {name}, left by an interrupted convert")
     counts = ", ".join(f"{k} {v}" for k, v in summary.split_counts.items())
     click.echo(f"wrote {summary.out} ({counts})")
     if summary.rejected:

@@ -2,12 +2,16 @@
 
 The temporary folder holds an flock (`.lock`) while its run is alive, so a later run can tell a killed
 run's leftovers (removed) from a live run's folder (refused) without trusting pids, which get reused.
+Only when the lock is held and the run named by the folder's pid is gone is the pid consulted: then
+the holders are workers that outlived their run (older cornpipe versions), and the folder is reclaimed.
+Free space is checked here too, and a full disk is worded once (`no_space`).
 `check_can_create` is the one check, shared by every command that writes, that an output path can be
 made at all, done before any slow work.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -91,7 +95,11 @@ def clean_stale_temp(out: Path) -> list[Path]:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError as exc:
-                raise ConvertError(f"another convert is writing {out} (its temporary folder {tmp.name} is in use)") from exc
+                pid = tmp.name.rsplit(TMP_MARK, 1)[-1]
+                if not (pid.isdigit() and not _pid_alive(int(pid))):
+                    raise ConvertError(f"another convert is writing {out} "
+                                       f"(its temporary folder {tmp.name} is in use)") from exc
+                # held, but its run is dead: orphaned workers hold it, and they write nothing here
             finally:
                 os.close(fd)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -133,3 +141,31 @@ def publish(tmp: Path, out: Path, force: bool) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink()
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, quota, file-size limit
+
+
+class DiskFull(OSError):
+    """The outputs will not fit (found mid-run): convert removes its folder, then words it (`no_space`)."""
+
+    def __init__(self, needed: int) -> None:
+        super().__init__(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.needed = needed
+
+
+def free_bytes(folder: Path) -> int:
+    """Bytes a non-root writer may still use on the file system of `folder`."""
+    return shutil.disk_usage(folder).free
+
+
+def no_space(folder: Path, needed: int) -> OutputError:
+    """The one wording of a full disk, with the estimate and what is free now."""
+    return OutputError(f"no space left on {folder} (needed ~{needed / 1e6:.1f} MB, "
+                       f"free {free_bytes(folder) / 1e6:.1f} MB)")
+
+
+def check_space(folder: Path, needed: int) -> None:
+    """Raise `no_space` before any slow work when `folder`'s file system has less than `needed` bytes."""
+    if free_bytes(folder) < needed:
+        raise no_space(folder, needed)

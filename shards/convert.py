@@ -1,15 +1,26 @@
 """`cornpipe convert`: a labelled image collection -> one shard set (see shards/fields.py for the layout).
 
-Flow: discover inputs and labels -> decode, repair and resize every image in `workers` processes
-(staging the pixels and the tar JPEG in the temporary folder) -> drop duplicates -> stratified split ->
-per split: the .beton (FFCV's DatasetWriter; only with "beton" in `formats`) and the tar shards + DALI
-index -> rejected.csv -> manifest.json with the sha256 of every file -> fsync -> rename the temporary
-folder to OUT.
+Flow: discover inputs and labels -> check free space -> decode, repair and resize every image in
+`workers` processes, staging the tar JPEG (and raw pixels only where the .beton stores them) in the
+temporary folder (shards/staging.py) -> resolve duplicates (identical bytes: one is kept when their
+labels agree, all are rejected when they conflict) -> stratified split -> per split: the .beton (only
+with "beton" in `formats`) and the tar shards + DALI index -> rejected.csv -> manifest.json with the
+sha256 of every file -> fsync -> rename the temporary folder to OUT.
 
 `formats` is "beton,wds" (default) or "wds": the tar shards are always written, since the torch,
 resident and dali backends, inspect and verify read them; "wds" alone needs no FFCV installed.
 
-Writing is atomic (shards/atomic.py): an interrupted run leaves no OUT, and the next run cleans up.
+Writing is atomic (shards/atomic.py): an interrupted run leaves no OUT, and the next run cleans up and
+says so. SIGTERM is handled as Ctrl-C is (the temporary folder is removed); after a kill -9 the
+workers die with convert (shards/staging.py). A full disk, found up front or while writing, is one
+`no space left on ...` error, with nothing left behind.
+
+Same input and options, same bytes: the tar shards, the .beton (written by one process, in order)
+and the manifest, whatever the number of workers.
+
+Memory: peak PSS of convert and its workers is about the interpreter and its libraries plus `workers`
+x one image (see shards/staging.py): it does not grow with the number of inputs beyond the per-sample
+bookkeeping (a few hundred bytes each).
 """
 
 from __future__ import annotations
@@ -17,13 +28,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import closing
-from dataclasses import dataclass, field
-from multiprocessing import get_context
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,28 +41,29 @@ import numpy as np
 from cornpipe.errors import ConvertError
 from cornpipe.shards import fields as F
 from cornpipe.shards.atomic import (
+    DISK_FULL,
     LOCK_FILE,
+    DiskFull,
     check_can_create,
+    check_space,
     clean_stale_temp,
+    free_bytes,
     fsync_tree,
     lock_folder,
+    no_space,
     publish,
     temp_folder,
 )
 from cornpipe.shards.discover import Candidate, Discovery, Rejection, discover
-from cornpipe.shards.imageio import DEFAULT_MAX_PIXELS, ImageRejected, encode_jpeg, prepare_image
-from cornpipe.shards.manifest import build_manifest, write_json, write_rejected
+from cornpipe.shards.duplicates import check_accounting, resolve_duplicates
+from cornpipe.shards.imageio import DEFAULT_MAX_PIXELS
+from cornpipe.shards.manifest import build_manifest, reason_kind, write_json, write_rejected
+from cornpipe.shards.space import needed_after_staging, needed_before_staging
 from cornpipe.shards.split import assign_split
-from cornpipe.shards.writers import (
-    SMART_THRESHOLD,
-    WRITE_MODES,
-    StagedImages,
-    StagedSample,
-    Staging,
-    require_ffcv,
-    write_beton,
-    write_shards,
-)
+from cornpipe.shards.staging import Prepared, StagedBytes, StagedSample, Staging, map_prepare
+from cornpipe.shards.writers import SMART_THRESHOLD, WRITE_MODES, require_ffcv, write_beton, write_shards
+
+__all__ = ["ConvertParams", "ConvertSummary", "check_accounting", "convert_dataset", "parse_formats"]
 
 
 @dataclass(frozen=True)
@@ -111,6 +122,7 @@ class ConvertSummary:
     seconds: float
     split_counts: dict[str, int] = field(default_factory=dict)
     reasons: dict[str, int] = field(default_factory=dict)  # rejection reason -> count
+    cleaned: list[str] = field(default_factory=list)  # leftovers of interrupted runs removed first
 
     @property
     def images_per_s(self) -> float:
@@ -119,58 +131,6 @@ class ConvertSummary:
     def line(self) -> str:
         return (f"converted {self.converted} + rejected {self.rejected} = found {self.found} "
                 f"in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s)")
-
-
-# --------------------------------------------------------------------------- worker side
-
-def _prepare_one(path: str, max_resolution: int, max_pixels: int, jpeg_quality: int):
-    """Runs in a worker: file -> (sha256, orig_w, orig_h, repairs, pixels, jpeg) or a rejection reason."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        return f"cannot read file ({exc.strerror or exc})"
-    try:
-        img = prepare_image(data, max_resolution=max_resolution, max_pixels=max_pixels)
-        jpeg = encode_jpeg(img.pixels, jpeg_quality)
-    except ImageRejected as exc:
-        return str(exc)
-    except MemoryError:
-        return "image too large to decode in memory"
-    except Exception as exc:  # a decoder bug on one odd file must not stop the survey
-        return f"cannot decode image ({type(exc).__name__}: {exc})"
-    return (img.sha256, img.orig_width, img.orig_height, img.repairs, img.pixels, jpeg)
-
-
-def _prepare_star(args: tuple) -> object:
-    return _prepare_one(*args)
-
-
-def _ignore_sigint() -> None:
-    """Workers leave Ctrl-C to the main process, which stops the pool and removes the temp folder."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _map_prepare(tasks: Sequence[tuple], workers: int) -> Iterator:
-    """Results of `_prepare_one` in task order, computed by `workers` processes."""
-    if workers <= 1 or len(tasks) <= 1:
-        for t in tasks:
-            yield _prepare_star(t)
-        return
-    # fork: workers start in milliseconds and need nothing from __main__; they only run PIL/OpenCV.
-    method = "fork" if "fork" in _start_methods() else None
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context(method), initializer=_ignore_sigint)
-    try:
-        chunk = max(1, min(16, len(tasks) // (workers * 4)))
-        yield from pool.map(_prepare_star, tasks, chunksize=chunk)
-    finally:  # on an error or Ctrl-C in the consumer, drop queued work instead of finishing it
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _start_methods() -> list[str]:
-    import multiprocessing
-
-    return multiprocessing.get_all_start_methods()
 
 
 def _check_paths(src: Path | None, manifest_csv: Path | None, out: Path, force: bool) -> None:
@@ -245,15 +205,22 @@ def convert_dataset(
     found = discover(src_p, csv_p, grade_scale)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temp(out)
+    cleaned = clean_stale_temp(out)  # first: a dead run's leftovers count as free space
+    needed = needed_before_staging(found.samples, params)
+    check_space(out.parent, needed)
     tmp = temp_folder(out)
     tmp.mkdir()
     lock_fd = lock_folder(tmp)
     try:
-        with _Progress(progress) as bar:
-            summary = _convert_into(tmp, found, params, workers, bar, src_p, csv_p)
-        fsync_tree(tmp)
-        publish(tmp, out, force)  # the lock travels with the folder until the rename is done
+        with _sigterm_as_ctrl_c(), _Progress(progress) as bar:
+            summary = _convert_into(tmp, found, params, workers, bar, src_p, csv_p, lock_fd)
+            fsync_tree(tmp)
+            publish(tmp, out, force)  # the lock travels with the folder until the rename is done
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in DISK_FULL:  # after the removal, so "free" is what the user has again
+            raise no_space(out.parent, max(needed, getattr(exc, "needed", 0))) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -262,51 +229,90 @@ def convert_dataset(
     (out / LOCK_FILE).unlink(missing_ok=True)
     summary.out = out
     summary.seconds = time.perf_counter() - start
+    summary.cleaned = [p.name for p in cleaned]
     return summary
 
 
-def _convert_into(tmp: Path, found: Discovery, params: ConvertParams, workers: int,
-                  bar: _Progress, src: Path | None, manifest_csv: Path | None) -> ConvertSummary:
+@contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[None]:
+    """`kill` (SIGTERM) stops convert as Ctrl-C does: KeyboardInterrupt, the temp folder removed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raw_limit(params: ConvertParams) -> int:
+    """Largest image (raw bytes) whose pixels the .beton stores raw, so staging must keep; -1: none."""
+    if "beton" not in params.formats or params.write_mode == "jpg":
+        return -1
+    return params.smart_threshold if params.write_mode == "smart" else 1 << 62
+
+
+def _convert_into(tmp: Path, found: Discovery, params: ConvertParams, workers: int, bar: _Progress,
+                  src: Path | None, manifest_csv: Path | None, lock_fd: int) -> ConvertSummary:
     cands = found.samples
     rejected = list(found.rejected)
     staging = Staging(tmp / "_staging")
-    tasks = [(str(c.path), params.max_resolution, params.max_pixels, params.jpeg_quality) for c in cands]
+    tasks = [(str(c.path), params.max_resolution, params.max_pixels, params.jpeg_quality, _raw_limit(params))
+             for c in cands]
     bar.start("decoding", len(tasks))
-    kept: dict[str, Candidate] = {}  # sha256 -> first candidate with those bytes (sorted by path)
-    prepared: list[tuple[Candidate, StagedSample, dict]] = []
-    with closing(_map_prepare(tasks, workers)) as results:
+    staged_at: dict[str, StagedBytes] = {}  # sha256 -> its first copy's bytes in staging
+    decoded: list[tuple[Candidate, Prepared]] = []  # without their bytes: those are staged
+    with closing(map_prepare(tasks, workers, lock_fd)) as results:
         for cand, result in zip(cands, results, strict=True):
             bar.advance()
-            _take_result(cand, result, staging, kept, prepared, rejected)
+            if isinstance(result, str):
+                rejected.append(Rejection(cand.rel, result))
+                continue
+            if result.sha256 not in staged_at:  # identical bytes are staged once
+                staged_at[result.sha256] = staging.add(result)
+            decoded.append((cand, replace(result, jpeg=b"", pixels=None)))
     staging.close()
+    kept, duplicates = resolve_duplicates(decoded)
+    rejected += duplicates
     n_found = found.found
-    if not prepared:
+    if not kept:
         reason, count = Counter(r.reason for r in rejected).most_common(1)[0] if rejected else ("-", 0)
         raise ConvertError(f"no image could be converted: all {n_found} inputs were rejected "
                            f"(most common reason, {count}x: {reason})")
+    outputs = needed_after_staging([staged_at[p.sha256] for _, p in kept],
+                                   max(p.width * p.height * 3 for _, p in kept), params)
+    if free_bytes(tmp.parent) < outputs:
+        raise DiskFull(staging.size() + outputs)
 
-    sources = sorted({c.source for c, _, _ in prepared}, key=_source_key)
-    source_of = {c.source: sources.index(c.source) for c, _, _ in prepared}
-    position = np.array([c.position for c, _, _ in prepared], dtype=np.int64)
-    grade = np.array([c.grade for c, _, _ in prepared], dtype=np.float64)
+    sources = sorted({c.source for c, _ in kept}, key=_source_key)
+    source_of = {name: i for i, name in enumerate(sources)}
+    position = np.array([c.position for c, _ in kept], dtype=np.int64)
+    grade = np.array([c.grade for c, _ in kept], dtype=np.float64)
     is_val = assign_split(position, grade, params.val_fraction, params.seed)
     for split, mask in (("train", ~is_val), ("val", is_val)):
         if not mask.any():
-            raise ConvertError(f"the {split} split would be empty ({len(prepared)} images converted, "
+            raise ConvertError(f"the {split} split would be empty ({len(kept)} images converted, "
                                f"--val-fraction {params.val_fraction}); add images or change --val-fraction")
 
     samples, staged = [], {s: [] for s in F.SPLITS}
-    for sample_id, ((cand, st, info), val) in enumerate(zip(prepared, is_val, strict=True)):
+    for sample_id, ((cand, prep), val) in enumerate(zip(kept, is_val, strict=True)):
         split = "val" if val else "train"
-        row = len(staged[split])
-        sample = {"id": sample_id, "split": split, "row": row, "path": cand.rel, "source": cand.source,
-                  "stage": cand.stage, "position": int(cand.position), "grade": _num(cand.grade), **info}
+        sample = {"id": sample_id, "split": split, "row": len(staged[split]), "path": cand.rel,
+                  "source": cand.source, "stage": cand.stage, "position": int(cand.position),
+                  "grade": _num(cand.grade), "sha256": prep.sha256, "width": prep.width, "height": prep.height,
+                  "orig_width": prep.orig_width, "orig_height": prep.orig_height, "repairs": list(prep.repairs)}
         samples.append(sample)
         meta = {"id": sample_id, "position": int(cand.position), "grade": _num(cand.grade),
                 "source": cand.source, "stage": cand.stage, "path": cand.rel}
-        staged[split].append(StagedSample(sample_id, st.position, st.grade, source_of[cand.source],
-                                          st.height, st.width, st.pixel_offset, st.jpeg_offset,
-                                          st.jpeg_size, meta))
+        at = staged_at[prep.sha256]
+        staged[split].append(StagedSample(sample_id, cand.position, cand.grade, source_of[cand.source],
+                                          prep.height, prep.width, at.pixel_offset, at.jpeg_offset,
+                                          at.jpeg_size, meta))
 
     splits = {}
     for split in F.SPLITS:
@@ -315,19 +321,17 @@ def _convert_into(tmp: Path, found: Discovery, params: ConvertParams, workers: i
         if "beton" in params.formats:
             beton = F.beton_name(split)
             bar.start(f"writing {beton}", None)
-            write_beton(tmp / beton, StagedImages(staging.pixels_path, rows),
-                        write_mode=params.write_mode, jpeg_quality=params.jpeg_quality,
-                        smart_threshold=params.smart_threshold, workers=workers)
+            write_beton(tmp / beton, rows, staging, write_mode=params.write_mode,
+                        jpeg_quality=params.jpeg_quality, smart_threshold=params.smart_threshold)
         bar.start(f"writing {split} shards", None)
         shards = write_shards(tmp, split, staging.jpeg_path, rows, params.shard_size)
         splits[split] = {"count": len(rows), "beton": beton, "shards": shards}
     staging.remove()
-    (tmp / "_staging").rmdir()
 
     rejected.sort(key=lambda r: r.path)
     write_rejected(tmp / F.REJECTED, rejected)
     n_rej = len(rejected)
-    assert len(samples) + n_rej == n_found, "every input must be converted or rejected"
+    check_accounting(found=n_found, converted=len(samples), rejected=n_rej)
     bar.start("hashing", None)
     manifest = build_manifest(
         tmp, params=params, sources=sources, grade_scale=found.grade_scale, splits=splits, samples=samples,
@@ -338,30 +342,7 @@ def _convert_into(tmp: Path, found: Discovery, params: ConvertParams, workers: i
     write_json(tmp / F.MANIFEST, manifest)
     return ConvertSummary(out=tmp, found=n_found, converted=len(samples), rejected=n_rej, seconds=0.0,
                           split_counts={s: splits[s]["count"] for s in F.SPLITS},
-                          reasons=dict(Counter(_reason_kind(r.reason) for r in rejected)))
-
-
-def _take_result(cand: Candidate, result: object, staging: Staging, kept: dict[str, Candidate],
-                 prepared: list, rejected: list[Rejection]) -> None:
-    """Stage one worker result, or record why the input is rejected (bad image, duplicate bytes)."""
-    if isinstance(result, str):
-        rejected.append(Rejection(cand.rel, result))
-        return
-    sha, ow, oh, repairs, pixels, jpeg = result
-    if sha in kept:
-        rejected.append(Rejection(cand.rel, f"duplicate of {kept[sha].rel} (same bytes)"))
-        return
-    kept[sha] = cand
-    p_off, j_off = staging.add(pixels, jpeg)
-    h, w = pixels.shape[:2]
-    info = {"sha256": sha, "width": int(w), "height": int(h), "orig_width": int(ow),
-            "orig_height": int(oh), "repairs": list(repairs)}
-    prepared.append((cand, StagedSample(-1, cand.position, cand.grade, -1, int(h), int(w), p_off, j_off,
-                                        len(jpeg), {}), info))
-
-
-def _reason_kind(reason: str) -> str:
-    return reason.split(" (")[0]
+                          reasons=dict(Counter(reason_kind(r.reason) for r in rejected)))
 
 
 def _num(value: float) -> int | float:

@@ -14,7 +14,7 @@ import numpy as np
 from cornpipe.errors import LoaderError, MissingDependency, VerifyError
 from cornpipe.shards import fields as F
 from cornpipe.shards.discover import format_number
-from cornpipe.shards.manifest import sha256_file
+from cornpipe.shards.manifest import CONFLICTING_LABELS, reason_kind, sha256_file
 from cornpipe.shards.shard_set import BetonFile, ShardSet
 
 
@@ -60,11 +60,15 @@ def inspect_shards(root: Path | str) -> dict:
         if p.is_file():
             disk[_kind(p.name)] += p.stat().st_size
     reasons = Counter()
+    conflicting = []  # identical bytes filed under different labels: the user must decide which is right
     rejected_path = Path(root) / F.REJECTED
     if rejected_path.is_file():
         with open(rejected_path, newline="", encoding="utf-8") as f:
             for r in csv.DictReader(f):
-                reasons[(r.get("reason") or "").split(" (")[0]] += 1
+                kind = reason_kind(r.get("reason") or "")
+                reasons[kind] += 1
+                if kind == CONFLICTING_LABELS:
+                    conflicting.append({"path": r.get("path") or "", "reason": r.get("reason") or ""})
     return {
         "root": str(root),
         "format_version": m["format_version"],
@@ -81,6 +85,7 @@ def inspect_shards(root: Path | str) -> dict:
         "image_sizes": sizes,
         "bytes": {**{k: disk.get(k, 0) for k in ("beton", "tar", "idx", "other")}, "total": sum(disk.values())},
         "rejected_reasons": dict(reasons.most_common()),
+        "conflicting_duplicates": conflicting,
     }
 
 
@@ -131,6 +136,11 @@ def render_inspect(info: dict, console) -> None:
                   + f", total {_human(b['total'])}")
     if info["rejected_reasons"]:
         console.print("rejected: " + "; ".join(f"{n}x {r}" for r, n in info["rejected_reasons"].items()))
+    if info.get("conflicting_duplicates"):
+        console.print(f"{CONFLICTING_LABELS} (all copies rejected; fix the labels and convert again):",
+                      markup=False)
+        for r in info["conflicting_duplicates"]:
+            console.print(f"  {r['path']}: {r['reason'].split(': ', 1)[-1]}", markup=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- verify

@@ -14,6 +14,15 @@ from typing import Any
 from cornpipe.shards import fields as F
 from cornpipe.shards.discover import Rejection, format_number
 
+CONFLICTING_LABELS = "identical bytes, conflicting labels"  # the reason, before ": <each copy's labels>"
+
+
+def reason_kind(reason: str) -> str:
+    """A rejection reason without its details (the path, the decoder's message): what summaries count."""
+    if reason.startswith(CONFLICTING_LABELS):
+        return CONFLICTING_LABELS
+    return reason.split(" (")[0]
+
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()

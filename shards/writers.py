@@ -2,9 +2,9 @@
 
 FFCV is imported only to write a .beton (`--formats beton,wds`); the tar writer needs no FFCV.
 
-Both read the same staged pixels/JPEG bytes that convert's workers produced, so the two formats hold
-the same image at the same resolution. In jpg mode the .beton's JPEG bytes equal the tar's: both are
-OpenCV encodes of the same pixels with the same quality (`shards.imageio.encode_jpeg`).
+Both read the same staged JPEG bytes (and, for raw .beton images, pixels) that convert's workers
+produced (shards/staging.py), so the two formats hold the same image at the same resolution; in jpg
+mode the .beton's JPEG bytes are the tar's.
 """
 
 from __future__ import annotations
@@ -13,16 +13,15 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Sequence
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
 
 from cornpipe.errors import MissingDependency, install_hint
 from cornpipe.shards import fields as F
+from cornpipe.shards.staging import StagedSample, Staging
 
 DALI_INDEX_VERSION = "v1.2"  # the format DALI's wds2idx writes and fn.readers.webdataset reads
 WRITE_MODES: tuple[str, ...] = ("jpg", "raw", "smart")
@@ -30,88 +29,11 @@ SMART_THRESHOLD = 256 * 256 * 3  # smart mode: JPEG when raw pixels exceed this 
 MIN_PAGE_SIZE = 1 << 21  # FFCV's minimum page size (2 MiB)
 
 
-class Staging:
-    """Append-only files holding each prepared image's pixels and tar JPEG, addressed by offset."""
-
-    def __init__(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.pixels_path = folder / "pixels.u8"
-        self.jpeg_path = folder / "jpeg.bin"
-        self._pixels = open(self.pixels_path, "wb")
-        self._jpeg = open(self.jpeg_path, "wb")
-
-    def add(self, pixels: np.ndarray, jpeg: bytes) -> tuple[int, int]:
-        """Store one image; returns (pixel offset, jpeg offset)."""
-        p_off, j_off = self._pixels.tell(), self._jpeg.tell()
-        self._pixels.write(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes())
-        self._jpeg.write(jpeg)
-        return p_off, j_off
-
-    def close(self) -> None:
-        self._pixels.close()
-        self._jpeg.close()
-
-    def remove(self) -> None:
-        self.close()
-        for p in (self.pixels_path, self.jpeg_path):
-            p.unlink(missing_ok=True)
-
-
-@dataclass(frozen=True)
-class StagedSample:
-    """Everything the writers need about one converted sample."""
-
-    sample_id: int
-    position: int
-    grade: float
-    source_id: int
-    height: int
-    width: int
-    pixel_offset: int
-    jpeg_offset: int
-    jpeg_size: int
-    meta: dict  # the tar's .json member
-
-
-class StagedImages:
-    """Indexable (FFCV-writer style) view of one split's staged samples: row -> field tuple."""
-
-    def __init__(self, pixels_path: Path, samples: Sequence[StagedSample]) -> None:
-        self.pixels_path = pixels_path
-        self.samples = list(samples)
-        self._memmap: np.memmap | None = None
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def pixels(self, row: int) -> np.ndarray:
-        if self._memmap is None:  # opened lazily: in each FFCV writer process after fork
-            self._memmap = np.memmap(self.pixels_path, dtype=np.uint8, mode="r")
-        s = self.samples[row]
-        n = s.height * s.width * 3
-        return np.array(self._memmap[s.pixel_offset:s.pixel_offset + n]).reshape(s.height, s.width, 3)
-
-    def __getitem__(self, row: int) -> tuple:
-        s = self.samples[row]
-        return (self.pixels(row), s.position, s.grade, s.sample_id, s.source_id)
-
-
-def _page_size(max_sample_bytes: int) -> int:
+def page_size(max_sample_bytes: int) -> int:
     size = MIN_PAGE_SIZE
     while size < 4 * max_sample_bytes + (1 << 16):
         size <<= 1
     return size
-
-
-@contextmanager
-def _quiet_tqdm(writer_module) -> Iterator[None]:
-    """FFCV's writer draws its own tqdm bar on stderr; convert has its own progress display."""
-    original = writer_module.tqdm
-    writer_module.tqdm = partial(original, disable=True)
-    try:
-        yield
-    finally:
-        writer_module.tqdm = original
 
 
 NO_FFCV = (f"writing .beton files needs FFCV: {install_hint('ffcv')}, or convert with --formats wds "
@@ -127,35 +49,65 @@ def require_ffcv() -> None:
         raise MissingDependency(NO_FFCV) from exc
 
 
-def write_beton(path: Path, staged: StagedImages, *, write_mode: str, jpeg_quality: int,
-                smart_threshold: int = SMART_THRESHOLD, workers: int = 1) -> None:
-    """Write one split's .beton with FFCV's own DatasetWriter (fields as in shards.fields)."""
+def write_beton(path: Path, samples: Sequence[StagedSample], staging: Staging, *, write_mode: str,
+                jpeg_quality: int, smart_threshold: int = SMART_THRESHOLD) -> None:
+    """Write one split's .beton in FFCV's format (fields as in shards.fields), in this process.
+
+    FFCV's DatasetWriter is used for the header, the metadata table and its page allocator, but its
+    worker processes are not: they fill pages in whichever order they finish (different bytes on
+    every run), and a worker that dies (a full disk) leaves its parent polling forever. The image
+    field is fed the staged bytes as they are, so nothing is encoded twice: the JPEG is the tar's,
+    which is what FFCV's RGBImageField would write (shards.imageio.encode_jpeg), and raw images are
+    the staged pixels. Same input, same bytes; an error is raised here, in convert's process.
+    """
     try:
-        import ffcv.writer as ffcv_writer
         from ffcv.fields import FloatField, IntField, RGBImageField
-        from ffcv.writer import DatasetWriter
+        from ffcv.memory_allocator import MemoryAllocator
+        from ffcv.writer import DatasetWriter, handle_sample
     except ImportError as exc:
         raise MissingDependency(NO_FFCV) from exc
     if write_mode not in WRITE_MODES:
         raise ValueError(f"write_mode must be one of {WRITE_MODES}")
-    max_bytes = max(s.height * s.width * 3 for s in staged.samples)
-    chunk = max(1, min(100, -(-len(staged) // max(1, workers))))
-    n_workers = max(1, min(workers, -(-len(staged) // chunk)))
-    writer = DatasetWriter(
-        str(path),
-        {
-            F.IMAGE: RGBImageField(write_mode=write_mode, max_resolution=None,
-                                   smart_threshold=smart_threshold, jpeg_quality=jpeg_quality),
-            F.POSITION: IntField(),
-            F.GRADE: FloatField(),
-            F.SAMPLE_ID: IntField(),
-            F.SOURCE_ID: IntField(),
-        },
-        page_size=_page_size(max_bytes),
-        num_workers=n_workers,
-    )
-    with _quiet_tqdm(ffcv_writer):
-        writer.from_indexed_dataset(staged, chunksize=chunk)
+    fields = {F.IMAGE: RGBImageField(write_mode=write_mode, max_resolution=None,
+                                     smart_threshold=smart_threshold, jpeg_quality=jpeg_quality),
+              F.POSITION: IntField(), F.GRADE: FloatField(), F.SAMPLE_ID: IntField(), F.SOURCE_ID: IntField()}
+    max_bytes = max(s.height * s.width * 3 for s in samples)
+    writer = DatasetWriter(str(path), fields, page_size=page_size(max_bytes), num_workers=1)
+    writer.num_samples = len(samples)
+    writer.prepare()  # header and field descriptors; the metadata table lives in shared memory
+    try:
+        metadata = np.frombuffer(writer.metadata_sm.buf, dtype=writer.metadata_type)
+        encoders = {**fields, F.IMAGE: _StagedImage()}
+        allocator = MemoryAllocator(str(path), writer.data_region_start, writer.page_size)
+        with open(staging.jpeg_path, "rb") as jpegs, open(staging.pixels_path, "rb") as pixels:
+            with allocator:  # pages are written in order as they fill
+                for row, s in enumerate(samples):
+                    if s.pixel_offset >= 0:
+                        image = ("raw", s.height, s.width, os.pread(pixels.fileno(), s.height * s.width * 3,
+                                                                    s.pixel_offset))
+                    else:
+                        image = ("jpg", s.height, s.width, os.pread(jpegs.fileno(), s.jpeg_size, s.jpeg_offset))
+                    handle_sample((image, s.position, s.grade, s.sample_id, s.source_id), row,
+                                  metadata.dtype.names, metadata, allocator, encoders)
+        del metadata  # the shared-memory buffer cannot close while a view of it exists
+        writer.finalize(allocator.allocations)
+    finally:
+        writer.metadata_sm.unlink()
+        with suppress(BufferError):  # after an error its traceback may still hold a view: then the
+            writer.metadata_sm.close()  # mapping goes with the process; the name is gone already
+
+
+class _StagedImage:
+    """Encodes a staged image into the .beton's RGBImageField layout without re-encoding it."""
+
+    def encode(self, destination: np.ndarray, value: tuple, malloc) -> None:
+        from ffcv.fields.rgb_image import IMAGE_MODES
+
+        mode, height, width, data = value
+        destination["mode"] = IMAGE_MODES[mode]
+        destination["height"], destination["width"] = height, width
+        destination["data_ptr"], storage = malloc(len(data))
+        storage[:] = np.frombuffer(data, dtype="<u1")
 
 
 def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> tuple[int, int]:

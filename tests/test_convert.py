@@ -239,7 +239,7 @@ def test_killed_convert_leaves_no_out_and_rerun_completes(synth_raw: Path, tmp_p
     try:
         # kill -9 once the run has staged its first image (mid-way: decoding has begun)
         while time.monotonic() < deadline and proc.poll() is None:
-            staged = [p for d in _temp_dirs(out) for p in (d / "_staging").glob("pixels.u8")]
+            staged = [p for d in _temp_dirs(out) for p in (d / "_staging").glob("jpeg.bin")]
             if staged and staged[0].stat().st_size > 0:
                 break
             time.sleep(0.005)
@@ -286,7 +286,7 @@ def test_a_live_runs_temp_folder_is_not_touched(synth_raw: Path, tmp_path: Path)
     from cornpipe.errors import ConvertError
 
     out = tmp_path / "shards"
-    live = tmp_path / ".shards.tmp-999999"
+    live = tmp_path / f".shards.tmp-{os.getppid()}"  # a live process, as a live run's pid is
     live.mkdir()
     fd = os.open(live / ".lock", os.O_CREAT | os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)  # held by "another run" (this process, through another fd)
