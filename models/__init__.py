@@ -18,16 +18,17 @@ from torch import nn
 
 from cornpipe.errors import ModelConfigError
 from cornpipe.models.heads import GRADE_HEADS
-from cornpipe.models.resnet_plus import BasicBlock, Bottleneck, ResNetPlus
+from cornpipe.models.resnet_plus import ResNetPlus
 
 TIMM_PREFIX = "timm:"  # --model timm:NAME: any timm trunk under the two heads
 
-# name -> constructor(num_positions=, grade_scale=, grade_head=, drop_path=, anti_alias=)
+# name -> constructor(num_positions=, grade_scale=, grade_head=, drop_path=, anti_alias=);
+# each a configuration of timm's ResNet (models.resnet_plus.ARCHS)
 MODELS: dict[str, Callable[..., ResNetPlus]] = {
-    "resnet_plus_tiny": partial(ResNetPlus, BasicBlock, (1, 1, 1, 1), widths=(16, 32, 64, 128), stem_width=8),
-    "resnet_plus18": partial(ResNetPlus, BasicBlock, (2, 2, 2, 2)),
-    "resnet_plus34": partial(ResNetPlus, BasicBlock, (3, 4, 6, 3)),
-    "resnet_plus50": partial(ResNetPlus, Bottleneck, (3, 4, 6, 3)),
+    "resnet_plus_tiny": partial(ResNetPlus, "resnet_plus_tiny"),  # BasicBlock (1, 1, 1, 1), widths 16-128
+    "resnet_plus18": partial(ResNetPlus, "resnet_plus18"),
+    "resnet_plus34": partial(ResNetPlus, "resnet_plus34"),
+    "resnet_plus50": partial(ResNetPlus, "resnet_plus50"),
 }
 
 

@@ -13,7 +13,8 @@ error names `--init-weights FILE` (cornpipe.models.init_weights) as the way to l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,14 +44,16 @@ class TimmNet(nn.Module):
     """A timm trunk (pooled features) with a position head and a grade head."""
 
     def __init__(self, name: str, *, num_positions: int, grade_scale: Sequence[float],
-                 grade_head: str = "regression", drop_path: float = 0.0, pretrained: bool = False) -> None:
+                 grade_head: str = "regression", drop_path: float = 0.0, pretrained: bool = False,
+                 timm_kwargs: Mapping[str, Any] | None = None) -> None:
+        """`timm_kwargs`: passed on to `timm.create_model` (architecture options, e.g. ResNet-Plus's)."""
         super().__init__()
         timm = _timm()
         if not 0.0 <= drop_path < 1.0:
             raise ModelConfigError(f"drop_path must be in [0, 1), got {drop_path}")
         if not timm.is_model(name):
             raise ModelConfigError(f"timm has no model {name!r}; see `cornpipe models --filter '*{name[:6]}*'`")
-        kwargs = {"drop_path_rate": drop_path} if drop_path else {}
+        kwargs = {**(timm_kwargs or {}), **({"drop_path_rate": drop_path} if drop_path else {})}
         try:
             self.trunk = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
         except (OSError, RuntimeError, ValueError) as exc:  # hub unreachable, no cached file, no weights

@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath
+from timm.models.resnet import BasicBlock, Bottleneck
 
 from cornpipe.errors import ModelConfigError
 from cornpipe.models import MODELS, create_model
 from cornpipe.models.heads import corn_level_probs, corn_loss
 from cornpipe.models.losses import MultiTaskLoss
-from cornpipe.models.resnet_plus import BasicBlock, BlurPool2d, Bottleneck, DropPath
+from cornpipe.models.resnet_plus import blur_pool
 
 SCALE = [0, 3, 5, 7, 9]
 
@@ -82,13 +84,15 @@ def test_residual_branches_start_as_identity() -> None:
     assert len(blocks) == 4
     with torch.no_grad():
         for block in blocks:
-            x = torch.randn(2, block.branch[0].in_channels, 16, 16)
-            assert torch.allclose(block(x), F.relu(block.shortcut(x)))
+            x = torch.randn(2, block.conv1.in_channels, 16, 16)
+            shortcut = x if block.downsample is None else block.downsample(x)
+            assert torch.allclose(block(x), F.relu(shortcut))
 
 
 def test_drop_path_rates_grow_linearly_and_only_act_in_training() -> None:
     model = create_model("resnet_plus_tiny", num_positions=3, grade_scale=SCALE, drop_path=0.3)
-    rates = [m.rate for m in model.modules() if isinstance(m, DropPath)]
+    blocks = [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck))]
+    rates = [0.0 if b.drop_path is None else b.drop_path.drop_prob for b in blocks]  # none at rate 0
     assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3])
     drop = DropPath(0.5).train()
     x = torch.ones(256, 4, 2, 2)
@@ -104,7 +108,7 @@ def test_drop_path_rates_grow_linearly_and_only_act_in_training() -> None:
 
 
 def test_blur_pool_low_passes_and_halves() -> None:
-    blur = BlurPool2d(3)
+    blur = blur_pool()(3)
     flat = torch.full((1, 3, 8, 8), 5.0)
     assert torch.allclose(blur(flat), torch.full((1, 3, 4, 4), 5.0))  # a constant stays constant
     stripes = torch.zeros(1, 3, 8, 8)
@@ -125,6 +129,14 @@ def test_bf16_autocast_on_cpu_keeps_grade_float32() -> None:
     assert torch.isfinite(total)
     total.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_loss_weights_apply_in_position_grade_order() -> None:
+    outputs = {"position": torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]]), "grade": torch.tensor([1.0, 8.0])}
+    position, grade = torch.tensor([1, 2]), torch.tensor([3.0, 9.0])
+    total, parts = MultiTaskLoss(weights=(0.9, 0.1), grade_scale=SCALE)(outputs, position, grade)
+    assert parts["position"] > 2 * parts["grade"]  # so the two orders give different totals
+    assert total.item() == pytest.approx(0.9 * parts["position"].item() + 0.1 * parts["grade"].item())
 
 
 def test_corn_round_trip() -> None:
