@@ -57,7 +57,13 @@ from cornpipe.shards.atomic import (
 from cornpipe.shards.discover import Candidate, Discovery, Rejection, discover
 from cornpipe.shards.duplicates import check_accounting, resolve_duplicates
 from cornpipe.shards.imageio import DEFAULT_MAX_PIXELS
-from cornpipe.shards.manifest import build_manifest, reason_kind, write_json, write_rejected
+from cornpipe.shards.manifest import (
+    build_manifest,
+    reason_kind,
+    write_json,
+    write_manifest_hash,
+    write_rejected,
+)
 from cornpipe.shards.space import needed_after_staging, needed_before_staging
 from cornpipe.shards.split import assign_split
 from cornpipe.shards.staging import Prepared, StagedBytes, StagedSample, Staging, map_prepare
@@ -340,6 +346,7 @@ def _convert_into(tmp: Path, found: Discovery, params: ConvertParams, workers: i
                 "manifest": str(manifest_csv) if manifest_csv is not None else None},
     )
     write_json(tmp / F.MANIFEST, manifest)
+    write_manifest_hash(tmp)  # last: what `train` and `verify` check the manifest against
     return ConvertSummary(out=tmp, found=n_found, converted=len(samples), rejected=n_rej, seconds=0.0,
                           split_counts={s: splits[s]["count"] for s in F.SPLITS},
                           reasons=dict(Counter(reason_kind(r.reason) for r in rejected)))

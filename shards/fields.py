@@ -36,7 +36,7 @@ manifest.json keys:
                     to SRC), "source", "stage", "position", "grade", "width", "height", "sha256" (of
                     the input file)}; ids are 0..N-1 over both splits, "row" is the index in its split
     files           {"<file name>": {"sha256": hex, "bytes": n}} for every file written except
-                    manifest.json itself
+                    manifest.json itself (whose sha256 is in manifest.sha256, `sha256sum -c` format)
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ DEFAULT_GRADE_SCALE: tuple[int, ...] = (0, 3, 5, 7, 9)
 
 SPLITS: tuple[str, ...] = ("train", "val")
 MANIFEST = "manifest.json"
+MANIFEST_HASH = "manifest.sha256"  # `sha256sum` line of manifest.json, written last: an edited manifest shows
 REJECTED = "rejected.csv"
 REJECTED_COLUMNS: tuple[str, ...] = ("path", "reason")
 SHARD_SIZE = 1000  # samples per tar shard

@@ -32,6 +32,11 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def write_manifest_hash(root: Path) -> None:
+    """manifest.sha256 beside manifest.json, in `sha256sum` format (so `sha256sum -c` checks it too)."""
+    (root / F.MANIFEST_HASH).write_text(f"{sha256_file(root / F.MANIFEST)}  {F.MANIFEST}\n")
+
+
 def write_rejected(path: Path, rejected: Iterable[Rejection]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)

@@ -320,7 +320,7 @@ def test_verify_intact_and_damaged(tiny_shards: Path, tmp_path: Path) -> None:
 
 def test_verify_decodes_images_not_just_hashes(tiny_shards: Path, tmp_path: Path) -> None:
     """Damage recorded in the manifest (e.g. a bad disk at write time) is still caught by decoding."""
-    from cornpipe.shards.manifest import sha256_file
+    from cornpipe.shards.manifest import sha256_file, write_manifest_hash
 
     copy = tmp_path / "copy"
     shutil.copytree(tiny_shards, copy)
@@ -332,6 +332,7 @@ def test_verify_decodes_images_not_just_hashes(tiny_shards: Path, tmp_path: Path
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["files"][tar.name]["sha256"] = sha256_file(tar)
     (copy / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest_hash(copy)  # the bad write happened before the manifest was hashed
     result = run("verify", copy)
     assert result.exit_code == 1
     assert error_line(result).startswith(f"Error: {tar} is damaged (image of sample ")

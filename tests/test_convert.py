@@ -19,6 +19,7 @@ from cornpipe.errors import LoaderError
 from cornpipe.shards import fields as F
 from cornpipe.shards.convert import convert_dataset
 from cornpipe.shards.imageio import decode_jpeg_rgb
+from cornpipe.shards.manifest import sha256_file
 from cornpipe.shards.shard_set import BetonFile, ShardSet, parse_dali_index
 from cornpipe.shards.split import assign_split
 
@@ -118,8 +119,10 @@ def test_manifest_layout(tiny_shards: Path) -> None:
     assert m["grade_scale"] == [0, 3, 5, 7, 9]
     assert m["params"]["write_mode"] == "jpg" and m["params"]["max_resolution"] == 96
     assert m["params"]["formats"] == ["beton", "wds"]  # the default: both
-    on_disk = {p.name for p in tiny_shards.iterdir()} - {F.MANIFEST}
+    on_disk = {p.name for p in tiny_shards.iterdir()} - {F.MANIFEST, F.MANIFEST_HASH}
     assert set(m["files"]) == on_disk
+    digest, name = (tiny_shards / F.MANIFEST_HASH).read_text().split()
+    assert name == F.MANIFEST and digest == sha256_file(tiny_shards / F.MANIFEST)
     for split in F.SPLITS:
         entry = m["splits"][split]
         assert entry["beton"] == f"{split}.beton"
