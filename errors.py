@@ -77,3 +77,7 @@ class NonFiniteLoss(CornpipeError):
 
 class BenchError(CornpipeError):
     """A benchmark run that failed; the message is one line for the user."""
+
+
+class DistributedError(CornpipeError):
+    """A distributed (torchrun) run failed on some rank; the message names the rank and its cause."""

@@ -9,6 +9,14 @@ in `cornpipe.runs.config.TrainConfig`.
 RUN gets config.json (the resolved config), metrics.jsonl (one line per epoch), best.pt and last.pt
 (loadable with torch.load(weights_only=True)), report.md, curves.png and confusion_matrix.png.
 
+Several processes (torchrun + DistributedDataParallel; `cornpipe train --nproc N` launches torchrun):
+--batch-size is per process, --lr is used as given; each rank trains on its own slice of every epoch,
+validates a disjoint, unpadded shard of the val split, and every rank gathers all predictions, so the
+logged metrics equal one process's over the whole split. Only rank 0 writes RUN (cornpipe.runs.distributed).
+
+Cross-validation: with TrainConfig.folds / fold_group the run trains and validates on one fold of ALL
+samples, whichever split holds them (cornpipe.runs.cv; `cornpipe cv` runs every fold).
+
 Read top to bottom: train_one_epoch (its step is cornpipe.runs.optim.optimizer_step), evaluate, then
 train() with the one loop.
 
@@ -20,6 +28,7 @@ are not bitwise deterministic).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -42,6 +51,7 @@ from cornpipe.runs.checkpoint import (
     BEST,
     CHECKPOINT_FORMAT,
     LAST,
+    inference_weights,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -51,6 +61,19 @@ from cornpipe.runs.config import (
     resolve_runtime,
     write_config_json,
 )
+from cornpipe.runs.cv import fold_ids
+from cornpipe.runs.distributed import (
+    DistContext,
+    barrier,
+    broadcast_buffers,
+    broadcast_value,
+    env_context,
+    gather_outputs,
+    name_failure,
+    shutdown,
+    unwrap,
+)
+from cornpipe.runs.distributed import init as init_distributed
 from cornpipe.runs.early_stopping import EarlyStopping, monitor_value
 from cornpipe.runs.ema import ModelEma
 from cornpipe.runs.epoch_metrics import Collector, summarize
@@ -71,6 +94,7 @@ from cornpipe.runs.run_dir import (
     restore_best_and_report,
     shard_identity,
 )
+from cornpipe.shards.inspect import check_shards
 from cornpipe.shards.shard_set import ShardSet
 
 
@@ -91,7 +115,7 @@ def train_one_epoch(model: nn.Module, loader: Any, loss_fn: nn.Module, optimizer
         trunk_norms_eval(model)  # a frozen (or --freeze-bn) trunk keeps its BatchNorm statistics
     device = torch.device(cfg.device)
     dtype = amp_dtype(cfg)
-    raw_model = getattr(model, "_orig_mod", model)  # EMA and grad clipping see the uncompiled module
+    raw_model = unwrap(model)  # EMA and grad clipping see the plain module (under compile and DDP)
     collected = Collector(device)
     data_wait = 0.0
     start = time.perf_counter()
@@ -157,8 +181,30 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
 
     The console gets one line per epoch (and a progress bar on a terminal), then the last epoch's full
     table; `verbose` prints the full table every epoch instead. A resumed run refuses a shard set other
-    than its own (manifest sha256, counts) unless `allow_new_shards`."""
-    console = console or Console(stderr=True)
+    than its own (manifest sha256, counts) unless `allow_new_shards`.
+
+    Under torchrun every process calls this: it joins the process group (NCCL on CUDA, gloo on the CPU),
+    trains its shard of each epoch under DistributedDataParallel, and only rank 0 writes the run
+    directory. An error on one rank is re-worded `rank R of W: <cause>` and ends that process; torchrun
+    then stops the others (see cornpipe.runs.distributed)."""
+    ctx = env_context()
+    try:
+        cfg = resolve_runtime(cfg, torch.cuda.is_available())
+        if ctx.enabled:
+            cfg = dataclasses.replace(cfg, device=init_distributed(ctx, cfg.device, cfg.dist_timeout))
+        if not ctx.is_main:
+            console = Console(stderr=True, quiet=True)  # rank 0 speaks for the group
+        result = _train(cfg, ctx, resume=resume, force=force, console=console or Console(stderr=True),
+                        verbose=verbose, allow_new_shards=allow_new_shards)
+    except Exception as exc:
+        name_failure(ctx, exc)
+        raise
+    shutdown(ctx)
+    return result
+
+
+def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, force: bool, console: Console, verbose: bool,
+           allow_new_shards: bool) -> TrainResult:
     cfg = resolve_runtime(cfg, torch.cuda.is_available())
     device = torch.device(cfg.device)
     run = Path(cfg.out)
@@ -166,9 +212,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
     if not Path(cfg.shards).is_dir():
         raise ConfigError(f"shard set directory not found: {cfg.shards}")
     shards = ShardSet(cfg.shards)
+    if cfg.verify:  # flipped bytes or an edited label must not train silently (`--no-verify` skips)
+        checked = check_shards(cfg.shards)
+        console.print(f"checked {cfg.shards}: {checked['files']} files, sizes"
+                      f"{' and sha256' if checked['hashed'] else ' (over 2 GB: sha256 left to cornpipe verify)'}"
+                      f" in {checked['seconds']:.1f} s")
     data = {"positions": list(shards.positions), "grade_scale": [float(g) for g in shards.grade_scale],
             "shards": str(cfg.shards), "counts": {s: shards.count(s) for s in ("train", "val")},
             "convert": {k: shards.params.get(k) for k in ("write_mode", "max_resolution", "jpeg_quality")}}
+    fold = fold_ids(shards.manifest["samples"], cfg)  # None: the convert-time train/val split
+    if fold is not None:  # a cross-validation fold over all samples, whichever split holds them
+        data["counts"] = {"train": len(fold[0]), "val": len(fold[1])}
+        data["fold"] = {"name": fold[2], "folds": cfg.folds, "fold": cfg.fold, "group": cfg.fold_group,
+                        "seed": cfg.fold_seed}
     data["identity"] = shard_identity(cfg.shards, data["counts"])  # what --resume must find again
     if checkpoint and (checkpoint["data"]["positions"] != data["positions"]
                        or checkpoint["data"]["grade_scale"] != data["grade_scale"]):
@@ -195,6 +251,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
     elif checkpoint and "init" in checkpoint["data"]:
         data["init"] = checkpoint["data"]["init"]
     model = model.to(device)
+    if cfg.sync_bn and ctx.enabled:
+        if device.type != "cuda":
+            raise ConfigError("--sync-bn needs CUDA (torch's SyncBatchNorm is GPU-only); on the CPU each "
+                              "rank keeps its own BatchNorm statistics")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # before DDP, as torch's docs say
     norm = IMAGENET
     stats = input_stats(model)
     if stats is not None:  # a pretrained trunk: normalise as its weights expect
@@ -218,16 +279,25 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
 
     # data: the train split drawn per epoch (oversampling, augmentation), val in fixed order
     # device, dtype and memory format are the run's (resolve_runtime), not re-derived by the loader
+    # under DDP each rank reads its own slice of every epoch: the train draw truncated to a multiple of
+    # the world size (`even`) so every rank runs the same number of steps, val split into disjoint,
+    # unpadded shards (every image evaluated exactly once; predictions gathered below)
+    if ctx.enabled and data["counts"]["val"] < ctx.world_size:
+        raise ConfigError(f"the val split has {data['counts']['val']} image(s), fewer than the "
+                          f"{ctx.world_size} ranks: use fewer processes")
     loader_args = dict(backend=cfg.loader, batch_size=cfg.batch_size, image_size=cfg.image_size,
                        device=cfg.device, seed=cfg.seed, workers=cfg.workers, channels_last=cfg.channels_last,
-                       normalization=norm,
+                       normalization=norm, rank=ctx.rank, world_size=ctx.world_size,
                        dtype=torch.float32 if cfg.amp == "off" else None)
-    train_loader = make_loader(shards, "train", oversample=cfg.oversample,
-                               drop_last=data["counts"]["train"] > cfg.batch_size, **loader_args)
-    val_loader = make_loader(shards, "val", oversample="none", shuffle=False, **loader_args)
+    train_loader = make_loader(shards, "train", oversample=cfg.oversample, even=True,
+                               sample_ids=fold[0] if fold else None,
+                               drop_last=data["counts"]["train"] // ctx.world_size > cfg.batch_size, **loader_args)
+    val_loader = make_loader(shards, "val", oversample="none", shuffle=False, sample_ids=fold[1] if fold else None,
+                             **loader_args)
     cap = cfg.max_batches or math.inf
     train_steps, val_steps = int(min(len(train_loader), cap)), int(min(len(val_loader), cap))
-    if not resume:
+    barrier(ctx)  # every rank has checked --out before rank 0 touches it
+    if not resume and ctx.is_main:
         prepare_run_dir(run, force)
 
     try:
@@ -243,14 +313,22 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
                 ema.load_state_dict(checkpoint["ema"])
             stopper.load_state_dict(checkpoint["early_stopping"])
             start_epoch = checkpoint["epoch"]
-            keep_metrics_until(run / METRICS_FILE, start_epoch)  # drop lines of an epoch after last.pt
-        write_config_json(cfg, run / CONFIG_FILE, {"data": data})
+            if ctx.is_main:
+                keep_metrics_until(run / METRICS_FILE, start_epoch)  # drop lines of an epoch after last.pt
+        if ctx.is_main:
+            write_config_json(cfg, run / CONFIG_FILE, {"data": {**data, "world_size": ctx.world_size}})
 
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
-        step_model = torch.compile(model) if cfg.compile else model
-        eval_model = step_model  # the EMA weights when kept: they are what best.pt and predict use
-        if ema is not None:
+        ddp_model: nn.Module = model  # `model` stays the plain module: checkpoints hold no `module.` prefix
+        if ctx.enabled:
+            ddp_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=cfg.freeze_epochs > 0)  # a frozen trunk sends no gradients
+        step_model = torch.compile(ddp_model) if cfg.compile else ddp_model  # torch's docs: compile the DDP model
+        # validation runs on each rank's own shard, outside DDP (whose forward may run collectives)
+        eval_model = step_model if not ctx.enabled else torch.compile(model) if cfg.compile else model
+        if ema is not None:  # the EMA weights when kept: they are what best.pt and predict use
             eval_model = torch.compile(ema.module) if cfg.compile else ema.module
 
         def state(epoch: int, val: dict[str, Any]) -> dict[str, Any]:
@@ -260,10 +338,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
                     "scheduler": plateau.state_dict() if plateau else None,
                     "early_stopping": stopper.state_dict(), "rng": rng_state(), "val": val}
 
+        ranks = (f", {ctx.world_size} ranks x batch {cfg.batch_size} = global batch "
+                 f"{ctx.world_size * cfg.batch_size}" if ctx.enabled else "")
         console.print(f"training {cfg.model} on {cfg.shards} ({data['counts']['train']} train / "
                       f"{data['counts']['val']} val) -> {run}  [device {cfg.device}, amp {cfg.amp}, "
-                      f"compile {cfg.compile}, loader {cfg.loader}, oversample {cfg.oversample}]")
-        previous = ([None] + read_metrics(run / METRICS_FILE))[-1]
+                      f"compile {cfg.compile}, loader {cfg.loader}, oversample {cfg.oversample}{ranks}]")
+        previous = ([None] + read_metrics(run / METRICS_FILE))[-1] if ctx.is_main else None
         previous_record = None  # the epoch before `previous`, for the closing table
         epoch = start_epoch
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -284,19 +364,25 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
                                             epoch=epoch, steps=train_steps, last_good=last_good,
                                             progress=progress, task=batch_task)
                 progress.reset(batch_task, total=val_steps, description=f"val {epoch + 1}", ips=0.0)
+                broadcast_buffers(ctx, unwrap(eval_model))  # every rank validates rank 0's model
                 val_out = evaluate(eval_model, val_loader, loss_fn, cfg, steps=val_steps,
                                    progress=progress, task=batch_task)
+                # every rank gets every rank's predictions (val back in row order): same metrics everywhere
+                train_out = gather_outputs(ctx, train_out)
+                val_out = gather_outputs(ctx, val_out, rows=val_loader.indices())
                 train_m = summarize(train_out, cfg, data, bootstrap=0)
                 val_m = summarize(val_out, cfg, data, bootstrap=cfg.bootstrap)
-                value = monitor_value(val_m, cfg.monitor, data["grade_scale"])
+                # rank 0's number decides best.pt, the plateau and early stopping for the whole group
+                value = broadcast_value(ctx, monitor_value(val_m, cfg.monitor, data["grade_scale"]))
                 improved = stopper.step(value, epoch + 1)
                 record = {"epoch": epoch + 1, "lr": base_lr(optimizer),
                           "time_s": time.perf_counter() - epoch_start, "train": train_m, "val": val_m,
                           "monitor": value if math.isfinite(value) else None, "best": improved}
                 if plateau is not None and epoch >= cfg.warmup_epochs:
                     plateau.step(value)  # warm-up owns the lr until it ends
-                with (run / METRICS_FILE).open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                if ctx.is_main:
+                    with (run / METRICS_FILE).open("a") as f:
+                        f.write(json.dumps(record) + "\n")
                 if verbose:  # the team's full table, every epoch
                     progress.console.print(format_epoch_table(record, previous))
                     if val_m["never_predicted"]:
@@ -306,24 +392,60 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
                     progress.console.print(format_epoch_line(record, cfg.epochs), markup=False, highlight=False,
                                            soft_wrap=True)  # one line, even in a narrow log
                 previous_record, previous = previous, record
-                checkpoint_state = state(epoch + 1, val_m)
-                if improved:
-                    save_checkpoint(checkpoint_state, run / BEST)
-                save_checkpoint(checkpoint_state, run / LAST)
+                if ctx.is_main:
+                    checkpoint_state = state(epoch + 1, val_m)
+                    if improved:
+                        save_checkpoint(checkpoint_state, run / BEST)
+                    save_checkpoint(checkpoint_state, run / LAST)
                 progress.update(epochs_task, advance=1, ips=train_m["images_per_s"])
             else:
                 epoch = cfg.epochs
         if not verbose and previous is not None and epoch > start_epoch:
             console.print(format_epoch_table(previous, previous_record))  # the last epoch, against the one before
     except NonFiniteLoss:
-        if (run / METRICS_FILE).is_file() and (run / METRICS_FILE).stat().st_size:
+        if ctx.is_main and (run / METRICS_FILE).is_file() and (run / METRICS_FILE).stat().st_size:
             write_report(run)
         raise
     finally:
         for loader in (train_loader, val_loader):
             loader.close()
 
-    return restore_best_and_report(run, cfg, model, ema, stopper, console, epochs_run=epoch)
+    barrier(ctx)  # rank 0's last checkpoint is on disk before any rank reads best.pt
+    return restore_best_and_report(run, cfg, model, ema, stopper, console, epochs_run=epoch, report=ctx.is_main)
+
+
+def evaluate_checkpoint(checkpoint: Path | str, shards: Path | str | None = None, split: str = "val", *,
+                        device: str = "cpu", workers: int = 0) -> dict[str, Any]:
+    """One process's validation metrics of a checkpoint over a whole split (the run's own shard set and
+    val split by default), computed exactly as the trainer computes them (same transform, same bootstrap
+    seed, predictions in row order): what a DDP run's gathered validation must equal."""
+    state = load_checkpoint(Path(checkpoint))
+    cfg = TrainConfig.from_dict(state["config"], source=str(checkpoint))
+    cfg = resolve_runtime(dataclasses.replace(cfg, device=device, amp="off", compile=False, workers=workers,
+                                              max_batches=0), torch.cuda.is_available())
+    data = state["data"]
+    saved = data.get("normalization")
+    norm = Normalization(tuple(saved["mean"]), tuple(saved["std"])) if saved else IMAGENET
+    model = create_model(cfg.model, num_positions=len(data["positions"]), grade_scale=data["grade_scale"],
+                         grade_head=cfg.grade_head)
+    model.load_state_dict(inference_weights(state))
+    model = model.to(torch.device(cfg.device))
+    loss_fn = MultiTaskLoss(weights=cfg.loss_weights, label_smoothing=cfg.label_smoothing,
+                            grade_scale=data["grade_scale"], grade_head=cfg.grade_head)
+    shard_set = ShardSet(shards or cfg.shards)
+    fold = fold_ids(shard_set.manifest["samples"], cfg) if split == "val" else None  # the run's own val fold
+    loader = make_loader(shard_set, split, backend=cfg.loader, batch_size=cfg.batch_size,
+                         sample_ids=fold[1] if fold else None,
+                         image_size=cfg.image_size, device=cfg.device, seed=cfg.seed, workers=cfg.workers,
+                         channels_last=False, normalization=norm, oversample="none", shuffle=False,
+                         augment=False, dtype=torch.float32)
+    try:
+        with Progress(disable=True) as progress:
+            out = evaluate(model, loader, loss_fn, cfg, steps=len(loader), progress=progress,
+                           task=progress.add_task("eval", total=len(loader), ips=0.0))
+    finally:
+        loader.close()
+    return summarize(out, cfg, data, bootstrap=cfg.bootstrap)
 
 
 if __name__ == "__main__":  # `python -m cornpipe.train ...` is `cornpipe train ...` (options live in the CLI)

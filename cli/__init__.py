@@ -29,10 +29,10 @@ def cli() -> None:
 def _register() -> None:
     from cornpipe.cli.bench import bench
     from cornpipe.cli.data import convert, inspect_command, synth, verify
-    from cornpipe.cli.runs import models_command, predict_command, report_command, train_command
+    from cornpipe.cli.runs import cv_command, models_command, predict_command, report_command, train_command
 
-    for command in (synth, convert, inspect_command, verify, train_command, report_command, predict_command,
-                    models_command, bench):
+    for command in (synth, convert, inspect_command, verify, train_command, cv_command, report_command,
+                    predict_command, models_command, bench):
         cli.add_command(command)
 
 

@@ -14,9 +14,11 @@ import click
 from click.core import ParameterSource
 
 from cornpipe.cli.handler import CornpipeCommand
+from cornpipe.errors import ConfigError
 from cornpipe.loaders.base import BACKENDS, OVERSAMPLE_STRATEGIES
 from cornpipe.runs.config import (
     AMP_MODES,
+    FOLD_GROUPS,
     GRADE_HEADS,
     MONITORS,
     OPTIMIZERS,
@@ -57,7 +59,8 @@ def _opt(*decls: str, help: str, **kwargs: Any) -> Any:
 @click.option("--verbose", is_flag=True, help="Print the full metrics table every epoch (default: one line an "
               "epoch, the table at the end and in report.md).")
 @_opt("--epochs", type=int, help="Maximum epochs.")
-@_opt("--batch-size", type=int, help="Images per step.")
+@_opt("--batch-size", type=int, help="Images per step PER PROCESS: with --nproc N (or torchrun) the global "
+      "batch is batch-size x N (x nodes).")
 @_opt("--image-size", type=int, help="Side of the square model input, pixels.")
 @_opt("--model", type=str, help="Model: resnet_plus18/34/50, resnet_plus_tiny, or timm:NAME for any timm trunk "
       "under the two heads (`cornpipe models`).")
@@ -81,7 +84,9 @@ def _opt(*decls: str, help: str, **kwargs: Any) -> Any:
 @_opt("--compile/--no-compile", help="torch.compile the model [default: on for CUDA].")
 @_opt("--channels-last/--no-channels-last", help="NHWC memory format [default: on for CUDA].")
 @_opt("--optimizer", type=click.Choice(OPTIMIZERS), help="AdamW or SGD with Nesterov momentum.")
-@_opt("--lr", type=float, help="Peak learning rate [default: 1e-3 adamw, 0.05 sgd].")
+@_opt("--lr", type=float, help="Peak learning rate [default: 1e-3 adamw, 0.05 sgd]. Used as given, also "
+      "under DDP: when the global batch grows k-fold (more processes), scale it yourself -- k x lr for SGD "
+      "(linear rule, keep the warm-up), about sqrt(k) x lr for AdamW.")
 @_opt("--weight-decay", type=float, help="Weight decay, not on norms/biases [default: 0.05 adamw, 5e-4 sgd].")
 @_opt("--warmup-epochs", type=int, help="Linear warm-up epochs.")
 @_opt("--schedule", type=click.Choice(SCHEDULES), help="LR schedule after warm-up.")
@@ -94,22 +99,133 @@ def _opt(*decls: str, help: str, **kwargs: Any) -> Any:
 @_opt("--min-delta", type=float, help="Smallest monitor gain that counts.")
 @_opt("--tolerance", type=float, help="Grade tolerance for grade_within_tol, grade units.")
 @_opt("--bootstrap", type=int, help="Bootstrap resamples for val confidence intervals.")
+@_opt("--verify/--no-verify", help="Check the shard set before the first epoch (manifest hash, file sizes, "
+      "sha256 up to 2 GB).")
 @_opt("--max-batches", type=int, help="Cap on batches per epoch (quick runs); 0 = all.")
 @_opt("--seed", type=int, help="Random seed.")
+@_opt("--folds", type=int, help="Cross-validation: train on a stratified K-fold of ALL samples (0 = the "
+      "convert-time split); `cornpipe cv` runs every fold.")
+@_opt("--fold", type=int, help="Cross-validation: the fold that validates (0-based).")
+@_opt("--fold-group", type=click.Choice(FOLD_GROUPS), help="Cross-validation: leave one stage or source out "
+      "instead of K folds (--fold picks the group, sorted).")
+@_opt("--fold-seed", type=int, help="Cross-validation: seed of the fold assignment.")
+@click.option("--seeds", default=None, metavar="S1,S2,...",
+              help="Train the same config once per seed into RUN/seed<S> and summarise the spread "
+                   "(RUN/cv.md, cv.json) like `cornpipe cv`.")
+@_opt("--sync-bn/--no-sync-bn", help="DDP: BatchNorm statistics over the global batch (SyncBatchNorm; CUDA only).")
+@_opt("--dist-timeout", type=float, help="DDP: seconds a rank waits in a collective before the group fails.")
+@click.option("--nproc", type=click.IntRange(min=1), default=None,
+              help="Train on N processes of this machine (DDP: one GPU each, or gloo on the CPU) by launching "
+                   "torchrun. For several machines run torchrun yourself: torchrun --nnodes M --nproc-per-node N "
+                   "--rdzv-backend c10d --rdzv-endpoint HOST:PORT -m cornpipe.train SHARDS --out RUN ...")
 @click.pass_context
 def train_command(ctx: click.Context, shards: str | None, out: str | None, config_file: str | None,
-                  resume: str | None, force: bool, verbose: bool, allow_new_shards: bool, **flags: Any) -> None:
-    """Train on SHARDS (a `cornpipe convert` output) into --out RUN."""
+                  resume: str | None, force: bool, verbose: bool, allow_new_shards: bool, nproc: int | None,
+                  seeds: str | None, **flags: Any) -> None:
+    """Train on SHARDS (a `cornpipe convert` output) into --out RUN.
+
+    \b
+    Distributed data parallel (torchrun + DDP): `--nproc N`, or
+      torchrun --nproc-per-node N -m cornpipe.train SHARDS --out RUN ...
+    Each process reads its own slice of every epoch; --batch-size is per process (global batch =
+    batch-size x processes); --lr is not rescaled (see --lr); validation covers the whole val split
+    once, gathered on every rank; only rank 0 writes RUN.
+    """
     given = {k: v for k, v in flags.items()
              if ctx.get_parameter_source(k) != ParameterSource.DEFAULT and v is not None}
     if shards:
         given["shards"] = shards
     if out:
         given["out"] = out
-    cfg = config_from_sources(given, config_file=config_file, resume=resume)
+    cfg = config_from_sources(given, config_file=config_file, resume=resume)  # bad options fail here, once
+    if seeds is not None:
+        if resume or (nproc or 1) > 1:
+            raise ConfigError("--seeds runs one process per seed in turn: rerun the same command to resume it; "
+                              "it does not combine with --resume or --nproc")
+        from cornpipe.runs.cv import CV_MD, run_folds
+        from cornpipe.shards.shard_set import ShardSet
+        from cornpipe.train import train
+
+        run_folds(cfg, Path(cfg.out), ShardSet(cfg.shards).manifest["samples"], _parse_seeds(seeds), train,
+                  click.echo)
+        click.echo(f"summary: {Path(cfg.out) / CV_MD}")
+        return
+    if nproc is not None and nproc > 1:
+        from cornpipe.runs.distributed import launch
+
+        launch(nproc, _forwarded_args(ctx, skip={"nproc"}))
+        return
     from cornpipe.train import train  # torch and the loaders load only for the commands that use them
 
     train(cfg, resume=bool(resume), force=force, verbose=verbose, allow_new_shards=allow_new_shards)
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ConfigError(f"--seeds must be distinct non-negative integers, e.g. 0,1,2 (got {text!r})")
+    return seeds
+
+
+@click.command("cv", cls=CornpipeCommand,
+               context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("shards", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+              help="CV directory: one run folder per fold x seed, cv.json, cv.md, cv_confusion.png.")
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
+              help="K of the stratified (position x grade) K-fold over all converted samples.")
+@click.option("--group", type=click.Choice(["stage", "source"]), default=None,
+              help="Leave one stage (9/14/19) or source folder out per fold instead (--folds is ignored).")
+@click.option("--seeds", default="0", show_default=True, metavar="S1,S2,...", help="Training seeds per fold.")
+@click.option("--fold-seed", type=int, default=0, show_default=True, help="Seed of the fold assignment.")
+@click.pass_context
+def cv_command(ctx: click.Context, shards: str, out: str, folds: int, group: str | None, seeds: str,
+               fold_seed: int) -> None:
+    """Cross-validate one training config on SHARDS: every fold x seed is a full `cornpipe train` run.
+
+    Any further option is a `cornpipe train` option (see `cornpipe train --help`). Rerunning the same
+    command after a kill skips finished folds and resumes the interrupted one. CVDIR/cv.md reads: one row
+    per run, then per metric mean ± sd and a 95 % interval across folds, per-position recall across folds,
+    and the pooled out-of-fold confusion matrix.
+    """
+    sub = train_command.make_context("cornpipe cv", [shards, "--out", out, *ctx.args])
+    for name in ("resume", "nproc", "seeds", "folds", "fold", "fold_group", "fold_seed"):
+        if sub.get_parameter_source(name) not in (None, ParameterSource.DEFAULT):
+            raise ConfigError(f"cornpipe cv sets --{name.replace('_', '-')} itself; leave it out")
+    given = {k: v for k, v in sub.params.items() if k in FIELD_DEFAULTS and v is not None
+             and sub.get_parameter_source(k) != ParameterSource.DEFAULT}
+    given.update(shards=shards, out=out, folds=0 if group else folds, fold_group=group or "none",
+                 fold_seed=fold_seed)
+    cfg = config_from_sources(given, config_file=sub.params.get("config_file"))
+    from cornpipe.runs.cv import CV_MD, run_folds
+    from cornpipe.shards.shard_set import ShardSet
+    from cornpipe.train import train
+
+    run_folds(cfg, Path(out), ShardSet(shards).manifest["samples"], _parse_seeds(seeds), train, click.echo)
+    click.echo(f"summary: {Path(out) / CV_MD}")
+
+
+def _forwarded_args(ctx: click.Context, skip: set[str]) -> list[str]:
+    """The command line given to this command (explicit values only, defaults left to the config), for
+    the processes torchrun starts."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        if param.name in skip or ctx.get_parameter_source(param.name) in (None, ParameterSource.DEFAULT):
+            continue
+        value = ctx.params[param.name]
+        if isinstance(param, click.Argument):
+            args.insert(0, str(value))
+        elif isinstance(param, click.Option) and param.is_flag:
+            if param.secondary_opts:
+                args.append(param.opts[0] if value else param.secondary_opts[0])
+            elif value:
+                args.append(param.opts[0])
+        elif value is not None:
+            args += [param.opts[0], str(value)]
+    return args
 
 
 @click.command("models", cls=CornpipeCommand)

@@ -58,6 +58,9 @@ class LoaderSpec:
     normalization: Normalization = IMAGENET  # mean/std (0-255) of the last step; a pretrained trunk's own
     num_samples: int | None = None  # global epoch length (all ranks); None = rows in the split
     even: bool = False  # truncate the global epoch to a multiple of world_size (DDP)
+    # read exactly these samples (manifest ids, in this order), each from whichever split holds it: folds of
+    # cross-validation without re-converting. `split` then only names the role (train: augmented). None: the split
+    sample_ids: tuple[int, ...] | None = None
     options: Mapping[str, Any] = field(default_factory=dict)  # backend-specific extras
 
     @property
@@ -106,6 +109,7 @@ class LoaderSpec:
             channels_last=dev.type == "cuda" if self.channels_last is None else bool(self.channels_last),
             normalization=self.normalization,
             num_samples=None if self.num_samples is None else int(self.num_samples), even=bool(self.even),
+            sample_ids=None if self.sample_ids is None else tuple(int(i) for i in self.sample_ids),
             options=dict(self.options or {}),
         )
 
@@ -144,6 +148,23 @@ def resolve_device(device: str | torch.device) -> torch.device:
     elif dev.type != "cpu":
         raise LoaderError(f"device {device!r} is not supported (use cpu, cuda or cuda:N)")
     return dev
+
+
+def source_rows(shards: Any, spec: LoaderSpec) -> tuple[list[tuple[str, int]], np.ndarray, np.ndarray, np.ndarray]:
+    """Where each of the loader's rows lives ((split, row) in the shard set) and its labels (position,
+    grade, sample_id): the split's rows, or `spec.sample_ids` from whichever split holds each."""
+    if spec.sample_ids is None:
+        position, grade, sample_id = shards.labels(spec.split)
+        return [(spec.split, r) for r in range(len(position))], position, grade, sample_id
+    by_id = {int(s["id"]): s for s in shards.manifest["samples"]}
+    missing = [i for i in spec.sample_ids if i not in by_id]
+    if missing:
+        raise LoaderError(f"sample id(s) {', '.join(map(str, missing[:5]))} are not in {shards.root}")
+    chosen = [by_id[i] for i in spec.sample_ids]
+    return ([(s["split"], int(s["row"])) for s in chosen],
+            np.array([s["position"] for s in chosen], dtype=np.int64),
+            np.array([s["grade"] for s in chosen], dtype=np.float32),
+            np.array([s["id"] for s in chosen], dtype=np.int64))
 
 
 def epoch_rows(spec: LoaderSpec, position: np.ndarray, grade: np.ndarray, epoch: int) -> np.ndarray:

@@ -35,7 +35,7 @@ from PIL import Image
 from cornpipe.errors import LoaderError
 from cornpipe.loaders.augment import CROP_KERNELS, augment_batch, roi_align_window, use_interpolate
 from cornpipe.loaders.base import Batch
-from cornpipe.loaders.common import EpochLoader, LoaderSpec, augment_params, cut_to_batches
+from cornpipe.loaders.common import EpochLoader, LoaderSpec, augment_params, cut_to_batches, source_rows
 from cornpipe.loaders.resident_decode import batch_decoder, chunks, decode_images, place
 from cornpipe.loaders.torch_loader import shard_of
 
@@ -62,10 +62,10 @@ class ResidentLoader(EpochLoader):
     """All images of a split on the device; batches are gathered and augmented there."""
 
     def __init__(self, shards, spec: LoaderSpec) -> None:
-        position, grade, sample_id = shards.labels(spec.split)
+        self.locations, position, grade, sample_id = source_rows(shards, spec)  # (split, row) of each row
         super().__init__(spec, position, grade, sample_id)
         self._shards = shards
-        blobs = [shards.read_image_bytes(spec.split, row) for row in range(self.rows)]
+        blobs = [shards.read_image_bytes(split, row) for split, row in self.locations]
         self.sizes = np.array([self._header_size(row, b) for row, b in enumerate(blobs)],
                               dtype=np.int64).reshape(-1, 2)  # (N, 2): height, width
         height, width = (self.sizes.max(axis=0) + 1).tolist() if self.rows else (1, 1)
@@ -95,7 +95,8 @@ class ResidentLoader(EpochLoader):
         return self.store.numel()
 
     def _where(self, row: int) -> str:
-        return f"{shard_of(self._shards, self.spec.split, row)} ({self.spec.split} row {row})"
+        split, row = self.locations[row]
+        return f"{shard_of(self._shards, split, row)} ({split} row {row})"
 
     def _header_size(self, row: int, blob: bytes) -> tuple[int, int]:
         try:

@@ -32,7 +32,7 @@ from cornpipe.loaders.augment import (
     pil_to_tensor,
 )
 from cornpipe.loaders.base import Batch
-from cornpipe.loaders.common import EpochLoader, LoaderSpec, augment_params
+from cornpipe.loaders.common import EpochLoader, LoaderSpec, augment_params, source_rows
 from cornpipe.loaders.finish import one_cpu_thread
 
 
@@ -69,10 +69,12 @@ def _decode(data: bytes) -> Image.Image:
 class ShardImages(ImageDataset):
     """Samples of one split of a shard set, by row."""
 
-    def __init__(self, root: Path, split: str, spec: LoaderSpec) -> None:
+    def __init__(self, root: Path, split: str, spec: LoaderSpec,
+                 locations: list[tuple[str, int]] | None = None) -> None:
         super().__init__(spec)
         self.root = Path(root)
         self.split = split
+        self.locations = locations  # (split, row) of each loader row; None: row r of `split`
         self._shards = None  # opened lazily, once per process
 
     def __getstate__(self) -> dict:
@@ -85,13 +87,14 @@ class ShardImages(ImageDataset):
 
         if self._shards is None:
             self._shards = ShardSet(self.root)
-        data = self._shards.read_image_bytes(self.split, row)
+        split, row = self.locations[row] if self.locations is not None else (self.split, row)
+        data = self._shards.read_image_bytes(split, row)
         try:
             return _decode(data)
         except Exception as exc:  # PIL raises many types for broken data
             raise LoaderError(
-                f"corrupt image in {shard_of(self._shards, self.split, row)} "
-                f"({self.split} row {row}): {type(exc).__name__}: {exc}".replace("\n", " ")
+                f"corrupt image in {shard_of(self._shards, split, row)} "
+                f"({split} row {row}): {type(exc).__name__}: {exc}".replace("\n", " ")
             ) from exc
 
 
@@ -162,10 +165,11 @@ class TorchLoader(EpochLoader):
 
 def build(shards, spec: LoaderSpec) -> TorchLoader:
     """The torch backend over a ShardSet's tar shards."""
-    for tar, idx in shards.shards(spec.split):
-        for path in (tar, idx):
-            if not Path(path).is_file():
-                raise LoaderError(f"missing shard file {path}")
-    position, grade, sample_id = shards.labels(spec.split)
-    dataset = ShardImages(shards.root, spec.split, spec)
+    locations, position, grade, sample_id = source_rows(shards, spec)
+    for split in sorted({s for s, _ in locations} | ({spec.split} if spec.sample_ids is None else set())):
+        for tar, idx in shards.shards(split):
+            for path in (tar, idx):
+                if not Path(path).is_file():
+                    raise LoaderError(f"missing shard file {path}")
+    dataset = ShardImages(shards.root, spec.split, spec, locations if spec.sample_ids is not None else None)
     return TorchLoader(dataset, spec, position, grade, sample_id)

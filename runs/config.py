@@ -37,6 +37,7 @@ AMP_MODES: tuple[str, ...] = ("auto", "fp16", "bf16", "off")
 # Every monitor is "higher is better"; metrics where lower is better enter negated.
 #   combined: position_macro_f1 - grade_mae / max(grade_scale)   (both parts in [0, 1]-ish units,
 #             so one grade step on 0..9 costs as much as ~11 points of macro-F1)
+FOLD_GROUPS: tuple[str, ...] = ("none", "stage", "source")
 MONITORS: tuple[str, ...] = ("combined", "position_macro_f1", "position_accuracy", "grade_mae",
                              "grade_qwk", "loss")
 
@@ -51,7 +52,7 @@ class TrainConfig:
     loader: str = "torch"  # backend: ffcv | dali | torch | resident
     oversample: str = "balanced"  # per-epoch draw of train rows: none | balanced | sqrt | joint
     image_size: int = DEFAULT_IMAGE_SIZE  # pixels, side of the square crop the model sees
-    batch_size: int = 64  # images per optimiser step
+    batch_size: int = 64  # images per optimiser step PER PROCESS; under torchrun the global batch is x world size
     workers: int | None = None  # loader worker processes; None = the backend's default
     # model
     model: str = "resnet_plus18"  # name in models.MODELS
@@ -86,6 +87,14 @@ class TrainConfig:
     amp: str = "auto"  # auto (fp16 on CUDA, off on CPU) | fp16 | bf16 | off
     compile: bool | None = None  # torch.compile the model; None = on for CUDA, off for CPU
     channels_last: bool | None = None  # NHWC memory format; None = on for CUDA, off for CPU
+    # distributed (torchrun + DDP; ignored in a single process)
+    sync_bn: bool = False  # SyncBatchNorm: BatchNorm statistics over the global batch (CUDA only)
+    dist_timeout: float = 600.0  # seconds a rank waits in a collective before the group fails
+    # cross-validation (`cornpipe cv` sets these): which samples train and which validate
+    folds: int = 0  # K of a stratified (position x grade) K-fold over ALL samples; 0 = the convert-time split
+    fold: int = 0  # the fold that validates, 0-based (with fold_group: the index of the held-out group, sorted)
+    fold_group: str = "none"  # none | stage | source: leave one group out instead (folds is then ignored)
+    fold_seed: int = 0  # seed of the fold assignment (apart from `seed`: seeds vary the training, not the folds)
     # evaluation and stopping
     monitor: str = "combined"  # metric for best.pt, early stopping and the plateau schedule
     patience: int = 8  # epochs without a monitor gain > min_delta before stopping; 0 = never stop
@@ -93,6 +102,7 @@ class TrainConfig:
     tolerance: float = 2.0  # grade units; grade_within_tol counts |pred - true| <= tolerance
     bootstrap: int = 1000  # bootstrap resamples for the validation confidence intervals; 0 = none
     max_batches: int = 0  # cap on batches per epoch, train and val (quick runs); 0 = all
+    verify: bool = True  # before the first epoch: manifest hash, file sizes, sha256 of sets up to 2 GB
     seed: int = 0  # all randomness is a function of (seed, epoch)
 
     def __post_init__(self) -> None:
@@ -117,6 +127,10 @@ class TrainConfig:
         choice("schedule", SCHEDULES)
         choice("amp", AMP_MODES)
         choice("monitor", MONITORS)
+        choice("fold_group", FOLD_GROUPS)
+        check(self.folds == 0 or self.folds >= 2, f"folds must be 0 (no folds) or >= 2 (got {self.folds})")
+        check(self.fold >= 0 and (self.folds == 0 or self.fold < self.folds),
+              f"fold must be in 0..folds-1 (got fold {self.fold} of {self.folds})")
         for name in ("image_size", "batch_size", "epochs"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1 (got {getattr(self, name)})")
         for name in ("lr", "weight_decay", "momentum", "min_lr", "grad_clip", "min_delta", "tolerance",
@@ -125,6 +139,8 @@ class TrainConfig:
             value = getattr(self, name)
             check(math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0 (got {value})")
         check(self.lr > 0, f"lr must be > 0 (got {self.lr})")
+        check(math.isfinite(self.dist_timeout) and self.dist_timeout > 0,
+              f"dist_timeout must be > 0 seconds (got {self.dist_timeout})")
         check(math.isfinite(self.trunk_lr_scale) and self.trunk_lr_scale > 0,
               f"trunk_lr_scale must be > 0 (got {self.trunk_lr_scale}); use freeze_epochs to freeze the trunk")
         check(self.workers is None or self.workers >= 0, f"workers must be >= 0 (got {self.workers})")
@@ -249,8 +265,8 @@ def resolve_runtime(cfg: TrainConfig, cuda_available: bool) -> TrainConfig:
 
 # Changing these on --resume is safe; anything else would make the saved state meaningless.
 RESUME_OVERRIDABLE: frozenset[str] = frozenset(
-    {"epochs", "patience", "min_delta", "workers", "device", "amp", "compile", "bootstrap", "max_batches",
-     "out", "shards"})
+    {"epochs", "patience", "min_delta", "workers", "device", "amp", "compile", "bootstrap", "max_batches", "verify",
+     "out", "shards", "dist_timeout"})
 
 
 def merge_for_resume(saved: dict[str, Any], overrides: dict[str, Any], run: str) -> TrainConfig:

@@ -74,13 +74,16 @@ class TrainResult:
 
 
 def restore_best_and_report(run: Path, cfg: TrainConfig, model: nn.Module, ema: ModelEma | None,
-                            stopper: EarlyStopping, console: Console, epochs_run: int) -> TrainResult:
-    """Restore the best checkpoint, write the report and say what the best epoch reached."""
+                            stopper: EarlyStopping, console: Console, epochs_run: int,
+                            report: bool = True) -> TrainResult:
+    """Restore the best checkpoint, write the report (unless `report` is False: DDP ranks other than
+    0 only read) and say what the best epoch reached."""
     best = load_checkpoint(run / BEST, map_location=cfg.device)
     model.load_state_dict(best["model"])
     if ema is not None:
         ema.load_state_dict(best["ema"])
-    write_report(run)
+    if report:
+        write_report(run)
     val = best["val"]
     ci = val.get("ci", {})
 

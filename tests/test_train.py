@@ -286,18 +286,23 @@ def learn_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_learns_position_and_grade_on_synthetic_data(learn_shards: Path, tmp_path: Path) -> None:
-    # The ordinal (CORN) head suits a 5-level scale: it reaches MAE 0.68-0.85 here over seeds 0-3,
-    # where the sigmoid regression head levels off around 0.9-1.1. EMA weights smooth the swing of a
-    # 72-image validation set; without oversampling every epoch sees each training image once.
-    cfg = TrainConfig(shards=str(learn_shards), out=str(tmp_path / "run"), model="resnet_plus_tiny",
-                      image_size=LEARN_IMAGE_SIZE, batch_size=16, epochs=14, lr=4e-3, schedule="cosine",
-                      grade_head="corn", ema=True, oversample="none", loader="resident", workers=1, device="cpu", bootstrap=200,
-                      patience=0)
-    start = time.perf_counter()
-    result = train(cfg)
-    seconds = time.perf_counter() - start
-    val = result.best_val
-    print(f"learning run: {seconds:.0f} s, best epoch {result.best_epoch}, val position accuracy "
-          f"{val['position_accuracy']:.3f}, grade MAE {val['grade_mae']:.3f}")
-    assert val["position_accuracy"] >= 0.90, val
-    assert val["grade_mae"] <= 1.0, val
+    # The ordinal (CORN) head suits a 5-level scale; the sigmoid regression head levels off around
+    # 0.9-1.1 MAE here. EMA weights smooth the swing of a 72-image validation set; without oversampling
+    # every epoch sees each training image once. One seed is one draw: with ResNet-Plus built by timm
+    # (same architecture, other random initial weights than the hand-written one) seeds 0-3 reached
+    # grade MAE 1.11, 0.71, 0.83, 0.60 and position accuracy 1.0, so two seeds are judged together.
+    maes = []
+    for seed in (0, 1):
+        cfg = TrainConfig(shards=str(learn_shards), out=str(tmp_path / f"run{seed}"), model="resnet_plus_tiny",
+                          image_size=LEARN_IMAGE_SIZE, batch_size=16, epochs=14, lr=4e-3, schedule="cosine",
+                          grade_head="corn", ema=True, oversample="none", loader="resident", workers=1,
+                          device="cpu", bootstrap=200, patience=0, seed=seed)
+        start = time.perf_counter()
+        result = train(cfg)
+        val = result.best_val
+        print(f"learning run, seed {seed}: {time.perf_counter() - start:.0f} s, best epoch {result.best_epoch}, "
+              f"val position accuracy {val['position_accuracy']:.3f}, grade MAE {val['grade_mae']:.3f}")
+        assert val["position_accuracy"] >= 0.90, val
+        assert val["grade_mae"] <= 1.25, val  # chance (the scale's middle) is ~3 grade units off
+        maes.append(val["grade_mae"])
+    assert sum(maes) / len(maes) <= 1.0, maes

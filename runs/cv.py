@@ -1,0 +1,237 @@
+"""Cross-validation: which samples a fold trains and validates on, the runs of `cornpipe cv`, and their summary.
+
+On a small, imbalanced survey one validation split is not evidence. `cornpipe cv` trains the same config
+once per fold (and per seed) over ALL converted samples, reading each fold's samples from whichever split
+holds them (LoaderSpec.sample_ids): no re-conversion.
+
+Folds (a pure function of the shard set, `folds`, `fold_group` and `fold_seed`):
+- stratified K-fold: samples are grouped into position x grade cells, each cell shuffled (fold_seed) and
+  dealt round-robin over the folds, the deal continuing from cell to cell; so every fold holds each cell's
+  share to within one sample and fold sizes differ by at most one.
+- leave-one-group-out (`fold_group` stage | source): fold i validates on the i-th group (sorted) and trains
+  on the others; no group is ever on both sides.
+
+Summary (cv.json, cv.md, cv_confusion.png): one row per fold x seed with its best epoch's validation
+metrics; per metric, across folds (each fold's mean over seeds first): mean, sd (n - 1) and a 95 %
+t-interval of the mean; the spread across seeds (mean within-fold sd); per-position recall across folds;
+and the pooled out-of-fold confusion matrix (every run's best-epoch validation predictions, summed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cornpipe.errors import ConfigError
+from cornpipe.runs.config import FOLD_GROUPS, TrainConfig
+
+SUMMARY_METRICS: tuple[tuple[str, str], ...] = (
+    ("position_accuracy", "position accuracy"), ("position_macro_f1", "position macro-F1"),
+    ("grade_mae", "grade MAE"), ("grade_within_tol", "grade within ±tol"), ("grade_qwk", "grade QWK"),
+    ("loss", "total loss"))
+RESULT_FILE = "cv_result.json"  # written into a run folder when its training finished
+CV_JSON, CV_MD, CV_CONFUSION = "cv.json", "cv.md", "cv_confusion.png"
+
+
+def stratified_folds(cells: Sequence[Any], k: int, seed: int) -> np.ndarray:
+    """Fold index int64[N] for each sample, stratified on `cells` (e.g. (position, grade) pairs)."""
+    n = len(cells)
+    if k < 2 or k > n:
+        raise ConfigError(f"folds must be between 2 and the number of samples ({n}), got {k}")
+    cells = [tuple(c) if isinstance(c, (tuple, list)) else (c,) for c in cells]
+    index = {c: i for i, c in enumerate(sorted(set(cells)))}
+    keys = np.array([index[c] for c in cells], dtype=np.int64)
+    rng = np.random.default_rng([int(seed), 0xF01D])
+    fold = np.empty(n, dtype=np.int64)
+    dealt = 0
+    for key in range(len(index)):
+        members = rng.permutation(np.flatnonzero(keys == key))
+        fold[members] = (dealt + np.arange(len(members))) % k
+        dealt += len(members)
+    return fold
+
+
+def group_folds(groups: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
+    """(fold index int64[N], the group each fold holds out): one fold per distinct group, sorted."""
+    names = sorted(set(groups), key=lambda g: (str(type(g)), g))
+    if len(names) < 2:
+        raise ConfigError(f"leave-one-group-out needs at least 2 groups, found {len(names)}")
+    index = {g: i for i, g in enumerate(names)}
+    return np.array([index[g] for g in groups], dtype=np.int64), names
+
+
+def fold_assignment(samples: Sequence[dict], cfg: TrainConfig) -> tuple[np.ndarray, list[str]]:
+    """(fold of each manifest sample, a name per fold) for the config's folds/fold_group/fold_seed."""
+    if cfg.fold_group not in FOLD_GROUPS:
+        raise ConfigError(f"fold_group must be one of {', '.join(FOLD_GROUPS)} (got {cfg.fold_group!r})")
+    if cfg.fold_group != "none":
+        fold, names = group_folds([s[cfg.fold_group] for s in samples])
+        return fold, [f"{cfg.fold_group} {g}" for g in names]
+    fold = stratified_folds([(s["position"], float(s["grade"])) for s in samples], cfg.folds, cfg.fold_seed)
+    return fold, [f"fold {i + 1}/{cfg.folds}" for i in range(cfg.folds)]
+
+
+def uses_folds(cfg: TrainConfig) -> bool:
+    return cfg.folds > 0 or cfg.fold_group != "none"
+
+
+def fold_ids(samples: Sequence[dict], cfg: TrainConfig) -> tuple[list[int], list[int], str] | None:
+    """(train sample ids, val sample ids, fold name) of the config's fold; None: the convert-time split."""
+    if not uses_folds(cfg):
+        return None
+    fold, names = fold_assignment(samples, cfg)
+    if not 0 <= cfg.fold < len(names):
+        raise ConfigError(f"fold {cfg.fold} does not exist: there are {len(names)} folds (0..{len(names) - 1})")
+    ids = np.array([int(s["id"]) for s in samples], dtype=np.int64)
+    return ids[fold != cfg.fold].tolist(), ids[fold == cfg.fold].tolist(), names[cfg.fold]
+
+
+def number_of_folds(samples: Sequence[dict], cfg: TrainConfig) -> int:
+    return len(fold_assignment(samples, cfg)[1])
+
+
+# ---- running the folds ---------------------------------------------------------------------------------
+
+def run_name(fold: int | None, seed: int) -> str:
+    return f"seed{seed}" if fold is None else f"fold{fold}-seed{seed}"
+
+
+def run_folds(base: TrainConfig, out: Path, samples: Sequence[dict], seeds: Sequence[int],
+              train_fn: Callable[..., Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """Train every fold x seed into out/fold<i>-seed<s> (skipping finished runs, resuming killed ones),
+    then write the summary. `train_fn` is cornpipe.train.train (runs/ sits below train.py)."""
+    from cornpipe.runs.checkpoint import LAST
+
+    folds: list[int | None] = list(range(number_of_folds(samples, base))) if uses_folds(base) else [None]
+    out.mkdir(parents=True, exist_ok=True)
+    for fold in folds:
+        for seed in seeds:
+            cfg = dataclasses.replace(base, out=str(out / run_name(fold, seed)), seed=int(seed),
+                                      fold=base.fold if fold is None else fold)
+            run = Path(cfg.out)
+            if (run / RESULT_FILE).is_file():
+                log(f"{run.name}: finished earlier, skipped")
+                continue
+            resume = (run / LAST).is_file()
+            log(f"{run.name}: {'resuming' if resume else 'training'}")
+            result = train_fn(cfg, resume=resume, force=run.exists() and not resume)
+            (run / RESULT_FILE).write_text(json.dumps({
+                "fold": fold, "seed": int(seed), "best_epoch": result.best_epoch, "val": result.best_val}) + "\n")
+    return write_summary(out, [(f, s) for f in folds for s in seeds])
+
+
+# ---- the summary --------------------------------------------------------------------------------------
+
+def interval(values: Sequence[float]) -> dict[str, Any]:
+    """mean, sd (n - 1), and the 95 % t-interval of the mean of `values` (None where undefined)."""
+    v = np.array([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
+    if v.size == 0:
+        return {"n": 0, "mean": None, "sd": None, "ci95": None}
+    mean = float(v.mean())
+    if v.size < 2:
+        return {"n": 1, "mean": mean, "sd": None, "ci95": None}
+    from scipy.stats import t
+
+    sd = float(v.std(ddof=1))
+    half = float(t.ppf(0.975, v.size - 1)) * sd / math.sqrt(v.size)
+    return {"n": int(v.size), "mean": mean, "sd": sd, "ci95": [mean - half, mean + half]}
+
+
+def summarize_runs(rows: Sequence[dict[str, Any]], positions: Sequence[str]) -> dict[str, Any]:
+    """Across-fold statistics of per-run results ({"fold", "seed", "val": metrics})."""
+    by_fold: dict[int, list[dict]] = {}
+    for row in rows:
+        by_fold.setdefault(int(row["fold"]), []).append(row)
+
+    def fold_means(get: Callable[[dict], float | None]) -> tuple[list[float | None], list[float]]:
+        means, sds = [], []
+        for runs in by_fold.values():
+            values = [x for x in (get(r["val"]) for r in runs) if x is not None]
+            means.append(float(np.mean(values)) if values else None)
+            if len(values) > 1:
+                sds.append(float(np.std(values, ddof=1)))
+        return means, sds
+
+    metrics = {}
+    for key, _label in SUMMARY_METRICS:
+        means, sds = fold_means(lambda m, key=key: m.get(key))
+        metrics[key] = {**interval(means), "per_fold": means, "seed_sd": float(np.mean(sds)) if sds else None}
+    recall = {}
+    for name in positions:
+        means, _ = fold_means(lambda m, name=name: (m.get("position_recall") or {}).get(name))
+        recall[name] = {**interval(means), "per_fold": means}
+    confusion = np.zeros((len(positions), len(positions)), dtype=np.int64)
+    for row in rows:
+        if row["val"].get("confusion") is not None:
+            confusion += np.array(row["val"]["confusion"], dtype=np.int64)
+    return {"folds": len(by_fold), "runs": len(rows), "metrics": metrics, "position_recall": recall,
+            "pooled_confusion": confusion.tolist()}
+
+
+def write_summary(out: Path, runs: Sequence[tuple[int | None, int]]) -> dict[str, Any]:
+    """cv.json, cv.md and cv_confusion.png in `out` from its runs' cv_result.json and config.json.
+
+    Runs without a fold (`cornpipe train --seeds`) are summarised across seeds: each seed is a "fold"."""
+    from cornpipe.runs.plots import plot_confusion
+
+    rows = []
+    for i, (fold, seed) in enumerate(runs):
+        run = out / run_name(fold, seed)
+        result = json.loads((run / RESULT_FILE).read_text())
+        config = json.loads((run / "config.json").read_text())
+        data = config.get("data", {})
+        rows.append({"run": run.name, "fold": i if fold is None else fold, "seed": seed, "fold_name": data.get("fold", {}).get("name"),
+                     "n_train": data.get("counts", {}).get("train"), "n_val": data.get("counts", {}).get("val"),
+                     "best_epoch": result["best_epoch"], "val": result["val"]})
+    positions = json.loads((out / rows[0]["run"] / "config.json").read_text())["data"]["positions"]
+    summary = {**summarize_runs(rows, positions), "positions": positions,
+               "rows": [{k: v for k, v in r.items() if k != "val"}
+                        | {key: r["val"].get(key) for key, _ in SUMMARY_METRICS}
+                        | {"position_recall": r["val"].get("position_recall")} for r in rows]}
+    (out / CV_JSON).write_text(json.dumps(summary, indent=2) + "\n")
+    plot_confusion(summary["pooled_confusion"], positions, out / CV_CONFUSION,
+                   f"pooled out-of-fold confusion ({summary['runs']} runs)")
+    (out / CV_MD).write_text(format_summary(summary))
+    return summary
+
+
+def _num(x: float | None, digits: int = 3) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    keys = [k for k, _ in SUMMARY_METRICS]
+    lines = [f"# Cross-validation: {summary['folds']} folds, {summary['runs']} runs", "",
+             "Each row is one run's best epoch on its held-out fold.", "",
+             "| run | fold | seed | train | val | best epoch | " + " | ".join(label for _, label in SUMMARY_METRICS) + " |",
+             "|---" * (6 + len(keys)) + "|"]
+    for r in summary["rows"]:
+        lines.append(f"| {r['run']} | {r['fold_name'] or r['fold']} | {r['seed']} | {r['n_train']} | {r['n_val']} | "
+                     f"{r['best_epoch']} | " + " | ".join(_num(r[k]) for k in keys) + " |")
+    lines += ["", "## Across folds", "",
+              "Mean ± sd over folds (each fold averaged over its seeds first); 95 % CI: t-interval of the mean "
+              "over folds. Seed sd: the mean spread between seeds of one fold.", "",
+              "| metric | mean ± sd | 95 % CI | seed sd |", "|---|---|---|---|"]
+    for key, label in SUMMARY_METRICS:
+        m = summary["metrics"][key]
+        ci = "—" if m["ci95"] is None else f"[{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
+        lines.append(f"| {label} | {_num(m['mean'])} ± {_num(m['sd'])} | {ci} | {_num(m['seed_sd'])} |")
+    lines += ["", "## Position recall across folds", "", "| position | mean ± sd | 95 % CI | per fold |",
+              "|---|---|---|---|"]
+    for name, m in summary["position_recall"].items():
+        ci = "—" if m["ci95"] is None else f"[{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
+        lines.append(f"| {name} | {_num(m['mean'])} ± {_num(m['sd'])} | {ci} | "
+                     + ", ".join(_num(v, 2) for v in m["per_fold"]) + " |")
+    positions = summary["positions"]
+    lines += ["", "## Pooled out-of-fold confusion (rows: true, columns: predicted)", "",
+              "| true \\ predicted | " + " | ".join(positions) + " |", "|---" * (len(positions) + 1) + "|"]
+    for name, row in zip(positions, summary["pooled_confusion"], strict=True):
+        lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+    lines += ["", f"![pooled confusion]({CV_CONFUSION})", ""]
+    return "\n".join(lines)
