@@ -7,8 +7,9 @@ what it did. A CornpipeError is worded once, by the group (cornpipe.cli.Cornpipe
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -22,25 +23,22 @@ from cornpipe.shards.writers import WRITE_MODES
 __all__ = ["convert", "inspect_command", "synth", "verify"]
 
 
-def grade_scale_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Sequence[float] | None:
-    """click callback: `0,3,5,7,9` or `0-25` -> tuple of grades; bad text -> usage error (exit 2)."""
-    if value is None:
-        return None
-    try:
-        return parse_grade_scale(value)
-    except CornpipeError as exc:
-        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+def parsed_option(parse: Callable[[str], Any]) -> Callable[[click.Context, click.Parameter, str | None], Any]:
+    """A click callback: `parse(text)`, its CornpipeError a usage error (exit 2) naming the option."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+        if value is None:
+            return None
+        try:
+            return parse(value)
+        except CornpipeError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+    return callback
 
 
-def _position_weights_option(
-    ctx: click.Context, param: click.Parameter, value: str | None
-) -> tuple[float, float, float] | None:
-    if value is None:
-        return None
-    try:
-        return parse_position_weights(value)
-    except CornpipeError as exc:
-        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+grade_scale_option = parsed_option(parse_grade_scale)  # `0,3,5,7,9` or `0-25` -> tuple of grades
+_position_weights_option = parsed_option(parse_position_weights)  # `0.6,0.3,0.1` -> shares
 
 
 @click.command(cls=CornpipeCommand)

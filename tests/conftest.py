@@ -30,6 +30,34 @@ def needs_library(backend: str) -> None:
     if module is not None and not installed(module):
         pytest.skip(f"{backend} backend: {module} is not installed")
 
+def cli_run(*args: object):
+    """`cornpipe ARGS...` through click's CliRunner; a traceback fails the test (catch_exceptions=False)."""
+    from click.testing import CliRunner
+
+    from cornpipe.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def error_line(result) -> str:
+    """The one `Error:` line of a command's output (the test fails when there is not exactly one)."""
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def jpeg_bytes(seed: int, size: int = 40) -> bytes:
+    """A small noise JPEG, different for every seed."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
 
 @pytest.fixture(scope="session")
 def synth_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:

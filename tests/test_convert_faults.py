@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
-import io
 import os
 import re
 import shutil
@@ -21,36 +20,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from click.testing import CliRunner
-from conftest import FORMATS, installed
-from PIL import Image
+from conftest import FORMATS, cli_run, error_line, installed, jpeg_bytes
 
-from cornpipe.cli import cli
 from cornpipe.errors import ConvertError
 from cornpipe.shards.convert import convert_dataset
 from cornpipe.shards.inspect import inspect_shards
 
 REPO = Path(__file__).resolve().parents[1]
-RUNNER = CliRunner()
 
 
-def run(*args: object):
-    return RUNNER.invoke(cli, [str(a) for a in args], catch_exceptions=False)  # a traceback fails the test
-
-
-def error_line(result) -> str:
-    lines = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
-    assert len(lines) == 1, result.output
-    return lines[0]
-
-
-def jpeg_bytes(seed: int, size: int = 40) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
+run = cli_run  # the shared helpers of conftest, under this file's short name
 
 
 def rejected_csv(out: Path) -> dict[str, str]:

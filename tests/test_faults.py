@@ -8,43 +8,22 @@ with a parent that is a file and with paths under /proc and /sys.
 from __future__ import annotations
 
 import csv
-import io
 import os
 import pickle
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-from PIL import Image
+from conftest import cli_run, error_line, jpeg_bytes
 
-from cornpipe.cli import cli
 from cornpipe.errors import CheckpointError, ConfigError
 from cornpipe.runs.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 from cornpipe.runs.run_dir import prepare_run_dir
 from cornpipe.shards.discover import discover
 from cornpipe.shards.fields import SOURCES
 
-RUNNER = CliRunner()
-
-
-def run(*args: object):
-    return RUNNER.invoke(cli, [str(a) for a in args], catch_exceptions=False)  # a traceback fails the test
-
-
-def error_line(result) -> str:
-    lines = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
-    assert len(lines) == 1, result.output
-    return lines[0]
-
-
-def jpeg_bytes(seed: int, size: int = 40) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
+run = cli_run  # the shared helpers of conftest, under this file's short name
 
 
 # --------------------------------------------------------------------------- 4. impossible output paths
