@@ -212,11 +212,6 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, force: bool, con
     if not Path(cfg.shards).is_dir():
         raise ConfigError(f"shard set directory not found: {cfg.shards}")
     shards = ShardSet(cfg.shards)
-    if cfg.verify:  # flipped bytes or an edited label must not train silently (`--no-verify` skips)
-        checked = check_shards(cfg.shards)
-        console.print(f"checked {cfg.shards}: {checked['files']} files, sizes"
-                      f"{' and sha256' if checked['hashed'] else ' (over 2 GB: sha256 left to cornpipe verify)'}"
-                      f" in {checked['seconds']:.1f} s")
     data = {"positions": list(shards.positions), "grade_scale": [float(g) for g in shards.grade_scale],
             "shards": str(cfg.shards), "counts": {s: shards.count(s) for s in ("train", "val")},
             "convert": {k: shards.params.get(k) for k in ("write_mode", "max_resolution", "jpeg_quality")}}
@@ -238,6 +233,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, force: bool, con
                           f"--allow-new-shards; the report says so")
     if not resume:
         prepare_run_dir(run, force, dry_run=True)  # refuse a used --out before any slow work
+    if cfg.verify:  # flipped bytes or an edited label must not train silently (`--no-verify` skips)
+        checked = check_shards(cfg.shards)
+        console.print(f"checked {cfg.shards}: {checked['files']} files, sizes"
+                      f"{' and sha256' if checked['hashed'] else ' (over 2 GB: sha256 left to cornpipe verify)'}"
+                      f" in {checked['seconds']:.1f} s", soft_wrap=True)
 
     # model, loss, optimiser and the rest of the state a checkpoint carries
     torch.manual_seed(cfg.seed)  # initial weights
