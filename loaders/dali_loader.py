@@ -36,7 +36,7 @@ import torch
 
 from cornpipe.errors import LoaderError, MissingDependency, install_hint
 from cornpipe.loaders.base import Batch
-from cornpipe.loaders.common import AUGMENT_STREAM, EpochLoader, LoaderSpec
+from cornpipe.loaders.common import AUGMENT_STREAM, EpochLoader, LoaderSpec, source_rows
 from cornpipe.loaders.dali_source import ERROR_MARK, EpochPlan, EpochSource, SourceSpec
 from cornpipe.loaders.finish import Finisher
 from cornpipe.shards import fields as F
@@ -103,12 +103,30 @@ def index_shards(shards, split: str) -> tuple[list[str], np.ndarray, np.ndarray,
     return tars, shard_a, offset_a, size_a
 
 
+def _row_locations(shards, locations: list[tuple[str, int]]) -> tuple[list[str], np.ndarray, ...]:
+    """(tar paths, shard of row, JPEG offset, JPEG size, stored (h, w)) of each (split, row) in
+    `locations`: the rows of one split, or any sample ids from both (cross-validation folds)."""
+    tars: list[str] = []
+    per_split: dict[str, tuple[np.ndarray, ...]] = {}
+    for split in dict.fromkeys(s for s, _ in locations):  # the splits used, in first-use order
+        split_tars, shard, offset, size = index_shards(shards, split)
+        hw = np.array([[s["height"], s["width"]] for s in shards.samples(split)], dtype=np.int64).reshape(-1, 2)
+        per_split[split] = (shard + len(tars), offset, size, hw)  # shard numbers into the joint tar list
+        tars += split_tars
+
+    def column(k: int, dtype: type) -> np.ndarray:
+        return np.array([per_split[s][k][r] for s, r in locations], dtype=dtype)
+
+    return (tars, column(0, np.int32), column(1, np.int64), column(2, np.int64),
+            column(3, np.int64).reshape(-1, 2))
+
+
 class DaliLoader(EpochLoader):
     """The split's tar shards through a DALI pipeline; yields `Batch`es on `spec.device`."""
 
     def __init__(self, shards, spec: LoaderSpec) -> None:
-        labels = shards.labels(spec.split)
-        super().__init__(spec, *labels)
+        locations, position, grade, sample_id = source_rows(shards, spec)  # a split, or any sample ids
+        super().__init__(spec, position, grade, sample_id)
         self.shards = shards
         self.reader = str(spec.options.get("reader", "external"))
         if self.reader not in READERS:
@@ -116,9 +134,10 @@ class DaliLoader(EpochLoader):
         if self.reader == "webdataset" and spec.oversample != "none":
             raise LoaderError(f"the DALI webdataset reader cannot oversample ({spec.oversample!r}); "
                               f"use the default external-source reader")
-        self.tars, shard, offset, size = index_shards(shards, spec.split)
-        samples = shards.samples(spec.split)
-        hw = np.array([[s["height"], s["width"]] for s in samples], dtype=np.int64).reshape(-1, 2)
+        if self.reader == "webdataset" and spec.sample_ids is not None:
+            raise LoaderError("the DALI webdataset reader reads whole splits; use the default external-source "
+                              "reader for a subset of sample ids")
+        self.tars, shard, offset, size, hw = _row_locations(shards, locations)
         self.workers = max(1, int(spec.workers))
         self.start_method: str | None = spec.options.get("py_start_method")  # None: decided at build
         self._tmp = Path(tempfile.mkdtemp(prefix="cornpipe-dali-"))
