@@ -1,11 +1,15 @@
 """`cornpipe bench loaders`: images/s of every loader backend, side by side, as ratios.
 
-Plan: one *target* per table row (a backend over a shard set in one write mode, or the torch
-baseline over the original image folder). Each repeat is a round that runs every target once, each
+Plan: one *target* per table row (a backend over a shard set in one write mode, a *peer* (the
+backend's own library used directly, `bench.peers`), or the torch baseline over the original image
+folder). Each repeat is a round that runs every target once, each
 in a fresh process (`bench.isolate`), so slow drift of a shared machine hits all rows alike; the
 decode-only ceiling (`bench.ceiling`) is measured in the same rounds. Per row: the median over
-rounds and the min-max spread, the ratio to the `torch` baseline over the same shards, the fraction
-of the ceiling, and the peak memory of the process tree.
+rounds and the min-max spread, the ratio to the `torch` baseline over the same shards, the ratio to
+the backend's peer (`× peer`), the fraction of the ceiling, and the peak memory of the process tree.
+
+`--work same` (default) gives every row the peers' work: RandomResizedCrop + horizontal flip +
+normalise (SAME_WORK on cornpipe's backends); `--work full` keeps cornpipe's default augmentation.
 
 In a child, one measurement is: build the loader, run the warm-up (the first epoch, at most
 WARMUP_MAX_BATCHES batches, or --warmup-batches), then time whole batches for --seconds or
@@ -24,12 +28,17 @@ from typing import Any
 
 from cornpipe.bench.isolate import run_isolated
 from cornpipe.bench.machine import usable_cores
+from cornpipe.bench.peers import PEER_MODULE, PEER_OF, PEERS, build_peer
 from cornpipe.errors import BenchError, LoaderError, MissingDependency, install_hint
-from cornpipe.loaders.base import BACKENDS, DEFAULT_IMAGE_SIZE
+from cornpipe.loaders.base import BACKENDS, DEFAULT_IMAGE_SIZE, AugmentConfig
 
 WARMUP_MAX_BATCHES = 50
 FOLDER = "folder"  # the `mode` of the torch baseline over the original image folder
-_MODULE = {"ffcv": "ffcv", "dali": "nvidia.dali"}
+_MODULE = {"ffcv": "ffcv", "dali": "nvidia.dali", **PEER_MODULE}
+_EXTRA = {"ffcv-native": "ffcv", "dali-native": "dali"}  # the pyproject extra a peer needs
+WORKS: tuple[str, ...] = ("same", "full")
+# --work same: what every peer does, and nothing more (no vertical flip, rot90 or colour jitter)
+SAME_WORK = AugmentConfig(vflip=False, rot90=False, brightness=0.0, contrast=0.0, saturation=0.0)
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,8 @@ class LoaderBenchConfig:
     ceiling: bool = True
     ceiling_decoder: str = "pil"
     timeout_s: float = 900.0  # per child process
+    work: str = "same"  # same: every row does SAME_WORK; full: cornpipe's backends keep their default augmentation
+    peers: bool = True  # add each backend's peer row (bench.peers); the CLI's --peers/--no-peers
 
 
 @dataclass(frozen=True)
@@ -80,7 +91,12 @@ def backend_missing(backend: str) -> str | None:
         found = importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:  # parent package missing (nvidia)
         found = False
-    return None if found else f"{backend} is not installed: {install_hint(backend)}"
+    if found:
+        return None
+    if backend == "torchvision":  # a core dependency: only a broken install lacks it
+        return "torchvision is not installed: pip install torchvision"
+    lib = module.split(".")[-1] if backend in PEER_MODULE else backend
+    return f"{lib} is not installed: {install_hint(_EXTRA.get(backend, backend))}"
 
 
 def resolve_device(device: str) -> str:
@@ -94,15 +110,34 @@ def resolve_device(device: str) -> str:
     return str(check(device))
 
 
+def _requested(requested: str | None) -> tuple[list[str], bool]:
+    if requested is None:
+        return list(BACKENDS), False
+    names = [b.strip() for b in requested.split(",") if b.strip()]
+    unknown = [b for b in names if b not in BACKENDS]
+    if unknown or not names:
+        raise LoaderError(f"unknown backend {', '.join(unknown) or '(none)'}; choose from {', '.join(BACKENDS)}")
+    return names, True
+
+
+def choose_peers(requested: str | None) -> tuple[list[str], list[str]]:
+    """(peers of the requested backends to run, skip notes); a peer whose library is missing is skipped."""
+    run, notes = [], []
+    for backend in _requested(requested)[0]:
+        peer = PEER_OF.get(backend)
+        if peer is None:
+            continue
+        missing = backend_missing(peer)
+        if missing:
+            notes.append(f"skipped peer {peer}: {missing}")
+        else:
+            run.append(peer)
+    return run, notes
+
+
 def choose_backends(requested: str | None) -> tuple[list[str], list[str]]:
     """(backends to run, skip notes). Unknown names and missing explicitly requested libraries raise."""
-    if requested is None:
-        names, explicit = list(BACKENDS), False
-    else:
-        names, explicit = [b.strip() for b in requested.split(",") if b.strip()], True
-        unknown = [b for b in names if b not in BACKENDS]
-        if unknown or not names:
-            raise LoaderError(f"unknown backend {', '.join(unknown) or '(none)'}; choose from {', '.join(BACKENDS)}")
+    names, explicit = _requested(requested)
     run, notes = [], []
     for name in names:
         missing = backend_missing(name)
@@ -121,19 +156,23 @@ def write_mode(root: Path) -> str:
     return str(ShardSet(root).manifest.get("params", {}).get("write_mode", "jpg"))
 
 
-def plan_targets(shard_dirs: list[Path], backends: list[str], source: Path | None) -> list[Target]:
-    """ffcv once per write mode present (it reads the .beton); the tar readers once, on the first
-    jpg-mode set (the tar shards hold JPEGs in every write mode); `torch` over SOURCE last."""
+def plan_targets(shard_dirs: list[Path], backends: list[str], source: Path | None,
+                 peers: tuple[str, ...] | list[str] = ()) -> list[Target]:
+    """ffcv (and ffcv-native) once per write mode present (it reads the .beton); the tar readers once,
+    on the first jpg-mode set (the tar shards hold JPEGs in every write mode); each peer right after
+    its backend; `torch` over SOURCE last."""
     modes: dict[str, Path] = {}
     for root in shard_dirs:
         modes.setdefault(write_mode(root), root)
     tar_root = modes.get("jpg", shard_dirs[0])
     targets = []
     for backend in backends:
-        if backend == "ffcv":
-            targets += [Target("ffcv", mode, str(root)) for mode, root in modes.items()]
-        else:
-            targets.append(Target(backend, "jpg", str(tar_root)))
+        names = [backend] + [PEER_OF[backend]] if PEER_OF.get(backend) in peers else [backend]
+        for name in names:
+            if backend == "ffcv":
+                targets += [Target(name, mode, str(root)) for mode, root in modes.items()]
+            else:
+                targets.append(Target(name, "jpg", str(tar_root)))
     if source is not None:
         targets.append(Target("torch", FOLDER, str(source)))
     return targets
@@ -146,12 +185,19 @@ def plan_targets(shard_dirs: list[Path], backends: list[str], source: Path | Non
 def _build_loader(target: Target, cfg: LoaderBenchConfig, device: str) -> Any:
     from cornpipe.loaders import FOLDER_BACKEND, make_loader
 
+    if target.backend in PEERS:
+        return build_peer(target.backend, target.root, split=cfg.split, batch_size=cfg.batch_size,
+                          image_size=cfg.image_size, workers=cfg.workers or usable_cores(), device=device,
+                          seed=cfg.seed)
+    if cfg.work not in WORKS:
+        raise LoaderError(f"unknown --work {cfg.work!r}; choose from {', '.join(WORKS)}")
+    augment = {"augment": SAME_WORK} if cfg.work == "same" and cfg.split == "train" else {}
     # the folder baseline reads the original images; split "train" is the same images as the
     # shard set's train split (convert's split, same seed and fraction) when every image converted
     backend = FOLDER_BACKEND if target.mode == FOLDER else target.backend
     return make_loader(target.root, cfg.split, backend=backend, batch_size=cfg.batch_size,
                        image_size=cfg.image_size, device=device, oversample=cfg.oversample,
-                       seed=cfg.seed, workers=cfg.workers)
+                       seed=cfg.seed, workers=cfg.workers, **augment)
 
 
 def _batches(loader: Any) -> Iterator[Any]:
@@ -213,6 +259,9 @@ def measure_loader(target: Target, cfg: LoaderBenchConfig) -> dict[str, Any]:
         "warmup_batches": warmup, "build_s": build_s, "first_batch_s": first_batch_s,
         "batches_per_epoch": per_epoch, "batch_shape": shape, "dtype": dtype,
     }
+    spec = getattr(loader, "spec", None)  # what the backend really applied (peers: see bench.peers)
+    if spec is not None:
+        result["augment"] = asdict(spec.augment) if spec.augment is not None else None
     if positions:
         counts = torch.bincount(torch.cat([p.cpu() for p in positions])).tolist()
         total = sum(counts)
@@ -238,12 +287,18 @@ def dataset_class_fractions(root: str, split: str) -> list[float]:
 
 
 def run_loader_bench(shard_dirs: list[Path], cfg: LoaderBenchConfig, *, backends: list[str],
-                     source: Path | None = None, log_dir: Path | None = None, echo: Any = print,
+                     source: Path | None = None, peers: list[str] | None = None, log_dir: Path | None = None, echo: Any = print,
                      partial: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run every target `cfg.repeats` times (rounds) plus the ceiling; the JSON-ready summary."""
+    """Run every target `cfg.repeats` times (rounds) plus the ceiling; the JSON-ready summary.
+
+    `peers`: peer rows to add (`choose_peers`), each run beside its backend."""
     device = resolve_device(cfg.device)
     cfg = replace(cfg, device=device, workers=cfg.workers or usable_cores())
-    targets = plan_targets(shard_dirs, backends, source)
+    if peers and (cfg.oversample != "none" or cfg.split != "train"):  # peers do the train work, unweighted
+        echo(f"skipped the peers: they time the train transform without oversampling (split {cfg.split}, "
+             f"oversample {cfg.oversample})")
+        peers = []
+    targets = plan_targets(shard_dirs, backends, source, peers)
     rows = [Row(t, device) for t in targets]
     ceiling_rates: list[float] = []
     ceiling_info: dict[str, Any] = {}
@@ -288,6 +343,8 @@ def summarize(rows: list[Row], cfg: LoaderBenchConfig, ceiling_rates: list[float
     baseline = next((r for r in rows if r.target.backend == "torch" and r.target.mode != FOLDER and r.rates),
                     None)
     base_rate = median(baseline.rates) if baseline else None
+    peer_rate = {(r.target.backend, r.target.mode): median(r.rates) for r in rows
+                 if r.target.backend in PEERS and r.rates}
     ceiling = median(ceiling_rates) if ceiling_rates else None
     results = []
     for row in rows:
@@ -298,17 +355,23 @@ def summarize(rows: list[Row], cfg: LoaderBenchConfig, ceiling_rates: list[float
             "images_per_s_min": min(row.rates) if row.rates else None,
             "images_per_s_max": max(row.rates) if row.rates else None,
             "ratio_vs_torch": rate / base_rate if rate and base_rate else None,
+            "peer": PEER_OF.get(row.target.backend) if row.target.mode != FOLDER else None,
+            "ratio_vs_peer": None,
             "fraction_of_ceiling": rate / ceiling if rate and ceiling and row.target.mode == "jpg" else None,
             "peak_rss_mb": row.peak_rss_mb if row.rates else None,
             "repeats": row.rates, "source": row.target.root,
         }
-        for key in ("first_batch_s", "build_s", "batch_shape", "dtype", "batches_per_epoch", "class_fractions"):
+        peer = peer_rate.get((entry["peer"], row.target.mode))
+        if rate and peer:
+            entry["ratio_vs_peer"] = rate / peer
+        for key in ("first_batch_s", "build_s", "batch_shape", "dtype", "batches_per_epoch", "class_fractions",
+                    "augment"):
             if key in row.extra:
                 entry[key] = row.extra[key]
         if row.error:
             entry["error"] = row.error
         results.append(entry)
-    summary: dict[str, Any] = {"config": asdict(cfg), "shards": [str(p) for p in shard_dirs],
+    summary: dict[str, Any] = {"config": asdict(cfg), "work": cfg.work, "shards": [str(p) for p in shard_dirs],
                                "results": results}
     if ceiling_info:
         summary["ceiling"] = {**ceiling_info, "images_per_s": ceiling,

@@ -97,7 +97,7 @@ TRAIN_KEYS = ("variant", "data", "device", "amp", "channels_last", "compile", "i
               "images_per_s_max", "ratio_vs_eager", "step_ms", "compile_s", "first_steps_s",
               "gpu_peak_mem_mb", "peak_rss_mb", "tf32", "error")
 LOADER_KEYS = ("backend", "mode", "device", "images_per_s", "images_per_s_min", "images_per_s_max",
-               "ratio_vs_torch", "fraction_of_ceiling", "peak_rss_mb", "error")
+               "ratio_vs_torch", "peer", "ratio_vs_peer", "fraction_of_ceiling", "peak_rss_mb", "error")
 
 
 def bench_figures(scratch: Path, name: str, keys: tuple[str, ...]) -> dict[str, Any] | None:
@@ -183,6 +183,8 @@ def _step_detail(name: str, fig: Any) -> list[str]:
                 lines.append(f"      {r['backend']:<14} failed: {r['error'][:160]}")
                 continue
             ratio = "—" if r.get("ratio_vs_torch") is None else f"{r['ratio_vs_torch']:.2f}× torch"
+            if r.get("ratio_vs_peer") is not None:
+                ratio += f", {r['ratio_vs_peer']:.2f}× {r.get('peer')}"
             lines.append(f"      {r['backend']:<14} {_n(r['images_per_s']):>8} img/s  {ratio}, "
                          f"peak RSS {_n(r.get('peak_rss_mb'))} MB")
         ceiling = fig.get("ceiling") or {}

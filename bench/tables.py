@@ -47,21 +47,22 @@ def _caption(summary: dict[str, Any], timing: str) -> list[str]:
 def loader_table(summary: dict[str, Any]) -> Table:
     cfg = summary["config"]
     table = Table(title=f"Loader throughput: {cfg['split']} split, batch {cfg['batch_size']}, "
-                        f"{cfg['image_size']} px, {cfg['workers']} workers, oversample {cfg['oversample']}")
-    _columns(table, "backend mode device", "images/s median [min–max]|× torch|% of ceiling|peak MB")
+                        f"{cfg['image_size']} px, {cfg['workers']} workers, oversample {cfg['oversample']}, "
+                        f"work {cfg.get('work', 'full')}")
+    _columns(table, "backend mode device", "images/s median [min–max]|× torch|× peer|% of ceiling|peak MB")
     oversampled = cfg["oversample"] != "none"
     if oversampled:
         table.add_column("class fractions", justify="right")
     for entry in summary["results"]:
         cells = [entry["backend"], entry["mode"], entry["device"], _rate(entry), _ratio(entry["ratio_vs_torch"]),
-                 _percent(entry["fraction_of_ceiling"]), _mb(entry["peak_rss_mb"])]
+                 _ratio(entry.get("ratio_vs_peer")), _percent(entry["fraction_of_ceiling"]), _mb(entry["peak_rss_mb"])]
         if oversampled:
             fractions = entry.get("class_fractions")
             cells.append("/".join(f"{f:.2f}" for f in fractions) if fractions else DASH)
         table.add_row(*cells)
     ceiling = summary.get("ceiling")
     if ceiling:
-        cells = ["ceiling", "decode", "cpu", _rate(ceiling), DASH,
+        cells = ["ceiling", "decode", "cpu", _rate(ceiling), DASH, DASH,
                  "100 %" if ceiling.get("images_per_s") else DASH, _mb(ceiling.get("peak_rss_mb"))]
         if oversampled:
             cells.append(DASH)
@@ -69,6 +70,11 @@ def loader_table(summary: dict[str, Any]) -> Table:
     timed = f"{cfg['epochs']} epoch(s)" if cfg.get("epochs") else f"{cfg['seconds']} s"
     caption = _caption(summary, f"median of {cfg['repeats']} rounds of {timed} after warm-up, each run in a "
                                 "fresh process; peak MB = PSS of the process tree")
+    if any(e.get("peer") for e in summary["results"]):
+        caption.append("× peer = the backend against its own library used directly (ffcv vs ffcv-native, dali vs "
+                       "dali-native, torch vs torchvision)")
+    if cfg.get("work") == "same":
+        caption.append("work same: every row does RandomResizedCrop + horizontal flip + normalise to float32")
     if ceiling:
         caption.append(f"ceiling = decode-only throughput of the shard JPEGs on {ceiling.get('workers')} "
                        f"processes ({ceiling.get('decoder')}, libjpeg-turbo), no augmentation")

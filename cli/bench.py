@@ -84,6 +84,11 @@ def bench() -> None:
               help="Measure the decode-only ceiling of the shard JPEGs.")
 @click.option("--ceiling-decoder", type=click.Choice(["pil", "cv2"]), default="pil", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--work", type=click.Choice(["same", "full"]), default="same", show_default=True,
+              help="same: every row does crop + horizontal flip + normalise, as the peers; full: cornpipe's "
+                   "backends keep their default augmentation (vertical flip, colour jitter).")
+@click.option("--peers/--no-peers", default=True, show_default=True,
+              help="Add each backend's own library used directly (ffcv-native, dali-native, torchvision).")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(1), default=900.0, show_default=True,
               help="Seconds allowed for one run.")
 @click.option("--json", "json_path", type=_OUT_FILE, default=None, help="Write the results here.")
@@ -93,25 +98,27 @@ def loaders_command(shards: tuple[Path, ...], raw_shards: tuple[Path, ...], sour
                     backends: str | None, split: str, batch_size: int, image_size: int, workers: int | None,
                     device: str, oversample: str, seconds: float, epochs: int | None,
                     warmup_batches: int | None, repeats: int, ceiling: bool, ceiling_decoder: str, seed: int,
-                    timeout_s: float, json_path: Path | None, log_dir: Path | None) -> None:
+                    work: str, peers: bool, timeout_s: float, json_path: Path | None, log_dir: Path | None) -> None:
     """Images/s of every loader backend over SHARDS.
 
-    Each backend runs in a fresh process, in rounds (--repeats), with the same augmentation, image
-    size, batch size and workers; reported as ratios to the torch baseline and as a fraction of the
-    decode-only ceiling of the same JPEGs.
+    Each backend, and each backend's peer (its own library used directly: ffcv-native, dali-native,
+    torchvision), runs in a fresh process, in rounds (--repeats), with the same work (--work), image
+    size, batch size and workers; reported as ratios to the torch baseline and to the backend's peer,
+    and as a fraction of the decode-only ceiling of the same JPEGs.
     """
-    from cornpipe.bench.loader_bench import LoaderBenchConfig, choose_backends, run_loader_bench
+    from cornpipe.bench.loader_bench import LoaderBenchConfig, choose_backends, choose_peers, run_loader_bench
     from cornpipe.bench.machine import machine_facts
     from cornpipe.bench.tables import loader_table
 
     names, notes = choose_backends(backends)
-    for note in notes:
+    peer_names, peer_notes = choose_peers(backends) if peers else ([], [])
+    for note in notes + peer_notes:
         _echo(note)
     cfg = LoaderBenchConfig(split=split, batch_size=batch_size, image_size=image_size, device=device,
                             workers=workers, oversample=oversample, seed=seed, seconds=seconds,
                             epochs=epochs, warmup_batches=warmup_batches, repeats=repeats, ceiling=ceiling,
-                            ceiling_decoder=ceiling_decoder, timeout_s=timeout_s)
-    summary = run_loader_bench([*shards, *raw_shards], cfg, backends=names, source=source,
+                            ceiling_decoder=ceiling_decoder, timeout_s=timeout_s, work=work, peers=peers)
+    summary = run_loader_bench([*shards, *raw_shards], cfg, backends=names, source=source, peers=peer_names,
                                log_dir=log_dir, echo=_echo, partial=_writer(json_path))
     summary["machine"] = machine_facts()
     _finish(summary, loader_table(summary), json_path)

@@ -5,6 +5,7 @@ that it reports it from what really happened, not how fast anything is."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -21,11 +23,13 @@ from click.testing import CliRunner
 
 from cornpipe.bench.ceiling import decode_ceiling
 from cornpipe.bench.isolate import run_isolated
+from cornpipe.bench.loader_bench import SAME_WORK
 from cornpipe.bench.machine import machine_facts
 from cornpipe.bench.summary import OUT_FILES, SUMMARY_MAX_CHARS
 from cornpipe.bench.summary import main as write_summary
 from cornpipe.cli import cli
 from cornpipe.errors import BenchError
+from cornpipe.loaders.base import AugmentConfig
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -95,6 +99,66 @@ def test_bench_loaders_errors_are_one_line(tiny_shards, tmp_path):
     if not torch.cuda.is_available():
         result = invoke("bench", "loaders", tiny_shards, "--backends", "torch", "--device", "cuda")
         assert result.exit_code == 1 and result.output.strip().splitlines()[-1].startswith("Error: ")
+
+
+def _lib_installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package (`nvidia`) is missing
+        return False
+
+
+PEER_BACKENDS = [
+    pytest.param("ffcv", "ffcv-native", marks=pytest.mark.skipif(not _lib_installed("ffcv"), reason="no ffcv")),
+    pytest.param("dali", "dali-native",
+                 marks=pytest.mark.skipif(not _lib_installed("nvidia.dali"), reason="no DALI")),
+    ("torch", "torchvision"),
+]
+
+
+@pytest.mark.parametrize(("backend", "peer"), PEER_BACKENDS)
+def test_bench_loaders_compares_each_backend_with_its_own_library(tiny_shards, tmp_path, backend, peer):
+    out = tmp_path / "peers.json"
+    result = invoke("bench", "loaders", tiny_shards, "--backends", backend, "--device", "cpu", "--image-size", 32,
+                    "--batch-size", 8, "--workers", 1, "--seconds", 0.5, "--warmup-batches", 1, "--repeats", 1,
+                    "--no-ceiling", "--json", out)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(out.read_text())
+    rows = {r["backend"]: r for r in summary["results"]}
+    assert set(rows) == {backend, peer}
+    assert rows[peer]["images_per_s"] > 0 and rows[peer]["batch_shape"] == [8, 3, 32, 32]
+    assert rows[peer]["dtype"] == "float32"
+    assert rows[backend]["peer"] == peer
+    assert rows[backend]["ratio_vs_peer"] == pytest.approx(rows[backend]["images_per_s"] / rows[peer]["images_per_s"])
+    assert rows[peer]["ratio_vs_peer"] is None
+    assert "× peer" in result.output
+    # --work same (the default): the backend did the peer's work, no vertical flip, rot90 or colour jitter
+    assert summary["work"] == "same"
+    assert rows[backend]["augment"] == dict(asdict(SAME_WORK), scale=list(SAME_WORK.scale),
+                                            ratio=list(SAME_WORK.ratio))
+    assert rows[backend]["augment"]["hflip"] and not rows[backend]["augment"]["vflip"]
+    assert rows[backend]["augment"]["brightness"] == 0
+
+
+def test_bench_loaders_skips_a_peer_whose_library_is_missing(tiny_shards, tmp_path, monkeypatch):
+    from cornpipe.bench import loader_bench
+
+    real = loader_bench.backend_missing
+    monkeypatch.setattr(loader_bench, "backend_missing",
+                        lambda name: "torchvision is not installed" if name == "torchvision" else real(name))
+    out = tmp_path / "full.json"
+    result = invoke("bench", "loaders", tiny_shards, "--backends", "torch", "--device", "cpu", "--image-size", 32,
+                    "--batch-size", 8, "--workers", 1, "--seconds", 0.5, "--warmup-batches", 1, "--repeats", 1,
+                    "--no-ceiling", "--work", "full", "--json", out)
+    assert result.exit_code == 0, result.output
+    assert "skipped peer torchvision: torchvision is not installed" in result.output.splitlines()
+    summary = json.loads(out.read_text())
+    [row] = summary["results"]
+    assert row["backend"] == "torch" and row["images_per_s"] > 0 and row["ratio_vs_peer"] is None
+    # --work full: cornpipe's default augmentation
+    assert summary["work"] == "full"
+    default = AugmentConfig()
+    assert row["augment"]["vflip"] == default.vflip and row["augment"]["brightness"] == default.brightness
 
 
 def test_decode_ceiling_decodes_the_shard_jpegs_on_every_worker(tiny_shards):
@@ -397,7 +461,8 @@ def test_gpu_check_script_runs_without_gpu_and_brings_back_a_few_small_files(tmp
     assert amp["ratio_vs_eager"] == pytest.approx(amp["images_per_s"] / eager["images_per_s"])
     assert f"{amp['images_per_s']:,.0f} img/s  {amp['ratio_vs_eager']:.2f}× eager-fp32" in summary_text
     loaders = json.loads((out / "bench_loaders.json").read_text())
-    assert {r["backend"] for r in loaders["results"]} == {"resident", "torch"}
+    # torchvision: the torch backend's peer (bench loaders runs the peers by default)
+    assert {r["backend"] for r in loaders["results"]} == {"resident", "torch", "torchvision"}
     assert loaders["ceiling"]["images_per_s"] > 0
     assert all(r["fraction_of_ceiling"] > 0 for r in loaders["results"])
     epochs = [json.loads(line) for line in (out / "run_metrics.jsonl").read_text().splitlines()]
