@@ -295,11 +295,11 @@ def small_disk(tmp_path: Path):
 def big_jpegs(tmp_path: Path) -> Path:
     """6 noise JPEGs of 512 px in two sources: about 2.5 MB of input, more than 3 MiB of output."""
     src = tmp_path / "src"
-    for folder in ("9l", "9m"):
+    for k, folder in enumerate(("9l", "9m")):
         (src / folder).mkdir(parents=True)
         names = []
-        for i in range(3):
-            (src / folder / f"{i}.jpg").write_bytes(jpeg_bytes(10 * len(names) + i + hash(folder) % 7, 512))
+        for i in range(3):  # distinct seeds: identical bytes in two folders would be a label conflict
+            (src / folder / f"{i}.jpg").write_bytes(jpeg_bytes(100 * k + i, 512))
             names.append(f"{i}.jpg,3")
         (src / folder / "labels.csv").write_text("file,grade\n" + "".join(f"{n}\n" for n in names))
     return src
