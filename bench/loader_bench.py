@@ -33,7 +33,7 @@ from cornpipe.errors import BenchError, LoaderError, MissingDependency, install_
 from cornpipe.loaders.base import BACKENDS, DEFAULT_IMAGE_SIZE, AugmentConfig
 
 WARMUP_MAX_BATCHES = 50
-FOLDER = "folder"  # the `mode` of the torch baseline over the original image folder
+FOLDER = "folder"  # the `mode` of the torch baseline over the original images (a folder or a manifest CSV)
 _MODULE = {"ffcv": "ffcv", "dali": "nvidia.dali", **PEER_MODULE}
 _EXTRA = {"ffcv-native": "ffcv", "dali-native": "dali"}  # the pyproject extra a peer needs
 WORKS: tuple[str, ...] = ("same", "full")
@@ -194,8 +194,12 @@ def _build_loader(target: Target, cfg: LoaderBenchConfig, device: str) -> Any:
     augment = {"augment": SAME_WORK} if cfg.work == "same" and cfg.split == "train" else {}
     # the folder baseline reads the original images; split "train" is the same images as the
     # shard set's train split (convert's split, same seed and fraction) when every image converted
-    backend = FOLDER_BACKEND if target.mode == FOLDER else target.backend
-    return make_loader(target.root, cfg.split, backend=backend, batch_size=cfg.batch_size,
+    backend, root = target.backend, target.root
+    if target.mode == FOLDER:
+        backend = FOLDER_BACKEND
+        if Path(root).is_file():  # a survey described by a manifest CSV (path,position,grade), not folders
+            root, augment = None, {**augment, "options": {"manifest_csv": target.root}}
+    return make_loader(root, cfg.split, backend=backend, batch_size=cfg.batch_size,
                        image_size=cfg.image_size, device=device, oversample=cfg.oversample,
                        seed=cfg.seed, workers=cfg.workers, **augment)
 

@@ -65,6 +65,9 @@ def bench() -> None:
 @click.option("--raw-shards", "raw_shards", multiple=True, type=_DIR,
               help="Another shard set (e.g. converted with --write-mode raw): ffcv runs on it too.")
 @click.option("--source", type=_DIR, help="The original image folder: adds the torch baseline over it.")
+@click.option("--manifest", "manifest_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The original images listed in a CSV (path,position,grade, as for convert --manifest) "
+                   "instead of --source folders: adds the same torch baseline over them.")
 @click.option("--backends", default=None, help="Comma-separated (ffcv,dali,torch,resident); default: all installed.")
 @click.option("--split", default="train", show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
@@ -95,6 +98,7 @@ def bench() -> None:
 @click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep each run's output (one log per run) here.")
 def loaders_command(shards: tuple[Path, ...], raw_shards: tuple[Path, ...], source: Path | None,
+                    manifest_csv: Path | None,
                     backends: str | None, split: str, batch_size: int, image_size: int, workers: int | None,
                     device: str, oversample: str, seconds: float, epochs: int | None,
                     warmup_batches: int | None, repeats: int, ceiling: bool, ceiling_decoder: str, seed: int,
@@ -118,7 +122,9 @@ def loaders_command(shards: tuple[Path, ...], raw_shards: tuple[Path, ...], sour
                             workers=workers, oversample=oversample, seed=seed, seconds=seconds,
                             epochs=epochs, warmup_batches=warmup_batches, repeats=repeats, ceiling=ceiling,
                             ceiling_decoder=ceiling_decoder, timeout_s=timeout_s, work=work, peers=peers)
-    summary = run_loader_bench([*shards, *raw_shards], cfg, backends=names, source=source, peers=peer_names,
+    if source is not None and manifest_csv is not None:
+        raise click.UsageError("give --source FOLDER or --manifest CSV, not both")
+    summary = run_loader_bench([*shards, *raw_shards], cfg, backends=names, source=source or manifest_csv, peers=peer_names,
                                log_dir=log_dir, echo=_echo, partial=_writer(json_path))
     summary["machine"] = machine_facts()
     _finish(summary, loader_table(summary), json_path)

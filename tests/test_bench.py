@@ -161,6 +161,35 @@ def test_bench_loaders_skips_a_peer_whose_library_is_missing(tiny_shards, tmp_pa
     assert row["augment"]["vflip"] == default.vflip and row["augment"]["brightness"] == default.brightness
 
 
+def test_the_before_baseline_reads_a_survey_described_by_a_manifest_csv(synth_raw, tiny_shards, tmp_path):
+    """--manifest CSV: the team's 'before' pipeline over images that are not in the 9-folder layout."""
+    import csv
+    import shutil
+
+    flat = tmp_path / "survey"  # one flat folder, labels only in the CSV (paths relative to it)
+    flat.mkdir()
+    rows = [("path", "position", "grade")]
+    for labels in sorted(synth_raw.glob("*/labels.csv")):
+        position = {"l": "lower", "m": "middle", "t": "upper"}[labels.parent.name[-1]]
+        with open(labels, newline="") as f:
+            for r in csv.DictReader(f):
+                name = f"{labels.parent.name}_{r['file']}"
+                shutil.copy(labels.parent / r["file"], flat / name)
+                rows.append((name, position, r["grade"]))
+    manifest = flat / "survey.csv"
+    with open(manifest, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    out = tmp_path / "before.json"
+    result = invoke("bench", "loaders", tiny_shards, "--backends", "torch", "--manifest", manifest, "--no-peers",
+                    "--device", "cpu", "--image-size", 32, "--batch-size", 8, "--workers", 1, "--seconds", 0.5,
+                    "--warmup-batches", 1, "--repeats", 1, "--no-ceiling", "--json", out)
+    assert result.exit_code == 0, result.output
+    before = [r for r in json.loads(out.read_text())["results"] if r["mode"] == "folder"]
+    assert len(before) == 1 and before[0]["images_per_s"] > 0 and before[0]["source"] == str(manifest)
+    both = invoke("bench", "loaders", tiny_shards, "--source", synth_raw, "--manifest", manifest)
+    assert both.exit_code == 2 and "give --source FOLDER or --manifest CSV, not both" in both.output
+
+
 def test_decode_ceiling_decodes_the_shard_jpegs_on_every_worker(tiny_shards):
     result = decode_ceiling(str(tiny_shards), "train", workers=2, seconds=0.3)
     assert result["workers"] == 2 and result["images"] > 0 and result["images_per_s"] > 0
