@@ -205,8 +205,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
 
 def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, force: bool, console: Console, verbose: bool,
            allow_new_shards: bool) -> TrainResult:
-    cfg = resolve_runtime(cfg, torch.cuda.is_available())
-    device = torch.device(cfg.device)
+    device = torch.device(cfg.device)  # resolved by train(): for this rank under DDP
     run = Path(cfg.out)
     checkpoint = load_checkpoint(run / LAST) if resume else None
     if not Path(cfg.shards).is_dir():
@@ -233,7 +232,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, force: bool, con
                           f"--allow-new-shards; the report says so")
     if not resume:
         prepare_run_dir(run, force, dry_run=True)  # refuse a used --out before any slow work
-    if cfg.verify:  # flipped bytes or an edited label must not train silently (`--no-verify` skips)
+    if cfg.verify and ctx.is_main:  # flipped bytes or an edited label must not train silently
+        # (`--no-verify` skips; one rank reads the files: a failure there ends the group like any other)
         checked = check_shards(cfg.shards)
         console.print(f"checked {cfg.shards}: {checked['files']} files, sizes"
                       f"{' and sha256' if checked['hashed'] else ' (over 2 GB: sha256 left to cornpipe verify)'}"

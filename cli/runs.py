@@ -131,8 +131,7 @@ def train_command(ctx: click.Context, shards: str | None, out: str | None, confi
     batch-size x processes); --lr is not rescaled (see --lr); validation covers the whole val split
     once, gathered on every rank; only rank 0 writes RUN.
     """
-    given = {k: v for k, v in flags.items()
-             if ctx.get_parameter_source(k) != ParameterSource.DEFAULT and v is not None}
+    given = _given_fields(ctx)
     if shards:
         given["shards"] = shards
     if out:
@@ -158,6 +157,12 @@ def train_command(ctx: click.Context, shards: str | None, out: str | None, confi
     from cornpipe.train import train  # torch and the loaders load only for the commands that use them
 
     train(cfg, resume=bool(resume), force=force, verbose=verbose, allow_new_shards=allow_new_shards)
+
+
+def _given_fields(ctx: click.Context) -> dict[str, Any]:
+    """TrainConfig fields set on the command line (defaults stay with the config, TOML or resumed run)."""
+    return {k: v for k, v in ctx.params.items() if k in FIELD_DEFAULTS and v is not None
+            and ctx.get_parameter_source(k) != ParameterSource.DEFAULT}
 
 
 def _parse_seeds(text: str) -> list[int]:
@@ -195,8 +200,7 @@ def cv_command(ctx: click.Context, shards: str, out: str, folds: int, group: str
     for name in ("resume", "nproc", "seeds", "folds", "fold", "fold_group", "fold_seed"):
         if sub.get_parameter_source(name) not in (None, ParameterSource.DEFAULT):
             raise ConfigError(f"cornpipe cv sets --{name.replace('_', '-')} itself; leave it out")
-    given = {k: v for k, v in sub.params.items() if k in FIELD_DEFAULTS and v is not None
-             and sub.get_parameter_source(k) != ParameterSource.DEFAULT}
+    given = _given_fields(sub)
     given.update(shards=shards, out=out, folds=0 if group else folds, fold_group=group or "none",
                  fold_seed=fold_seed)
     cfg = config_from_sources(given, config_file=sub.params.get("config_file"))

@@ -67,14 +67,12 @@ def _decode(data: bytes) -> Image.Image:
 
 
 class ShardImages(ImageDataset):
-    """Samples of one split of a shard set, by row."""
+    """Samples of a shard set by loader row: `locations[row]` is its (split, row) in the set."""
 
-    def __init__(self, root: Path, split: str, spec: LoaderSpec,
-                 locations: list[tuple[str, int]] | None = None) -> None:
+    def __init__(self, root: Path, locations: list[tuple[str, int]], spec: LoaderSpec) -> None:
         super().__init__(spec)
         self.root = Path(root)
-        self.split = split
-        self.locations = locations  # (split, row) of each loader row; None: row r of `split`
+        self.locations = locations  # loaders.common.source_rows: one split's rows, or any sample ids
         self._shards = None  # opened lazily, once per process
 
     def __getstate__(self) -> dict:
@@ -87,7 +85,7 @@ class ShardImages(ImageDataset):
 
         if self._shards is None:
             self._shards = ShardSet(self.root)
-        split, row = self.locations[row] if self.locations is not None else (self.split, row)
+        split, row = self.locations[row]
         data = self._shards.read_image_bytes(split, row)
         try:
             return _decode(data)
@@ -171,5 +169,5 @@ def build(shards, spec: LoaderSpec) -> TorchLoader:
             for path in (tar, idx):
                 if not Path(path).is_file():
                     raise LoaderError(f"missing shard file {path}")
-    dataset = ShardImages(shards.root, spec.split, spec, locations if spec.sample_ids is not None else None)
+    dataset = ShardImages(shards.root, locations, spec)
     return TorchLoader(dataset, spec, position, grade, sample_id)
