@@ -7,7 +7,8 @@ The options, their help and their TOML form are the CLI's (cornpipe/cli/runs.py)
 in `cornpipe.runs.config.TrainConfig`.
 
 RUN gets config.json (the resolved config), metrics.jsonl (one line per epoch), best.pt and last.pt
-(loadable with torch.load(weights_only=True)), report.md, curves.png and confusion_matrix.png.
+(loadable with torch.load(weights_only=True)), report.md, curves.png, confusion_matrix.png and
+val_predictions.csv (the best epoch's prediction for every validation sample).
 
 Several processes (torchrun + DistributedDataParallel; `cornpipe train --nproc N` launches torchrun):
 --batch-size is per process, --lr is used as given; each rank trains on its own slice of every epoch,
@@ -17,8 +18,8 @@ logged metrics equal one process's over the whole split. Only rank 0 writes RUN 
 Cross-validation: with TrainConfig.folds / fold_group the run trains and validates on one fold of ALL
 samples, whichever split holds them (cornpipe.runs.cv; `cornpipe cv` runs every fold).
 
-Read top to bottom: train_one_epoch (its step is cornpipe.runs.optim.optimizer_step), evaluate, then
-train() with the one loop.
+Read top to bottom: train_one_epoch (its step is cornpipe.runs.optim.optimizer_step), then train() with
+the one loop; validation (evaluate, evaluate_checkpoint, the predictions file) is cornpipe.runs.evaluation.
 
 Reproducibility: every random draw is a function of (seed, epoch): the loader's sample order and
 augmentation via set_epoch, dropout/drop-path via the torch seed set at the start of each epoch. So
@@ -51,16 +52,11 @@ from cornpipe.runs.checkpoint import (
     BEST,
     CHECKPOINT_FORMAT,
     LAST,
-    inference_weights,
     load_checkpoint,
     rng_state,
     save_checkpoint,
 )
-from cornpipe.runs.config import (
-    TrainConfig,
-    resolve_runtime,
-    write_config_json,
-)
+from cornpipe.runs.config import TrainConfig, resolve_runtime, write_config_json
 from cornpipe.runs.cv import fold_ids
 from cornpipe.runs.distributed import (
     DistContext,
@@ -77,6 +73,7 @@ from cornpipe.runs.distributed import init as init_distributed
 from cornpipe.runs.early_stopping import EarlyStopping, monitor_value
 from cornpipe.runs.ema import ModelEma
 from cornpipe.runs.epoch_metrics import Collector, summarize
+from cornpipe.runs.evaluation import amp_dtype, evaluate, prediction_tensors, write_predictions
 from cornpipe.runs.optim import NonFiniteStep, base_lr, make_optimizer, optimizer_step, scheduled_lr, set_lr
 from cornpipe.runs.report import (
     CONFIG_FILE,
@@ -96,10 +93,6 @@ from cornpipe.runs.run_dir import (
 )
 from cornpipe.shards.inspect import check_shards
 from cornpipe.shards.shard_set import ShardSet
-
-
-def amp_dtype(cfg: TrainConfig) -> torch.dtype | None:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.amp)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -137,40 +130,10 @@ def train_one_epoch(model: nn.Module, loader: Any, loss_fn: nn.Module, optimizer
             raise NonFiniteLoss(epoch + 1, step + 1, batch.sample_id.tolist(), last_good) from None
         if ema is not None:
             ema.update(raw_model)
-        collected.add(outputs, batch.position, batch.grade, loss, parts)
+        collected.add(outputs, batch.position, batch.grade, batch.sample_id, loss, parts)
         progress.update(task, advance=1, ips=collected.images / (time.perf_counter() - start))
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # sync point: the clock below must include queued GPU work
-    seconds = time.perf_counter() - start
-    return {**collected.arrays(), "seconds": seconds, "images": collected.images, "data_wait_s": data_wait}
-
-
-@torch.inference_mode()
-def evaluate(model: nn.Module, loader: Any, loss_fn: nn.Module, cfg: TrainConfig, *, steps: int,
-             progress: Progress, task: Any) -> dict[str, Any]:
-    """Predictions and losses over the validation loader (deterministic transform, no dropout)."""
-    model.eval()
-    device = torch.device(cfg.device)
-    dtype = amp_dtype(cfg)
-    collected = Collector(device)
-    data_wait = 0.0
-    start = time.perf_counter()
-    batches = iter(loader)
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        batch = next(batches, None)
-        data_wait += time.perf_counter() - t0
-        if batch is None:
-            break
-        images = batch.images  # (B, 3, H, W)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            outputs = model(images)
-        outputs = {k: v.float() for k, v in outputs.items()}
-        loss, parts = loss_fn(outputs, batch.position, batch.grade)
-        collected.add(outputs, batch.position, batch.grade, loss, parts)
-        progress.update(task, advance=1, ips=collected.images / (time.perf_counter() - start))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # sync point: timing
     seconds = time.perf_counter() - start
     return {**collected.arrays(), "seconds": seconds, "images": collected.images, "data_wait_s": data_wait}
 
@@ -331,12 +294,13 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, force: bool, con
         if ema is not None:  # the EMA weights when kept: they are what best.pt and predict use
             eval_model = torch.compile(ema.module) if cfg.compile else ema.module
 
-        def state(epoch: int, val: dict[str, Any]) -> dict[str, Any]:
+        def state(epoch: int, val: dict[str, Any], val_out: dict[str, Any]) -> dict[str, Any]:
             return {"format": CHECKPOINT_FORMAT, "epoch": epoch, "config": cfg.to_dict(), "data": data,
                     "model": model.state_dict(), "ema": ema.state_dict() if ema else None,
                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                     "scheduler": plateau.state_dict() if plateau else None,
-                    "early_stopping": stopper.state_dict(), "rng": rng_state(), "val": val}
+                    "early_stopping": stopper.state_dict(), "rng": rng_state(), "val": val,
+                    "val_predictions": prediction_tensors(val_out)}  # best.pt's: RUN/val_predictions.csv
 
         ranks = (f", {ctx.world_size} ranks x batch {cfg.batch_size} = global batch "
                  f"{ctx.world_size * cfg.batch_size}" if ctx.enabled else "")
@@ -393,7 +357,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, force: bool, con
                                            soft_wrap=True)  # one line, even in a narrow log
                 previous_record, previous = previous, record
                 if ctx.is_main:
-                    checkpoint_state = state(epoch + 1, val_m)
+                    checkpoint_state = state(epoch + 1, val_m, val_out)
                     if improved:
                         save_checkpoint(checkpoint_state, run / BEST)
                     save_checkpoint(checkpoint_state, run / LAST)
@@ -411,41 +375,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, force: bool, con
             loader.close()
 
     barrier(ctx)  # rank 0's last checkpoint is on disk before any rank reads best.pt
-    return restore_best_and_report(run, cfg, model, ema, stopper, console, epochs_run=epoch, report=ctx.is_main)
-
-
-def evaluate_checkpoint(checkpoint: Path | str, shards: Path | str | None = None, split: str = "val", *,
-                        device: str = "cpu", workers: int = 0) -> dict[str, Any]:
-    """One process's validation metrics of a checkpoint over a whole split (the run's own shard set and
-    val split by default), computed exactly as the trainer computes them (same transform, same bootstrap
-    seed, predictions in row order): what a DDP run's gathered validation must equal."""
-    state = load_checkpoint(Path(checkpoint))
-    cfg = TrainConfig.from_dict(state["config"], source=str(checkpoint))
-    cfg = resolve_runtime(dataclasses.replace(cfg, device=device, amp="off", compile=False, workers=workers,
-                                              max_batches=0), torch.cuda.is_available())
-    data = state["data"]
-    saved = data.get("normalization")
-    norm = Normalization(tuple(saved["mean"]), tuple(saved["std"])) if saved else IMAGENET
-    model = create_model(cfg.model, num_positions=len(data["positions"]), grade_scale=data["grade_scale"],
-                         grade_head=cfg.grade_head)
-    model.load_state_dict(inference_weights(state))
-    model = model.to(torch.device(cfg.device))
-    loss_fn = MultiTaskLoss(weights=cfg.loss_weights, label_smoothing=cfg.label_smoothing,
-                            grade_scale=data["grade_scale"], grade_head=cfg.grade_head)
-    shard_set = ShardSet(shards or cfg.shards)
-    fold = fold_ids(shard_set.manifest["samples"], cfg) if split == "val" else None  # the run's own val fold
-    loader = make_loader(shard_set, split, backend=cfg.loader, batch_size=cfg.batch_size,
-                         sample_ids=fold[1] if fold else None,
-                         image_size=cfg.image_size, device=cfg.device, seed=cfg.seed, workers=cfg.workers,
-                         channels_last=False, normalization=norm, oversample="none", shuffle=False,
-                         augment=False, dtype=torch.float32)
-    try:
-        with Progress(disable=True) as progress:
-            out = evaluate(model, loader, loss_fn, cfg, steps=len(loader), progress=progress,
-                           task=progress.add_task("eval", total=len(loader), ips=0.0))
-    finally:
-        loader.close()
-    return summarize(out, cfg, data, bootstrap=cfg.bootstrap)
+    result = restore_best_and_report(run, cfg, model, ema, stopper, console, epochs_run=epoch, report=ctx.is_main)
+    if ctx.is_main:  # the best epoch's per-sample predictions, gathered from every rank, kept in best.pt
+        write_predictions(run, shards.manifest["samples"])
+    return result
 
 
 if __name__ == "__main__":  # `python -m cornpipe.train ...` is `cornpipe train ...` (options live in the CLI)

@@ -7,6 +7,7 @@ their defaults and help from `TrainConfig` (cornpipe.runs.config), so a default 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from cornpipe.runs.config import (
     GRADE_HEADS,
     MONITORS,
     OPTIMIZERS,
+    RESUME_OVERRIDABLE,
     SCHEDULES,
     TrainConfig,
     config_from_sources,
@@ -111,7 +113,7 @@ def _opt(*decls: str, help: str, **kwargs: Any) -> Any:
 @_opt("--fold-seed", type=int, help="Cross-validation: seed of the fold assignment.")
 @click.option("--seeds", default=None, metavar="S1,S2,...",
               help="Train the same config once per seed into RUN/seed<S> and summarise the spread "
-                   "(RUN/cv.md, cv.json) like `cornpipe cv`.")
+                   "(RUN/cv.md, cv.json) like `cornpipe cv`; with --nproc each seed's run is a torchrun group.")
 @_opt("--sync-bn/--no-sync-bn", help="DDP: BatchNorm statistics over the global batch (SyncBatchNorm; CUDA only).")
 @_opt("--dist-timeout", type=float, help="DDP: seconds a rank waits in a collective before the group fails.")
 @click.option("--nproc", type=click.IntRange(min=1), default=None,
@@ -138,16 +140,10 @@ def train_command(ctx: click.Context, shards: str | None, out: str | None, confi
         given["out"] = out
     cfg = config_from_sources(given, config_file=config_file, resume=resume)  # bad options fail here, once
     if seeds is not None:
-        if resume or (nproc or 1) > 1:
-            raise ConfigError("--seeds runs one process per seed in turn: rerun the same command to resume it; "
-                              "it does not combine with --resume or --nproc")
-        from cornpipe.runs.cv import CV_MD, run_folds
-        from cornpipe.shards.shard_set import ShardSet
-        from cornpipe.train import train
-
-        run_folds(cfg, Path(cfg.out), ShardSet(cfg.shards).manifest["samples"], _parse_seeds(seeds), train,
-                  click.echo)
-        click.echo(f"summary: {Path(cfg.out) / CV_MD}")
+        if resume:
+            raise ConfigError("--seeds trains one run per seed in turn: rerun the same command to resume it, "
+                              "without --resume")
+        _run_folds(cfg, _parse_seeds(seeds), nproc, config_file)
         return
     if nproc is not None and nproc > 1:
         from cornpipe.runs.distributed import launch
@@ -179,7 +175,8 @@ def _parse_seeds(text: str) -> list[int]:
                context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("shards", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False),
-              help="CV directory: one run folder per fold x seed, cv.json, cv.md, cv_confusion.png.")
+              help="CV directory: one run folder per fold x seed, cv.json, cv.md, cv_confusion.png, "
+                   "oof_predictions.csv.")
 @click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
               help="K of the stratified (position x grade) K-fold over all converted samples.")
 @click.option("--group", type=click.Choice(["stage", "source"]), default=None,
@@ -191,25 +188,70 @@ def cv_command(ctx: click.Context, shards: str, out: str, folds: int, group: str
                fold_seed: int) -> None:
     """Cross-validate one training config on SHARDS: every fold x seed is a full `cornpipe train` run.
 
-    Any further option is a `cornpipe train` option (see `cornpipe train --help`). Rerunning the same
-    command after a kill skips finished folds and resumes the interrupted one. CVDIR/cv.md reads: one row
-    per run, then per metric mean ± sd and a 95 % interval across folds, per-position recall across folds,
-    and the pooled out-of-fold confusion matrix.
+    Any further option is a `cornpipe train` option (see `cornpipe train --help`); with --nproc N each
+    run trains on N torchrun processes (DDP), one run after the other. Rerunning the same command after
+    a kill skips finished folds and resumes the interrupted one. CVDIR/cv.md reads: one row per run, then
+    per metric mean ± sd and a 95 % interval across folds beside the metric of the pooled out-of-fold
+    predictions (CVDIR/oof_predictions.csv: every sample once per seed), per-position recall across
+    folds, and the pooled out-of-fold confusion matrix (each sample counted once).
     """
     sub = train_command.make_context("cornpipe cv", [shards, "--out", out, *ctx.args])
-    for name in ("resume", "nproc", "seeds", "folds", "fold", "fold_group", "fold_seed"):
+    for name in ("resume", "seeds", "folds", "fold", "fold_group", "fold_seed"):
         if sub.get_parameter_source(name) not in (None, ParameterSource.DEFAULT):
             raise ConfigError(f"cornpipe cv sets --{name.replace('_', '-')} itself; leave it out")
     given = _given_fields(sub)
     given.update(shards=shards, out=out, folds=0 if group else folds, fold_group=group or "none",
                  fold_seed=fold_seed)
     cfg = config_from_sources(given, config_file=sub.params.get("config_file"))
+    _run_folds(cfg, _parse_seeds(seeds), sub.params.get("nproc"), sub.params.get("config_file"))
+
+
+def _run_folds(cfg: TrainConfig, seeds: list[int], nproc: int | None, config_file: str | None) -> None:
+    """Every fold x seed of `cornpipe cv` / `train --seeds`: in this process, or each on torchrun (--nproc)."""
     from cornpipe.runs.cv import CV_MD, run_folds
     from cornpipe.shards.shard_set import ShardSet
-    from cornpipe.train import train
 
-    run_folds(cfg, Path(out), ShardSet(shards).manifest["samples"], _parse_seeds(seeds), train, click.echo)
-    click.echo(f"summary: {Path(out) / CV_MD}")
+    if nproc is not None and nproc > 1:
+        train_fn = _torchrun_train(nproc, config_file)
+    else:
+        from cornpipe.train import train as train_fn
+    run_folds(cfg, Path(cfg.out), ShardSet(cfg.shards).manifest["samples"], seeds, train_fn, click.echo)
+    click.echo(f"summary: {Path(cfg.out) / CV_MD}")
+
+
+def _torchrun_train(nproc: int, config_file: str | None) -> Callable[..., None]:
+    """run_folds' train_fn for --nproc N: each run is `python -m cornpipe.train ...` on N torchrun processes
+    (the launch `train --nproc` uses), its options written out from the run's config."""
+    from cornpipe.runs.distributed import launch
+
+    def train_on_ranks(cfg: TrainConfig, *, resume: bool, force: bool) -> None:
+        if resume:  # as `train --resume RUN`: the run's saved config, with what a resume may change
+            args = ["--resume", cfg.out, *_config_args(cfg, RESUME_OVERRIDABLE - {"out", "shards"})]
+        else:  # the same --config file, then every field it or the defaults could not have set
+            args = [cfg.shards, *(["--config", config_file] if config_file else []),
+                    *_config_args(cfg, FIELD_DEFAULTS), *(["--force"] if force else [])]
+        launch(nproc, args)
+
+    return train_on_ranks
+
+
+def _config_args(cfg: TrainConfig, names: Collection[str]) -> list[str]:
+    """`cornpipe train` options that give the fields `names` cfg's values (None: left to the default)."""
+    args: list[str] = []
+    for param in train_command.params:
+        if not isinstance(param, click.Option) or param.name not in names:
+            continue
+        value = getattr(cfg, param.name)
+        if value is None:
+            continue
+        if param.is_flag:
+            if param.secondary_opts:
+                args.append(param.opts[0] if value else param.secondary_opts[0])
+            elif value:
+                args.append(param.opts[0])
+        else:
+            args += [param.opts[0], ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    return args
 
 
 def _forwarded_args(ctx: click.Context, skip: set[str]) -> list[str]:

@@ -18,6 +18,8 @@ loading one can never run code:
     rng           {"torch": uint8 tensor, "cuda": [uint8 tensor, ...]} at the end of the epoch (for
                   the record: the trainer reseeds from (seed, epoch) at each epoch start)
     val           validation metrics of this epoch (as in metrics.jsonl)
+    val_predictions this epoch's per-sample validation predictions (runs.evaluation), written out as
+                  RUN/val_predictions.csv from best.pt at the end of a run
 """
 
 from __future__ import annotations

@@ -11,17 +11,22 @@ Folds (a pure function of the shard set, `folds`, `fold_group` and `fold_seed`):
 - leave-one-group-out (`fold_group` stage | source): fold i validates on the i-th group (sorted) and trains
   on the others; no group is ever on both sides.
 
-Summary (cv.json, cv.md, cv_confusion.png): one row per fold x seed with its best epoch's validation
-metrics; per metric, across folds (each fold's mean over seeds first): mean, sd (n - 1) and a 95 %
-t-interval of the mean; the spread across seeds (mean within-fold sd); per-position recall across folds;
-and the pooled out-of-fold confusion matrix (every run's best-epoch validation predictions, summed).
+Summary (cv.json, cv.md, cv_confusion.png, oof_predictions.csv): one row per fold x seed with its best
+epoch's validation metrics; per metric, across folds (each fold's mean over seeds first): mean, sd (n - 1)
+and a 95 % t-interval of the mean; the spread across seeds (mean within-fold sd); per-position recall
+across folds. Out of fold, where no sample counts twice: every run's best-epoch predictions
+(RUN/val_predictions.csv) pooled into oof_predictions.csv with their seed and fold; per seed, the metrics
+of its pooled predictions (each sample once) and its pooled confusion matrix (its runs' matrices added
+up); the reported matrix is the per-seed matrices averaged over seeds, so it counts every sample once.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,8 +40,9 @@ SUMMARY_METRICS: tuple[tuple[str, str], ...] = (
     ("position_accuracy", "position accuracy"), ("position_macro_f1", "position macro-F1"),
     ("grade_mae", "grade MAE"), ("grade_within_tol", "grade within ±tol"), ("grade_qwk", "grade QWK"),
     ("loss", "total loss"))
+OOF_METRICS = tuple(key for key, _ in SUMMARY_METRICS if key != "loss")  # from the pooled predictions
 RESULT_FILE = "cv_result.json"  # written into a run folder when its training finished
-CV_JSON, CV_MD, CV_CONFUSION = "cv.json", "cv.md", "cv_confusion.png"
+CV_JSON, CV_MD, CV_CONFUSION, OOF_CSV = "cv.json", "cv.md", "cv_confusion.png", "oof_predictions.csv"
 
 
 def stratified_folds(cells: Sequence[Any], k: int, seed: int) -> np.ndarray:
@@ -105,8 +111,10 @@ def run_name(fold: int | None, seed: int) -> str:
 def run_folds(base: TrainConfig, out: Path, samples: Sequence[dict], seeds: Sequence[int],
               train_fn: Callable[..., Any], log: Callable[[str], None]) -> dict[str, Any]:
     """Train every fold x seed into out/fold<i>-seed<s> (skipping finished runs, resuming killed ones),
-    then write the summary. `train_fn` is cornpipe.train.train (runs/ sits below train.py)."""
-    from cornpipe.runs.checkpoint import LAST
+    then write the summary. `train_fn(cfg, resume=, force=)` trains one run: cornpipe.train.train in this
+    process, or the CLI's torchrun launcher (`--nproc N`); runs/ sits below train.py. What a run reached
+    is read back from its best.pt, whichever way it ran."""
+    from cornpipe.runs.checkpoint import BEST, LAST, load_checkpoint
 
     folds: list[int | None] = list(range(number_of_folds(samples, base))) if uses_folds(base) else [None]
     out.mkdir(parents=True, exist_ok=True)
@@ -120,9 +128,10 @@ def run_folds(base: TrainConfig, out: Path, samples: Sequence[dict], seeds: Sequ
                 continue
             resume = (run / LAST).is_file()
             log(f"{run.name}: {'resuming' if resume else 'training'}")
-            result = train_fn(cfg, resume=resume, force=run.exists() and not resume)
+            train_fn(cfg, resume=resume, force=run.exists() and not resume)
+            best = load_checkpoint(run / BEST)
             (run / RESULT_FILE).write_text(json.dumps({
-                "fold": fold, "seed": int(seed), "best_epoch": result.best_epoch, "val": result.best_val}) + "\n")
+                "fold": fold, "seed": int(seed), "best_epoch": best["epoch"], "val": best["val"]}) + "\n")
     return write_summary(out, [(f, s) for f in folds for s in seeds])
 
 
@@ -166,12 +175,54 @@ def summarize_runs(rows: Sequence[dict[str, Any]], positions: Sequence[str]) -> 
     for name in positions:
         means, _ = fold_means(lambda m, name=name: (m.get("position_recall") or {}).get(name))
         recall[name] = {**interval(means), "per_fold": means}
-    confusion = np.zeros((len(positions), len(positions)), dtype=np.int64)
+    # a seed's runs hold out disjoint folds: their best-epoch matrices add up to that seed's pooled
+    # out-of-fold matrix (every sample once); averaged over seeds, no sample counts twice
+    per_seed: dict[int, np.ndarray] = {}
     for row in rows:
         if row["val"].get("confusion") is not None:
-            confusion += np.array(row["val"]["confusion"], dtype=np.int64)
+            matrix = per_seed.setdefault(int(row["seed"]), np.zeros((len(positions),) * 2, dtype=np.int64))
+            matrix += np.array(row["val"]["confusion"], dtype=np.int64)
+    pooled = np.mean(list(per_seed.values()), axis=0) if per_seed else np.zeros((len(positions),) * 2)
     return {"folds": len(by_fold), "runs": len(rows), "metrics": metrics, "position_recall": recall,
-            "pooled_confusion": confusion.tolist()}
+            "pooled_confusion": pooled.tolist(), "seeds": sorted(per_seed),
+            "confusion_per_seed": {str(seed): m.tolist() for seed, m in sorted(per_seed.items())}}
+
+
+def pool_predictions(out: Path, rows: Sequence[dict[str, Any]], positions: Sequence[str],
+                     grade_scale: Sequence[float], tolerance: float) -> dict[str, Any]:
+    """out/oof_predictions.csv (every run's val_predictions.csv, with its seed, fold and run in front)
+    and, per seed, the metrics of its pooled out-of-fold predictions (every sample once)."""
+    from cornpipe.models.metrics import compute_metrics
+    from cornpipe.runs.evaluation import PREDICTIONS_FILE, prediction_columns
+
+    missing = [r["run"] for r in rows if not (out / r["run"] / PREDICTIONS_FILE).is_file()]
+    if missing:  # runs trained before cornpipe wrote predictions
+        return {"file": None, "missing": missing, "per_seed": [], "metrics": {}}
+    pooled: list[dict[str, Any]] = []
+    for r in rows:
+        with (out / r["run"] / PREDICTIONS_FILE).open(newline="") as f:
+            pooled += [{"seed": r["seed"], "fold": r["fold"], "fold_name": r["fold_name"] or "", "run": r["run"],
+                        **record} for record in csv.DictReader(f)]
+    with (out / OOF_CSV).open("w", newline="") as f:
+        writer = csv.DictWriter(f, ["seed", "fold", "fold_name", "run", *prediction_columns(positions)])
+        writer.writeheader()
+        writer.writerows(pooled)
+    index = {str(p): i for i, p in enumerate(positions)}
+    per_seed = []
+    for seed in sorted({r["seed"] for r in rows}):
+        mine = [p for p in pooled if p["seed"] == seed]
+        twice = sorted(i for i, n in Counter(int(p["sample_id"]) for p in mine).items() if n > 1)[:5]
+        if twice:
+            raise ConfigError(f"seed {seed}: sample(s) {twice} were held out by two runs in {out}: "
+                              "its runs do not share one fold assignment")
+        m = compute_metrics([index[p["position_true"]] for p in mine],
+                            [[float(p[f"prob_{name}"]) for name in positions] for p in mine],
+                            [float(p["grade_true"]) for p in mine], [float(p["grade_pred"]) for p in mine],
+                            grade_scale=grade_scale, positions=positions, tolerance=tolerance)
+        per_seed.append({"seed": seed, "n_samples": m["n_samples"], **{k: m[k] for k in OOF_METRICS},
+                         "confusion": m["confusion"]})
+    return {"file": OOF_CSV, "missing": [], "per_seed": per_seed,
+            "metrics": {k: interval([s[k] for s in per_seed]) for k in OOF_METRICS}}
 
 
 def write_summary(out: Path, runs: Sequence[tuple[int | None, int]]) -> dict[str, Any]:
@@ -189,14 +240,21 @@ def write_summary(out: Path, runs: Sequence[tuple[int | None, int]]) -> dict[str
         rows.append({"run": run.name, "fold": i if fold is None else fold, "seed": seed, "fold_name": data.get("fold", {}).get("name"),
                      "n_train": data.get("counts", {}).get("train"), "n_val": data.get("counts", {}).get("val"),
                      "best_epoch": result["best_epoch"], "val": result["val"]})
-    positions = json.loads((out / rows[0]["run"] / "config.json").read_text())["data"]["positions"]
-    summary = {**summarize_runs(rows, positions), "positions": positions,
+    config = json.loads((out / rows[0]["run"] / "config.json").read_text())
+    positions = config["data"]["positions"]
+    oof = pool_predictions(out, rows, positions, config["data"]["grade_scale"], config["tolerance"])
+    summary = {**summarize_runs(rows, positions), "positions": positions, "oof": oof,
                "rows": [{k: v for k, v in r.items() if k != "val"}
                         | {key: r["val"].get(key) for key, _ in SUMMARY_METRICS}
                         | {"position_recall": r["val"].get("position_recall")} for r in rows]}
     (out / CV_JSON).write_text(json.dumps(summary, indent=2) + "\n")
-    plot_confusion(summary["pooled_confusion"], positions, out / CV_CONFUSION,
-                   f"pooled out-of-fold confusion ({summary['runs']} runs)")
+    seeds = summary["seeds"]
+    if len(seeds) > 1:  # the plot labels counts as integers: draw one seed's exact matrix, not the mean
+        plot_confusion(summary["confusion_per_seed"][str(seeds[0])], positions, out / CV_CONFUSION,
+                       f"out-of-fold confusion of seed {seeds[0]}, every sample once (cv.md: mean over seeds)")
+    else:
+        plot_confusion(summary["pooled_confusion"], positions, out / CV_CONFUSION,
+                       "out-of-fold confusion, every sample once")
     (out / CV_MD).write_text(format_summary(summary))
     return summary
 
@@ -205,8 +263,19 @@ def _num(x: float | None, digits: int = 3) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 
 
+def _mean_sd(m: dict[str, Any] | None) -> str:
+    if not m or m.get("mean") is None:
+        return "—"
+    return _num(m["mean"]) + ("" if m["sd"] is None else f" ± {_num(m['sd'])}")
+
+
+def _ci(m: dict[str, Any]) -> str:
+    return "—" if m["ci95"] is None else f"[{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     keys = [k for k, _ in SUMMARY_METRICS]
+    oof, seeds = summary["oof"], len(summary["seeds"])
     lines = [f"# Cross-validation: {summary['folds']} folds, {summary['runs']} runs", "",
              "Each row is one run's best epoch on its held-out fold.", "",
              "| run | fold | seed | train | val | best epoch | " + " | ".join(label for _, label in SUMMARY_METRICS) + " |",
@@ -216,22 +285,39 @@ def format_summary(summary: dict[str, Any]) -> str:
                      f"{r['best_epoch']} | " + " | ".join(_num(r[k]) for k in keys) + " |")
     lines += ["", "## Across folds", "",
               "Mean ± sd over folds (each fold averaged over its seeds first); 95 % CI: t-interval of the mean "
-              "over folds. Seed sd: the mean spread between seeds of one fold.", "",
-              "| metric | mean ± sd | 95 % CI | seed sd |", "|---|---|---|---|"]
+              "over folds. Seed sd: the mean spread between seeds of one fold. Pooled OOF: the metric computed "
+              "once over all out-of-fold predictions of a seed (every sample once, each weighing the same; "
+              "the across-fold mean weighs each fold the same), mean ± sd over seeds.", "",
+              "| metric | mean ± sd | 95 % CI | seed sd | pooled OOF |", "|---|---|---|---|---|"]
     for key, label in SUMMARY_METRICS:
         m = summary["metrics"][key]
-        ci = "—" if m["ci95"] is None else f"[{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
-        lines.append(f"| {label} | {_num(m['mean'])} ± {_num(m['sd'])} | {ci} | {_num(m['seed_sd'])} |")
+        lines.append(f"| {label} | {_num(m['mean'])} ± {_num(m['sd'])} | {_ci(m)} | {_num(m['seed_sd'])} | "
+                     f"{_mean_sd(oof['metrics'].get(key))} |")
     lines += ["", "## Position recall across folds", "", "| position | mean ± sd | 95 % CI | per fold |",
               "|---|---|---|---|"]
     for name, m in summary["position_recall"].items():
-        ci = "—" if m["ci95"] is None else f"[{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
-        lines.append(f"| {name} | {_num(m['mean'])} ± {_num(m['sd'])} | {ci} | "
+        lines.append(f"| {name} | {_num(m['mean'])} ± {_num(m['sd'])} | {_ci(m)} | "
                      + ", ".join(_num(v, 2) for v in m["per_fold"]) + " |")
+    lines += ["", "## Pooled out-of-fold predictions", ""]
+    if oof["file"] is None:
+        lines += [f"Not available: {', '.join(oof['missing'])} have no val_predictions.csv (trained before "
+                  "cornpipe wrote it); rerun those runs to get them.", ""]
+    else:
+        lines += [f"`{oof['file']}`: every run's best-epoch prediction for each sample it held out (columns seed, "
+                  "fold, fold_name, run, then the run's `val_predictions.csv`); each sample appears once per seed. "
+                  "The metrics of each seed's pooled predictions:", "",
+                  "| seed | samples | " + " | ".join(label for k, label in SUMMARY_METRICS if k in OOF_METRICS) + " |",
+                  "|---" * (2 + len(OOF_METRICS)) + "|"]
+        lines += [f"| {s['seed']} | {s['n_samples']} | " + " | ".join(_num(s[k]) for k in OOF_METRICS) + " |"
+                  for s in oof["per_seed"]]
+        lines.append("")
     positions = summary["positions"]
-    lines += ["", "## Pooled out-of-fold confusion (rows: true, columns: predicted)", "",
+    counted = (f"the matrices of the {seeds} seeds averaged (per seed in cv.json, `confusion_per_seed`)"
+               if seeds > 1 else "one seed's runs added up")
+    lines += ["## Pooled out-of-fold confusion (rows: true, columns: predicted)", "",
+              f"Every run's best epoch on its held-out fold; each sample counted once: {counted}.", "",
               "| true \\ predicted | " + " | ".join(positions) + " |", "|---" * (len(positions) + 1) + "|"]
     for name, row in zip(positions, summary["pooled_confusion"], strict=True):
-        lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
-    lines += ["", f"![pooled confusion]({CV_CONFUSION})", ""]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.4g}" for v in row) + " |")
+    lines += ["", f"![pooled confusion]({CV_CONFUSION})" + (f" (seed {summary['seeds'][0]})" if seeds > 1 else ""), ""]
     return "\n".join(lines)

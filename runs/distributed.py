@@ -155,7 +155,7 @@ def gather_outputs(ctx: DistContext, out: dict[str, Any], rows: np.ndarray | Non
         if len(np.unique(all_rows)) != len(all_rows):
             raise RuntimeError("validation shards overlap across ranks")  # a bug, not a user error
         order = np.argsort(all_rows, kind="stable")
-    for key in ("position_true", "position_prob", "grade_true", "grade_pred"):
+    for key in ("position_true", "position_prob", "grade_true", "grade_pred", "sample_id"):
         joined = np.concatenate([o[key] for o in outs])
         merged[key] = joined if order is None else joined[order]
     return merged
@@ -181,9 +181,19 @@ def name_failure(ctx: DistContext, exc: BaseException) -> None:
             pass  # the launcher falls back to torchrun's exit code
 
 
+# `python -m torch.distributed.run`, except that its parser takes no abbreviations: with them, a forwarded
+# `--monitor loss` reads as an ambiguous prefix of torchrun's own --monitor-interval and fails the launch
+TORCHRUN = ("from torch.distributed import run\n"
+            "from torch.distributed.elastic.multiprocessing.errors import record\n"
+            "parser = run.get_args_parser()\n"
+            "parser.allow_abbrev = False\n"
+            "record(lambda: run.run(parser.parse_args()))()\n")
+
+
 def launch(nproc: int, train_args: list[str]) -> None:
     """`cornpipe train --nproc N`: run `python -m cornpipe.train TRAIN_ARGS` on N processes of this machine
-    with torchrun (`python -m torch.distributed.run --standalone`: a free local rendezvous port).
+    with torchrun (`torch.distributed.run --standalone`: a free local rendezvous port). `cornpipe cv
+    --nproc N` and `train --seeds --nproc N` call it once per run.
 
     torchrun's own failure handling applies: when one worker exits non-zero it stops the others. The
     first failing rank's one-line error then becomes this call's DistributedError."""
@@ -196,7 +206,7 @@ def launch(nproc: int, train_args: list[str]) -> None:
     if under_torchrun():
         raise ConfigError("--nproc launches torchrun; under torchrun already, leave --nproc out")
     with tempfile.TemporaryDirectory(prefix="cornpipe-ranks-") as failures:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+        cmd = [sys.executable, "-c", TORCHRUN, "--standalone", "--nnodes", "1",
                "--nproc-per-node", str(nproc), "-m", "cornpipe.train", *train_args]
         code = subprocess.run(cmd, env={**os.environ, FAILURE_DIR_ENV: failures}, check=False).returncode
         if code == 0:

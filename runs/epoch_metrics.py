@@ -20,16 +20,18 @@ class Collector:
         self.position_prob: list[torch.Tensor] = []
         self.grade_true: list[torch.Tensor] = []
         self.grade_pred: list[torch.Tensor] = []
+        self.sample_id: list[torch.Tensor] = []
         self.images = 0
 
     def add(self, outputs: dict[str, torch.Tensor], position: torch.Tensor, grade: torch.Tensor,
-            loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+            sample_id: torch.Tensor, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
         n = position.shape[0]
         self.loss_sum += torch.stack([loss.detach(), parts["position"].detach(), parts["grade"].detach()]) * n
         self.position_prob.append(outputs["position"].detach().float().softmax(dim=1))  # (B, P)
         self.grade_pred.append(outputs["grade"].detach().float())  # (B,)
         self.position_true.append(position)
         self.grade_true.append(grade)
+        self.sample_id.append(sample_id)  # (B,) int64: which manifest sample each row is
         self.images += n
 
     def arrays(self) -> dict[str, Any]:
@@ -42,6 +44,7 @@ class Collector:
             "position_prob": torch.cat(self.position_prob).cpu().numpy(),
             "grade_true": torch.cat(self.grade_true).float().cpu().numpy(),
             "grade_pred": torch.cat(self.grade_pred).cpu().numpy(),
+            "sample_id": torch.cat(self.sample_id).cpu().numpy(),
             "loss": means[0], "position_loss": means[1], "grade_loss": means[2],
         }
 

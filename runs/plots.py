@@ -72,7 +72,7 @@ def plot_confusion(confusion: Sequence[Sequence[int]], names: Sequence[str], pat
     norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
     size = max(4.0, 1.2 * len(names) + 2)
     fig, axes = plt.subplots(1, 2, figsize=(2 * size, size), constrained_layout=True)
-    for ax, data, sub, fmt in ((axes[0], cm, "counts", "{:.0f}"), (axes[1], norm, "row-normalised", "{:.2f}")):
+    for ax, data, sub, fmt in ((axes[0], cm, "counts", "{:g}"), (axes[1], norm, "row-normalised", "{:.2f}")):
         image = ax.imshow(data, cmap="Blues", vmin=0, vmax=max(data.max(), 1e-9) if sub == "counts" else 1.0)
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right")

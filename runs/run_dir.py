@@ -25,7 +25,8 @@ from cornpipe.runs.report import (
 )
 from cornpipe.shards.atomic import check_can_create
 
-RUN_FILES = (METRICS_FILE, CONFIG_FILE, BEST, LAST, REPORT_FILE, CURVES_FILE, CONFUSION_FILE)
+PREDICTIONS_FILE = "val_predictions.csv"  # the best epoch's per-sample validation predictions (runs.evaluation)
+RUN_FILES = (METRICS_FILE, CONFIG_FILE, BEST, LAST, REPORT_FILE, CURVES_FILE, CONFUSION_FILE, PREDICTIONS_FILE)
 RUN_MARKERS = (METRICS_FILE, CONFIG_FILE, BEST, LAST)  # what makes a folder a run directory
 
 

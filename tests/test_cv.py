@@ -4,6 +4,7 @@ a killed `cornpipe cv` skips its finished folds."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -107,7 +108,89 @@ def test_summary_is_the_mean_and_sd_of_the_per_fold_numbers() -> None:
     assert m["ci95"] == pytest.approx([np.mean(per_fold) - half, np.mean(per_fold) + half])
     assert summary["position_recall"]["a"]["mean"] == pytest.approx(np.mean(per_fold))
     assert summary["position_recall"]["b"]["n"] == 0
-    assert summary["pooled_confusion"] == [[12, 8], [0, 4]]
+    # each seed's folds add up to its out-of-fold matrix; the seeds are averaged, not added
+    assert summary["confusion_per_seed"] == {"0": [[6, 4], [0, 0]], "1": [[6, 4], [0, 4]]}
+    assert summary["pooled_confusion"] == [[6, 4], [0, 2]]
+
+
+POSITIONS, SCALE = ["l", "m", "t"], [0.0, 3.0, 5.0, 7.0, 9.0]
+
+
+def fake_cv_dir(out: Path, n: int, folds: int, seeds: list[int]) -> None:
+    """What `cornpipe cv` leaves behind, without training: per fold x seed a run folder with config.json,
+    cv_result.json and a best.pt holding random best-epoch predictions (val_predictions.csv from it)."""
+    from cornpipe.models.metrics import compute_metrics
+    from cornpipe.runs.checkpoint import CHECKPOINT_FORMAT
+    from cornpipe.runs.cv import RESULT_FILE, run_name
+    from cornpipe.runs.evaluation import write_predictions
+
+    rng = np.random.default_rng(1)
+    samples = [{"id": i, "path": f"s{i}.jpg", "source": "9l", "stage": 9, "split": "train"} for i in range(n)]
+    fold_of = np.arange(n) % folds
+    truth = rng.integers(0, 3, n), rng.choice(SCALE, n)
+    for fold in range(folds):
+        ids = np.flatnonzero(fold_of == fold)
+        for seed in seeds:
+            run = out / run_name(fold, seed)
+            run.mkdir(parents=True)
+            prob = rng.dirichlet([1, 1, 1], len(ids)).astype(np.float32)
+            grade = rng.uniform(0, 9, len(ids)).astype(np.float32)
+            data = {"positions": POSITIONS, "grade_scale": SCALE, "counts": {"train": n - len(ids), "val": len(ids)},
+                    "fold": {"name": f"fold {fold + 1}/{folds}"}}
+            predictions = {"sample_id": torch.tensor(ids), "position_true": torch.tensor(truth[0][ids]),
+                           "position_prob": torch.from_numpy(prob),
+                           "grade_true": torch.tensor(truth[1][ids], dtype=torch.float32),
+                           "grade_pred": torch.from_numpy(grade)}
+            torch.save({"format": CHECKPOINT_FORMAT, "data": data, "val_predictions": predictions}, run / "best.pt")
+            write_predictions(run, samples)
+            val = compute_metrics(truth[0][ids], prob, truth[1][ids], grade, grade_scale=SCALE, positions=POSITIONS)
+            (run / "config.json").write_text(json.dumps({"tolerance": 2.0, "data": data}))
+            (run / RESULT_FILE).write_text(json.dumps({"fold": fold, "seed": seed, "best_epoch": 1,
+                                                       "val": {**val, "loss": 1.0}}))
+
+
+def test_out_of_fold_predictions_count_every_sample_once_per_seed(tmp_path: Path) -> None:
+    from sklearn.metrics import confusion_matrix, f1_score
+
+    from cornpipe.runs.cv import write_summary
+
+    n, folds, seeds = 14, 3, [0, 5]
+    fake_cv_dir(tmp_path, n, folds, seeds)
+    summary = write_summary(tmp_path, [(f, s) for f in range(folds) for s in seeds])
+    with (tmp_path / "oof_predictions.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == n * len(seeds)
+    recomputed = []
+    for seed in seeds:
+        mine = [r for r in rows if int(r["seed"]) == seed]
+        assert sorted(int(r["sample_id"]) for r in mine) == list(range(n))  # exactly once per seed
+        assert {r["run"] for r in mine} == {f"fold{f}-seed{seed}" for f in range(folds)}
+        true = np.array([POSITIONS.index(r["position_true"]) for r in mine])
+        prob = np.array([[float(r[f"prob_{p}"]) for p in POSITIONS] for r in mine])
+        pred = prob.argmax(axis=1)
+        assert [POSITIONS[i] for i in pred] == [r["position_pred"] for r in mine]
+        err = np.abs(np.array([float(r["grade_pred"]) - float(r["grade_true"]) for r in mine]))
+        got = next(s for s in summary["oof"]["per_seed"] if s["seed"] == seed)
+        assert got["n_samples"] == n
+        assert got["position_accuracy"] == pytest.approx((pred == true).mean())
+        assert got["position_macro_f1"] == pytest.approx(f1_score(true, pred, average="macro", labels=[0, 1, 2]))
+        assert got["grade_mae"] == pytest.approx(err.mean())
+        assert got["grade_within_tol"] == pytest.approx((err <= 2.0).mean())
+        recomputed.append(confusion_matrix(true, pred, labels=[0, 1, 2]))
+    # the pooled matrix counts every sample once (not once per seed) and is the seeds' OOF matrices averaged
+    assert np.sum(summary["pooled_confusion"]) == pytest.approx(n)
+    assert np.array(summary["pooled_confusion"]) == pytest.approx(np.mean(recomputed, axis=0))
+    accs = [s["position_accuracy"] for s in summary["oof"]["per_seed"]]
+    assert summary["oof"]["metrics"]["position_accuracy"]["mean"] == pytest.approx(np.mean(accs))
+    md = (tmp_path / "cv.md").read_text()
+    assert "## Pooled out-of-fold predictions" in md and "averaged" in md
+    # two runs of one seed holding out the same sample: not out-of-fold, refused
+    other = tmp_path / "fold1-seed0" / "val_predictions.csv"
+    lines = other.read_text().splitlines()
+    first = (tmp_path / "fold0-seed0" / "val_predictions.csv").read_text().splitlines()[1]
+    other.write_text("\n".join([lines[0], first, *lines[2:]]) + "\n")
+    with pytest.raises(ConfigError, match=r"seed 0: sample\(s\) \[0\] were held out by two runs"):
+        write_summary(tmp_path, [(f, s) for f in range(folds) for s in seeds])
 
 
 @pytest.mark.slow
@@ -127,6 +210,18 @@ def test_cv_command_summarises_and_a_killed_cv_skips_finished_folds(tiny_shards:
     assert np.array(summary["pooled_confusion"]).sum() == sum(r["n_val"] for r in summary["rows"]) == 54
     assert (out / "cv.md").read_text().startswith("# Cross-validation: 2 folds")
     assert (out / "cv_confusion.png").stat().st_size > 0
+    # each run's val_predictions.csv is its best epoch's: the logged best-epoch metrics, recomputed
+    for row in summary["rows"]:
+        with (out / row["run"] / "val_predictions.csv").open(newline="") as f:
+            preds = list(csv.DictReader(f))
+        best = torch.load(out / row["run"] / "best.pt", weights_only=True)["val"]
+        assert len(preds) == row["n_val"] == best["n_samples"]
+        hits = [p["position_true"] == p["position_pred"] for p in preds]
+        assert np.mean(hits) == pytest.approx(best["position_accuracy"], abs=1e-12)
+        err = [abs(float(p["grade_pred"]) - float(p["grade_true"])) for p in preds]
+        assert np.mean(err) == pytest.approx(best["grade_mae"], rel=1e-5)
+    with (out / "oof_predictions.csv").open(newline="") as f:
+        assert sorted(int(r["sample_id"]) for r in csv.DictReader(f)) == sorted(s["id"] for s in samples(tiny_shards))
     # "kill" the second fold after its first epoch: keep epoch 1 only, as a killed run leaves it
     run = out / "fold1-seed0"
     (run / "cv_result.json").unlink()
@@ -143,7 +238,53 @@ def test_cv_command_summarises_and_a_killed_cv_skips_finished_folds(tiny_shards:
 
 
 def test_cv_refuses_options_it_sets_itself(tiny_shards: Path, tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli, ["cv", str(tiny_shards), "--out", str(tmp_path / "cv"), "--nproc", "2"])
-    assert result.exit_code == 1 and "Error: cornpipe cv sets --nproc itself" in result.output
+    result = CliRunner().invoke(cli, ["cv", str(tiny_shards), "--out", str(tmp_path / "cv"), "--fold", "1"])
+    assert result.exit_code == 1 and "Error: cornpipe cv sets --fold itself" in result.output
     result = CliRunner().invoke(cli, ["train", str(tiny_shards), "--out", str(tmp_path / "r"), "--seeds", "0,x"])
     assert result.exit_code == 1 and "Error: --seeds must be distinct" in result.output
+
+
+def test_cv_nproc_gives_each_torchrun_run_the_config_a_single_process_run_gets(
+        tiny_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cv --nproc N` (and `train --seeds --nproc N`) hands each run to torchrun as `cornpipe train` options:
+    they must rebuild exactly the config the in-process run trains with (--config file included), fresh
+    and resumed."""
+    from cornpipe.cli.runs import train_command
+    from cornpipe.runs.checkpoint import CHECKPOINT_FORMAT
+
+    class Trained(Exception):
+        pass
+
+    seen: list[tuple[TrainConfig, bool]] = []
+
+    def fake_train(cfg: TrainConfig, *, resume: bool = False, **_: object) -> None:
+        seen.append((cfg, resume))
+        raise Trained
+
+    monkeypatch.setattr("cornpipe.train.train", fake_train)
+    # torchrun's ranks run `python -m cornpipe.train ARGS`: here, the same command in this process
+    monkeypatch.setattr("cornpipe.runs.distributed.launch",
+                        lambda nproc, args: train_command.main(args, standalone_mode=False))
+    toml = tmp_path / "run.toml"
+    toml.write_text('plateau_factor = 0.3\nmomentum = 0.8\nepochs = 9\n')  # fields without a flag, and one with
+    args = ["cv", str(tiny_shards), "--out", str(tmp_path / "cv"), "--folds", "3", "--seeds", "4",
+            "--fold-seed", "2", "--config", str(toml), "--loss-weights", "0.6,0.4", "--lr", "3e-4", "--ema",
+            "--no-verify", "--monitor", "grade_mae", "--drop-path", "0.05", "--device", "cpu"]
+    for resume in (False, True):
+        for nproc in ([], ["--nproc", "2"]):
+            assert isinstance(CliRunner().invoke(cli, args + nproc).exception, Trained)
+        (single, single_resume), (ranks, ranks_resume) = seen[-2:]
+        assert ranks == single and ranks_resume == single_resume == resume
+        assert (single.out, single.seed, single.folds, single.fold, single.fold_seed) == (
+            str(tmp_path / "cv" / "fold0-seed4"), 4, 3, 0, 2)
+        assert (single.plateau_factor, single.momentum, single.epochs, single.loss_weights) == (
+            0.3, 0.8, 9, (0.6, 0.4))
+        run = Path(single.out)  # a killed run: its last.pt holds the config it started with
+        run.mkdir(parents=True, exist_ok=True)
+        torch.save({"format": CHECKPOINT_FORMAT, "config": single.to_dict()}, run / "last.pt")
+    # `train --seeds --nproc` goes the same way
+    seeds = ["train", str(tiny_shards), "--out", str(tmp_path / "seeds"), "--seeds", "3,1", "--no-ema", "--epochs", "2"]
+    for nproc in ([], ["--nproc", "2"]):
+        assert isinstance(CliRunner().invoke(cli, seeds + nproc).exception, Trained)
+    (single, _), (ranks, _) = seen[-2:]
+    assert ranks == single and (single.out, single.seed, single.folds) == (str(tmp_path / "seeds" / "seed3"), 3, 0)

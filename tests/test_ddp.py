@@ -2,12 +2,14 @@
 split once and equals a single process's, rank 0 alone writes the run, a resumed group ends like an
 uninterrupted one, and a failing rank takes the group down with a one-line error naming it.
 
-The multi-process tests launch `cornpipe train --nproc 2` (torchrun --standalone underneath) and are
-marked slow; each keeps to resnet_plus_tiny at 32 px, two batches an epoch, no loader workers.
+The multi-process tests launch `cornpipe train --nproc 2` or `cornpipe cv --nproc 2` (torchrun
+--standalone underneath) and are marked slow; each keeps to resnet_plus_tiny at 32 px, two batches an
+epoch, no loader workers.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
@@ -21,8 +23,8 @@ import torch
 from conftest import needs_library
 
 from cornpipe.loaders import make_loader
+from cornpipe.runs.evaluation import evaluate_checkpoint
 from cornpipe.shards.shard_set import ShardSet
-from cornpipe.train import evaluate_checkpoint
 
 BACKENDS = ("torch", "resident", "ffcv", "dali")
 TINY_ARGS = ["--model", "resnet_plus_tiny", "--image-size", "32", "--batch-size", "8", "--max-batches", "2",
@@ -89,7 +91,8 @@ def ddp_run(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 @pytest.mark.slow
 def test_two_ranks_write_one_run_that_a_single_process_reproduces(ddp_run: Path) -> None:
     assert sorted(p.name for p in ddp_run.iterdir() if not p.name.startswith(".")) == sorted(
-        ["best.pt", "config.json", "confusion_matrix.png", "curves.png", "last.pt", "metrics.jsonl", "report.md"])
+        ["best.pt", "config.json", "confusion_matrix.png", "curves.png", "last.pt", "metrics.jsonl", "report.md",
+         "val_predictions.csv"])
     lines = records(ddp_run)
     assert [r["epoch"] for r in lines] == [1, 2, 3]  # rank 0 alone writes: no line twice
     assert json.loads((ddp_run / "config.json").read_text())["data"]["world_size"] == 2
@@ -106,6 +109,16 @@ def test_two_ranks_write_one_run_that_a_single_process_reproduces(ddp_run: Path)
         assert best[key] == single[key], key
     for key in ("loss", "position_loss", "grade_loss"):
         assert best[key] == pytest.approx(single[key], rel=1e-5)
+    # the best epoch's per-sample predictions: gathered from both ranks, every val image once
+    with (ddp_run / "val_predictions.csv").open(newline="") as f:
+        preds = list(csv.DictReader(f))
+    val_ids = ShardSet(state["data"]["shards"]).labels("val")[2].tolist()
+    assert sorted(int(p["sample_id"]) for p in preds) == sorted(val_ids)
+    names = state["data"]["positions"]
+    confusion = np.zeros((len(names), len(names)), dtype=int)
+    for p in preds:
+        confusion[names.index(p["position_true"]), names.index(p["position_pred"])] += 1
+    assert confusion.tolist() == best["confusion"]
 
 
 @pytest.mark.slow
@@ -147,3 +160,25 @@ def test_a_failing_rank_takes_the_group_down_with_one_line_naming_it(tiny_shards
     assert time.monotonic() - start < 120  # torchrun stopped rank 0; nobody waited for the timeout
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: rank 1 of 2: corrupt image in ") and "(val row 1)" in last, last
+
+
+@pytest.mark.slow
+def test_cv_runs_every_fold_on_two_ranks_and_a_rerun_skips_them(tiny_shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cv"
+    args = ["cv", tiny_shards, "--out", out, "--folds", "2", "--nproc", "2", "--epochs", "1",
+            "--monitor", "position_accuracy",  # not torchrun's --monitor-interval
+            *TINY_ARGS]
+    result = cornpipe(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "cv.json").read_text())
+    assert [r["run"] for r in summary["rows"]] == ["fold0-seed0", "fold1-seed0"]
+    for row in summary["rows"]:
+        config = json.loads((out / row["run"] / "config.json").read_text())
+        assert config["data"]["world_size"] == 2 and config["monitor"] == "position_accuracy"
+    with (out / "oof_predictions.csv").open(newline="") as f:  # every sample once, out of fold
+        assert sorted(int(r["sample_id"]) for r in csv.DictReader(f)) == sorted(
+            s["id"] for s in ShardSet(tiny_shards).manifest["samples"])
+    again = cornpipe(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "fold0-seed0: finished earlier, skipped" in again.stdout
+    assert "fold1-seed0: finished earlier, skipped" in again.stdout

@@ -1,11 +1,13 @@
 """The trainer's wiring, end to end: a flag given on the command line is what the run used, and
-best.pt is the epoch the validation monitor chose -- checked on what the run wrote, not on the parts.
+best.pt (and val_predictions.csv) is the epoch the validation monitor chose -- checked on what the run
+wrote, not on the parts.
 
 CPU only, the tiny model on the conftest shard set (`tiny_shards`).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -83,3 +85,12 @@ def test_best_checkpoint_is_the_best_validation_epoch_and_only_changes_when_it_i
     assert [e for name, e in saves if name == "last.pt"] == list(range(1, len(lines) + 1))
     for key, value in result.model.state_dict().items():  # the run ends on the best weights
         assert torch.equal(value, best["model"][key]), key
+    # val_predictions.csv is that best epoch's prediction for every val image, not the last epoch's
+    with (tmp_path / "run" / "val_predictions.csv").open(newline="") as f:
+        preds = list(csv.DictReader(f))
+    assert len(preds) == best["val"]["n_samples"]
+    assert sum(p["position_true"] == p["position_pred"] for p in preds) / len(preds) == pytest.approx(
+        best["val"]["position_accuracy"], abs=1e-12)
+    mae = sum(abs(float(p["grade_pred"]) - float(p["grade_true"])) for p in preds) / len(preds)
+    assert mae == pytest.approx(best["val"]["grade_mae"], rel=1e-5)
+    assert mae != pytest.approx(lines[-1]["val"]["grade_mae"], rel=1e-5)
