@@ -11,6 +11,11 @@ the backend's peer (`× peer`), the fraction of the ceiling, and the peak memory
 `--work same` (default) gives every row the peers' work: RandomResizedCrop + horizontal flip +
 normalise (SAME_WORK on cornpipe's backends); `--work full` keeps cornpipe's default augmentation.
 
+`--host-only` times what a host feeds a GPU: every row (backends with LoaderSpec dtype uint8, peers
+with `host_only`) stops at (B, S, S, 3) uint8 crops on the CPU -- the geometry done, the colour jitter
+and the normalisation left to the GPU -- so a CPU machine measures the rate a GPU would be fed. The
+batches stay on the host: the device is the CPU whatever a GPU machine has.
+
 In a child, one measurement is: build the loader, run the warm-up (the first epoch, at most
 WARMUP_MAX_BATCHES batches, or --warmup-batches), then time whole batches for --seconds or
 --epochs; on CUDA the clock stops after a synchronize, so queued asynchronous copies count.
@@ -28,14 +33,14 @@ from typing import Any
 
 from cornpipe.bench.isolate import run_isolated
 from cornpipe.bench.machine import usable_cores
-from cornpipe.bench.peers import PEER_MODULE, PEER_OF, PEERS, build_peer
+from cornpipe.bench.peers import PEER_MODULE, PEER_OF, PEERS, build_peer, peer_unusable
 from cornpipe.errors import BenchError, LoaderError, MissingDependency, install_hint
-from cornpipe.loaders.base import BACKENDS, DEFAULT_IMAGE_SIZE, AugmentConfig
+from cornpipe.loaders.base import BACKENDS, DEFAULT_IMAGE_SIZE, HOST_DTYPE, AugmentConfig
 
 WARMUP_MAX_BATCHES = 50
 FOLDER = "folder"  # the `mode` of the torch baseline over the original images (a folder or a manifest CSV)
 _MODULE = {"ffcv": "ffcv", "dali": "nvidia.dali", **PEER_MODULE}
-_EXTRA = {"ffcv-native": "ffcv", "dali-native": "dali"}  # the pyproject extra a peer needs
+_EXTRA = {"ffcv-native": "ffcv", "dali-native": "dali"}  # the pyproject extra a peer needs (else: pip install)
 WORKS: tuple[str, ...] = ("same", "full")
 # --work same: what every peer does, and nothing more (no vertical flip, rot90 or colour jitter)
 SAME_WORK = AugmentConfig(vflip=False, rot90=False, brightness=0.0, contrast=0.0, saturation=0.0)
@@ -59,6 +64,7 @@ class LoaderBenchConfig:
     timeout_s: float = 900.0  # per child process
     work: str = "same"  # same: every row does SAME_WORK; full: cornpipe's backends keep their default augmentation
     peers: bool = True  # add each backend's peer row (bench.peers); the CLI's --peers/--no-peers
+    host_only: bool = False  # uint8 (B, S, S, 3) crops on the CPU, no jitter or normalisation (the GPU's job)
 
 
 @dataclass(frozen=True)
@@ -93,16 +99,21 @@ def backend_missing(backend: str) -> str | None:
         found = False
     if found:
         return None
-    if backend == "torchvision":  # a core dependency: only a broken install lacks it
-        return "torchvision is not installed: pip install torchvision"
+    if backend == "torchvision":  # torchvision is a core dependency; the tars are read with webdataset
+        return f"{module} is not installed: pip install {module}"
     lib = module.split(".")[-1] if backend in PEER_MODULE else backend
     return f"{lib} is not installed: {install_hint(_EXTRA.get(backend, backend))}"
 
 
-def resolve_device(device: str) -> str:
-    """"auto" -> cuda when available, else cpu; a CUDA device without CUDA is a LoaderError."""
+def resolve_device(device: str, host_only: bool = False) -> str:
+    """"auto" -> cuda when available, else cpu; a CUDA device without CUDA is a LoaderError.
+    Host-only batches stay on the host: "auto" is the CPU then, and a CUDA device is refused."""
     import torch
 
+    if host_only:
+        if device not in ("auto", "cpu"):
+            raise LoaderError(f"--host-only times uint8 batches on the host: use --device cpu or auto, not {device}")
+        return "cpu"
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     from cornpipe.loaders.common import resolve_device as check
@@ -160,7 +171,7 @@ def plan_targets(shard_dirs: list[Path], backends: list[str], source: Path | Non
                  peers: tuple[str, ...] | list[str] = ()) -> list[Target]:
     """ffcv (and ffcv-native) once per write mode present (it reads the .beton); the tar readers once,
     on the first jpg-mode set (the tar shards hold JPEGs in every write mode); each peer right after
-    its backend; `torch` over SOURCE last."""
+    its backend; `torch` over SOURCE last, and its peer `torchvision` over SOURCE when that peer runs."""
     modes: dict[str, Path] = {}
     for root in shard_dirs:
         modes.setdefault(write_mode(root), root)
@@ -175,6 +186,8 @@ def plan_targets(shard_dirs: list[Path], backends: list[str], source: Path | Non
                 targets.append(Target(name, "jpg", str(tar_root)))
     if source is not None:
         targets.append(Target("torch", FOLDER, str(source)))
+        if PEER_OF["torch"] in peers and "torch" in backends:
+            targets.append(Target(PEER_OF["torch"], FOLDER, str(source)))
     return targets
 
 
@@ -188,10 +201,12 @@ def _build_loader(target: Target, cfg: LoaderBenchConfig, device: str) -> Any:
     if target.backend in PEERS:
         return build_peer(target.backend, target.root, split=cfg.split, batch_size=cfg.batch_size,
                           image_size=cfg.image_size, workers=cfg.workers or usable_cores(), device=device,
-                          seed=cfg.seed)
+                          seed=cfg.seed, host_only=cfg.host_only, folder=target.mode == FOLDER)
     if cfg.work not in WORKS:
         raise LoaderError(f"unknown --work {cfg.work!r}; choose from {', '.join(WORKS)}")
     augment = {"augment": SAME_WORK} if cfg.work == "same" and cfg.split == "train" else {}
+    if cfg.host_only:  # (B, S, S, 3) uint8 crops on the host
+        augment["dtype"] = HOST_DTYPE
     # the folder baseline reads the original images; split "train" is the same images as the
     # shard set's train split (convert's split, same seed and fraction) when every image converted
     backend, root = target.backend, target.root
@@ -216,7 +231,7 @@ def measure_loader(target: Target, cfg: LoaderBenchConfig) -> dict[str, Any]:
     """Images/s of one loader after warm-up (runs in the calling process)."""
     import torch
 
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, cfg.host_only)
     cuda = device.startswith("cuda")
 
     def sync() -> None:
@@ -263,6 +278,8 @@ def measure_loader(target: Target, cfg: LoaderBenchConfig) -> dict[str, Any]:
         "warmup_batches": warmup, "build_s": build_s, "first_batch_s": first_batch_s,
         "batches_per_epoch": per_epoch, "batch_shape": shape, "dtype": dtype,
     }
+    if getattr(loader, "setup", ""):  # a peer's choice where it had one (bench.peers)
+        result["setup"] = loader.setup
     spec = getattr(loader, "spec", None)  # what the backend really applied (peers: see bench.peers)
     if spec is not None:
         result["augment"] = asdict(spec.augment) if spec.augment is not None else None
@@ -296,13 +313,18 @@ def run_loader_bench(shard_dirs: list[Path], cfg: LoaderBenchConfig, *, backends
     """Run every target `cfg.repeats` times (rounds) plus the ceiling; the JSON-ready summary.
 
     `peers`: peer rows to add (`choose_peers`), each run beside its backend."""
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, cfg.host_only)
     cfg = replace(cfg, device=device, workers=cfg.workers or usable_cores())
     if peers and (cfg.oversample != "none" or cfg.split != "train"):  # peers do the train work, unweighted
         echo(f"skipped the peers: they time the train transform without oversampling (split {cfg.split}, "
              f"oversample {cfg.oversample})")
         peers = []
     targets = plan_targets(shard_dirs, backends, source, peers)
+    for target in [t for t in targets if t.backend in PEERS and t.mode != FOLDER]:
+        why = peer_unusable(target.backend, target.root, cfg.split)
+        if why:
+            echo(f"skipped peer {target.backend}: {why}")
+            targets.remove(target)
     rows = [Row(t, device) for t in targets]
     ceiling_rates: list[float] = []
     ceiling_info: dict[str, Any] = {}
@@ -359,7 +381,7 @@ def summarize(rows: list[Row], cfg: LoaderBenchConfig, ceiling_rates: list[float
             "images_per_s_min": min(row.rates) if row.rates else None,
             "images_per_s_max": max(row.rates) if row.rates else None,
             "ratio_vs_torch": rate / base_rate if rate and base_rate else None,
-            "peer": PEER_OF.get(row.target.backend) if row.target.mode != FOLDER else None,
+            "peer": PEER_OF.get(row.target.backend),  # the torch-folder row's peer: torchvision over the files
             "ratio_vs_peer": None,
             "fraction_of_ceiling": rate / ceiling if rate and ceiling and row.target.mode == "jpg" else None,
             "peak_rss_mb": row.peak_rss_mb if row.rates else None,
@@ -369,14 +391,14 @@ def summarize(rows: list[Row], cfg: LoaderBenchConfig, ceiling_rates: list[float
         if rate and peer:
             entry["ratio_vs_peer"] = rate / peer
         for key in ("first_batch_s", "build_s", "batch_shape", "dtype", "batches_per_epoch", "class_fractions",
-                    "augment"):
+                    "augment", "setup"):
             if key in row.extra:
                 entry[key] = row.extra[key]
         if row.error:
             entry["error"] = row.error
         results.append(entry)
-    summary: dict[str, Any] = {"config": asdict(cfg), "work": cfg.work, "shards": [str(p) for p in shard_dirs],
-                               "results": results}
+    summary: dict[str, Any] = {"config": asdict(cfg), "work": cfg.work, "host_only": cfg.host_only,
+                               "shards": [str(p) for p in shard_dirs], "results": results}
     if ceiling_info:
         summary["ceiling"] = {**ceiling_info, "images_per_s": ceiling,
                               "images_per_s_min": min(ceiling_rates) if ceiling_rates else None,

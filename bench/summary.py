@@ -97,7 +97,7 @@ TRAIN_KEYS = ("variant", "data", "device", "amp", "channels_last", "compile", "i
               "images_per_s_max", "ratio_vs_eager", "step_ms", "compile_s", "first_steps_s",
               "gpu_peak_mem_mb", "peak_rss_mb", "tf32", "error")
 LOADER_KEYS = ("backend", "mode", "device", "images_per_s", "images_per_s_min", "images_per_s_max",
-               "ratio_vs_torch", "peer", "ratio_vs_peer", "fraction_of_ceiling", "peak_rss_mb", "error")
+               "ratio_vs_torch", "peer", "ratio_vs_peer", "fraction_of_ceiling", "peak_rss_mb", "setup", "error")
 
 
 def bench_figures(scratch: Path, name: str, keys: tuple[str, ...]) -> dict[str, Any] | None:
@@ -106,6 +106,8 @@ def bench_figures(scratch: Path, name: str, keys: tuple[str, ...]) -> dict[str, 
         return None
     out = {"config": data.get("config"),
            "results": [{k: r.get(k) for k in keys if k in r} for r in data.get("results", [])]}
+    if "host_only" in data:
+        out["host_only"] = data["host_only"]
     if data.get("ceiling"):
         out["ceiling"] = {k: data["ceiling"].get(k) for k in ("images_per_s", "workers", "decoder")
                           if k in data["ceiling"]}
@@ -176,7 +178,8 @@ def _step_detail(name: str, fig: Any) -> list[str]:
         return lines
     if name == "bench-loaders":
         cfg = fig.get("config") or {}
-        lines = [f"    {cfg.get('image_size')} px b{cfg.get('batch_size')} on {cfg.get('device')} "
+        host = ", host-only: uint8 crops, not normalised" if fig.get("host_only") else ""
+        lines = [f"    {cfg.get('image_size')} px b{cfg.get('batch_size')} on {cfg.get('device')}{host} "
                  f"(ratios to the torch loader of this run):"]
         for r in fig["results"]:
             if r.get("error"):
@@ -185,7 +188,8 @@ def _step_detail(name: str, fig: Any) -> list[str]:
             ratio = "—" if r.get("ratio_vs_torch") is None else f"{r['ratio_vs_torch']:.2f}× torch"
             if r.get("ratio_vs_peer") is not None:
                 ratio += f", {r['ratio_vs_peer']:.2f}× {r.get('peer')}"
-            lines.append(f"      {r['backend']:<14} {_n(r['images_per_s']):>8} img/s  {ratio}, "
+            name = r["backend"] if r.get("mode") != "folder" else f"{r['backend']}-folder"
+            lines.append(f"      {name:<14} {_n(r['images_per_s']):>8} img/s  {ratio}, "
                          f"peak RSS {_n(r.get('peak_rss_mb'))} MB")
         ceiling = fig.get("ceiling") or {}
         if ceiling.get("images_per_s"):

@@ -46,7 +46,10 @@ def _caption(summary: dict[str, Any], timing: str) -> list[str]:
 
 def loader_table(summary: dict[str, Any]) -> Table:
     cfg = summary["config"]
-    table = Table(title=f"Loader throughput: {cfg['split']} split, batch {cfg['batch_size']}, "
+    host_only = bool(summary.get("host_only", cfg.get("host_only")))
+    what = "Host-only loader throughput (uint8 NHWC crops on the CPU, no normalisation)" if host_only \
+        else "Loader throughput"
+    table = Table(title=f"{what}: {cfg['split']} split, batch {cfg['batch_size']}, "
                         f"{cfg['image_size']} px, {cfg['workers']} workers, oversample {cfg['oversample']}, "
                         f"work {cfg.get('work', 'full')}")
     _columns(table, "backend mode device", "images/s median [min–max]|× torch|× peer|% of ceiling|peak MB")
@@ -74,7 +77,14 @@ def loader_table(summary: dict[str, Any]) -> Table:
         caption.append("× peer = the backend against its own library used directly (ffcv vs ffcv-native, dali vs "
                        "dali-native, torch vs torchvision)")
     if cfg.get("work") == "same":
-        caption.append("work same: every row does RandomResizedCrop + horizontal flip + normalise to float32")
+        caption.append("work same: every row does RandomResizedCrop + horizontal flip"
+                       + (", then stops at uint8" if host_only else " + normalise to float32"))
+    if host_only:
+        caption.append("host-only: every row hands out (B, S, S, 3) uint8 crops on the host, the colour jitter and "
+                       "normalisation left to the GPU: the rate a GPU would be fed")
+    for entry in summary["results"]:
+        if entry.get("setup"):
+            caption.append(f"{entry['backend']} {entry['mode']}: {entry['setup']}")
     if ceiling:
         caption.append(f"ceiling = decode-only throughput of the shard JPEGs on {ceiling.get('workers')} "
                        f"processes ({ceiling.get('decoder')}, libjpeg-turbo), no augmentation")

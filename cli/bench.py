@@ -92,6 +92,9 @@ def bench() -> None:
                    "backends keep their default augmentation (vertical flip, colour jitter).")
 @click.option("--peers/--no-peers", default=True, show_default=True,
               help="Add each backend's own library used directly (ffcv-native, dali-native, torchvision).")
+@click.option("--host-only", is_flag=True,
+              help="Time what a host feeds a GPU: uint8 (B, S, S, 3) crops on the CPU, without colour jitter "
+                   "and normalisation (the GPU's job), for every backend and peer.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(1), default=900.0, show_default=True,
               help="Seconds allowed for one run.")
 @click.option("--json", "json_path", type=_OUT_FILE, default=None, help="Write the results here.")
@@ -102,13 +105,15 @@ def loaders_command(shards: tuple[Path, ...], raw_shards: tuple[Path, ...], sour
                     backends: str | None, split: str, batch_size: int, image_size: int, workers: int | None,
                     device: str, oversample: str, seconds: float, epochs: int | None,
                     warmup_batches: int | None, repeats: int, ceiling: bool, ceiling_decoder: str, seed: int,
-                    work: str, peers: bool, timeout_s: float, json_path: Path | None, log_dir: Path | None) -> None:
+                    work: str, peers: bool, host_only: bool, timeout_s: float, json_path: Path | None,
+                    log_dir: Path | None) -> None:
     """Images/s of every loader backend over SHARDS.
 
     Each backend, and each backend's peer (its own library used directly: ffcv-native, dali-native,
     torchvision), runs in a fresh process, in rounds (--repeats), with the same work (--work), image
     size, batch size and workers; reported as ratios to the torch baseline and to the backend's peer,
-    and as a fraction of the decode-only ceiling of the same JPEGs.
+    and as a fraction of the decode-only ceiling of the same JPEGs. --host-only measures the uint8 crops a
+    host would hand a GPU, on the CPU, so a machine without a GPU measures the rate a GPU would be fed.
     """
     from cornpipe.bench.loader_bench import LoaderBenchConfig, choose_backends, choose_peers, run_loader_bench
     from cornpipe.bench.machine import machine_facts
@@ -121,7 +126,8 @@ def loaders_command(shards: tuple[Path, ...], raw_shards: tuple[Path, ...], sour
     cfg = LoaderBenchConfig(split=split, batch_size=batch_size, image_size=image_size, device=device,
                             workers=workers, oversample=oversample, seed=seed, seconds=seconds,
                             epochs=epochs, warmup_batches=warmup_batches, repeats=repeats, ceiling=ceiling,
-                            ceiling_decoder=ceiling_decoder, timeout_s=timeout_s, work=work, peers=peers)
+                            ceiling_decoder=ceiling_decoder, timeout_s=timeout_s, work=work, peers=peers,
+                            host_only=host_only)
     if source is not None and manifest_csv is not None:
         raise click.UsageError("give --source FOLDER or --manifest CSV, not both")
     summary = run_loader_bench([*shards, *raw_shards], cfg, backends=names, source=source or manifest_csv, peers=peer_names,

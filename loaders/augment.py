@@ -7,6 +7,8 @@ One parameter sampler (`sample_params`), two ways to apply its draws:
   `color_jitter_batch`, `normalize_batch`), used by the resident backend and, after the geometry,
   by the torch backend on the device; `finish_batch` (jitter + normalize) runs them as one fused
   numba pass on the CPU (`loaders.fused`).
+- host-only batches (dtype uint8, `host_batch`) stop after the geometry: (B, S, S, 3) uint8 crops,
+  the jitter and normalisation left to the GPU they are fed to.
 
 Order of operations, the same everywhere: random resized crop -> horizontal flip -> vertical flip
 -> rot90 -> brightness -> contrast -> saturation -> normalize (MEAN_255 / STD_255).
@@ -35,7 +37,7 @@ import torch
 from PIL import Image
 
 from cornpipe.loaders import fused
-from cornpipe.loaders.base import IMAGENET, AugmentConfig, Normalization
+from cornpipe.loaders.base import HOST_DTYPE, IMAGENET, AugmentConfig, Normalization
 from cornpipe.loaders.fused import GREY_WEIGHTS
 
 CROP_TRIES = 10  # torchvision's RandomResizedCrop
@@ -339,6 +341,17 @@ def normalize_batch(x: torch.Tensor, dtype: torch.dtype = torch.float32,
     return out
 
 
+def host_batch(x: torch.Tensor, hwc: bool = False) -> torch.Tensor:
+    """Geometry-augmented pixels in [0, 255] -> a host-only batch: (B, H, W, 3) uint8, contiguous.
+
+    x: (B, 3, H, W), or (B, H, W, 3) with `hwc`; uint8, or float (rounded, clamped). No colour jitter and
+    no normalisation: those run where the batch goes (the GPU). A contiguous uint8 NHWC `x` is returned as is.
+    """
+    if x.dtype != torch.uint8:
+        x = x.round().clamp_(0, 255).to(torch.uint8)
+    return (x if hwc else x.permute(0, 2, 3, 1)).contiguous()
+
+
 def finish_batch(pixels: torch.Tensor, factors: np.ndarray | torch.Tensor | None, *,
                  dtype: torch.dtype = torch.float32, channels_last: bool = False,
                  hwc: bool = False, fast: bool | None = None, norm: Normalization = IMAGENET) -> torch.Tensor:
@@ -347,7 +360,10 @@ def finish_batch(pixels: torch.Tensor, factors: np.ndarray | torch.Tensor | None
     pixels: (B, 3, H, W), or (B, H, W, 3) with `hwc`. On the CPU with numba this is one fused pass
     (`loaders.fused`); otherwise (CUDA, or `fast=False`) the tensor ops `color_jitter_batch` and
     `normalize_batch`. Both compute the same thing (tests/test_augment.py holds them together).
+    dtype HOST_DTYPE (uint8): `host_batch`, the pixels as (B, H, W, 3) uint8, neither jittered nor normalised.
     """
+    if dtype == HOST_DTYPE:
+        return host_batch(pixels, hwc=hwc)
     if fast is None:
         fast = pixels.device.type == "cpu" and pixels.dtype == torch.uint8 and fused.ready()
     if fast:
@@ -367,6 +383,7 @@ def augment_batch(images: torch.Tensor, params: AugParams, size: int, *, dtype: 
 
     `index`: box i applies to images[index[i]] (a resident store; read in place on the CPU path).
     `kernel`: the crop-resize kernel (see `use_interpolate`).
+    dtype HOST_DTYPE (uint8): the geometry only, as (B, S, S, 3) uint8 (`host_batch`).
     """
     if use_interpolate(images, kernel):  # flips are cheaper on uint8; then one fused pass on the CPU
         x = flip_rot_batch(crop_resize_uint8(images, params.boxes, size, index), params)
@@ -374,6 +391,8 @@ def augment_batch(images: torch.Tensor, params: AugParams, size: int, *, dtype: 
     if index is not None:
         images = images[torch.as_tensor(index, device=images.device)]
     x = flip_rot_batch(crop_resize_batch(images, params.boxes, size, kernel="roi_align"), params)
+    if dtype == HOST_DTYPE:
+        return host_batch(x)
     x = color_jitter_batch(x, params.jitter)
     return normalize_batch(x, dtype=dtype, channels_last=channels_last, norm=norm)
 

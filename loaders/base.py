@@ -59,10 +59,18 @@ class AugmentConfig:
     val_crop_fraction: float = 0.875  # validation: resize shorter side to size / fraction, centre crop
 
 
+# LoaderSpec.dtype for host-only batches: what a host hands a GPU trainer. The images come out as
+# (B, S, S, 3) uint8 NHWC, contiguous, on the CPU, after the geometry (crop-resize, flips, rot90) and
+# before colour jitter and normalisation, which are the GPU's job (`bench loaders --host-only`).
+HOST_DTYPE = torch.uint8
+
+
 class Batch(NamedTuple):
     """One batch, identical in layout on every backend."""
 
-    images: torch.Tensor  # (B, 3, H, W), float16/float32, normalised; channels_last on CUDA
+    # (B, 3, H, W), float16/float32, normalised; channels_last on CUDA. With dtype HOST_DTYPE:
+    # (B, H, W, 3) uint8 crops on the CPU, not jittered or normalised.
+    images: torch.Tensor
     position: torch.Tensor  # (B,) int64 class index
     grade: torch.Tensor  # (B,) float32 grade value on the dataset's scale
     sample_id: torch.Tensor  # (B,) int64, the manifest's sample id

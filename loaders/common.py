@@ -20,7 +20,14 @@ import torch
 
 from cornpipe.errors import LoaderError
 from cornpipe.loaders.augment import AugParams, sample_params, val_params
-from cornpipe.loaders.base import DEFAULT_IMAGE_SIZE, IMAGENET, AugmentConfig, Batch, Normalization
+from cornpipe.loaders.base import (
+    DEFAULT_IMAGE_SIZE,
+    HOST_DTYPE,
+    IMAGENET,
+    AugmentConfig,
+    Batch,
+    Normalization,
+)
 from cornpipe.loaders.sampling import check_strategy, epoch_indices, num_batches, rank_length
 
 # Sub-streams of the per-(seed, epoch, ...) random generators, so that augmentation draws never
@@ -52,7 +59,9 @@ class LoaderSpec:
     augment: AugmentConfig | bool | None = None
     val_crop_fraction: float | None = None  # validation resize/centre crop; None: the AugmentConfig's
     drop_last: bool = False
-    dtype: torch.dtype | None = None  # None: float16 on CUDA, float32 on CPU
+    # None: float16 on CUDA, float32 on CPU; torch.uint8 (base.HOST_DTYPE, CPU only): host-only batches,
+    # (B, S, S, 3) uint8 crops without colour jitter and normalisation (the GPU's job)
+    dtype: torch.dtype | None = None
     shuffle: bool | None = None  # None: shuffle where augmentation is on by default
     channels_last: bool | None = None  # NHWC batches; None: on CUDA only (the trainer passes its choice)
     normalization: Normalization = IMAGENET  # mean/std (0-255) of the last step; a pretrained trunk's own
@@ -66,6 +75,11 @@ class LoaderSpec:
     @property
     def on_cuda(self) -> bool:
         return torch.device(self.device).type == "cuda"
+
+    @property
+    def host_only(self) -> bool:
+        """Whether batches are host-only uint8 crops (dtype torch.uint8), not normalised images."""
+        return self.dtype == HOST_DTYPE
 
     def resolved(self) -> LoaderSpec:
         """This request with every default filled in for this machine; LoaderError for a bad value."""
@@ -94,8 +108,11 @@ class LoaderSpec:
         dtype = self.dtype
         if dtype is None:
             dtype = torch.float16 if dev.type == "cuda" else torch.float32
-        if not dtype.is_floating_point:
-            raise LoaderError(f"dtype must be a floating point type, got {dtype}")
+        if dtype == HOST_DTYPE:
+            if dev.type != "cpu":
+                raise LoaderError(f"dtype {dtype} (host-only uint8 batches) stays on the CPU; got device {dev}")
+        elif not dtype.is_floating_point:
+            raise LoaderError(f"dtype must be a floating point type or torch.uint8 (host-only), got {dtype}")
         crop = self.val_crop_fraction
         if crop is None:
             crop = (augment if isinstance(augment, AugmentConfig) else AugmentConfig()).val_crop_fraction

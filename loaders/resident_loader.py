@@ -19,6 +19,8 @@ Augmentation draws: one generator per batch, seeded by (seed, epoch, rank, batch
 Crop-resize kernel (`options["crop_kernel"]`): "auto" = roi_align on a gathered batch on CUDA,
 torch's uint8 antialias kernel straight from the store on the CPU (~8x faster per core there);
 "roi_align" forces the CUDA path on the CPU too (tests use it to check that path without a GPU).
+Host-only (dtype uint8, CPU): the same crops and flips, handed out as (B, S, S, 3) uint8 without the
+jitter and normalisation (`loaders.augment.host_batch`; roi_align's float pixels rounded).
 """
 
 from __future__ import annotations

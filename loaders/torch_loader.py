@@ -9,7 +9,8 @@ the team trained with before: PIL decodes and augments each image in a worker pr
   sample is seeded by (seed, epoch, rank, slot), so results do not depend on the number of workers.
 - Workers return uint8 (3, S, S) after the geometric augmentation plus the sample's colour-jitter
   factors; the main process moves the uint8 batch to the device (pinned, non_blocking on CUDA) and
-  jitters + normalises it there, in one batched op.
+  jitters + normalises it there, in one batched op. Host-only (dtype uint8): workers return (S, S, 3)
+  and the collated (B, S, S, 3) uint8 batch is the output.
 - A worker that hits a bad sample returns its one-line message instead of raising, so the user sees
   a one-line LoaderError naming the file (torch re-raises worker errors with a multi-line message).
 """
@@ -56,7 +57,11 @@ class ImageDataset(Dataset):
         except LoaderError as exc:
             return _Failure(str(exc)), None, row
         params = augment_params(self.spec, np.array([[image.height, image.width]]), epoch, slot)
-        pixels = pil_to_tensor(apply_geometry_pil(image, params, self.spec.image_size))  # (3, S, S) uint8
+        crop = apply_geometry_pil(image, params, self.spec.image_size)
+        if self.spec.host_only:  # (S, S, 3) uint8, as PIL holds the crop
+            pixels = torch.from_numpy(np.array(crop.convert("RGB"), dtype=np.uint8))
+        else:
+            pixels = pil_to_tensor(crop)  # (3, S, S) uint8
         return pixels, torch.from_numpy(params.jitter[0]), row
 
 
@@ -146,6 +151,9 @@ class TorchLoader(EpochLoader):
             if isinstance(pixels, _Failure):
                 self.close()
                 raise LoaderError(str(pixels))
+            if spec.host_only:  # (B, S, S, 3) uint8, collated on the host: the GPU's jitter + normalise are left
+                yield Batch(pixels, *self.labels_for(rows))
+                continue
             # With decoding in worker processes, torch's OpenMP threads here only fight the workers
             # for the cores (10-20x slower batches measured on 2 cores): one thread on CPU.
             with one_cpu_thread(not spec.on_cuda and self._loader.num_workers > 0):

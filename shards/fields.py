@@ -11,12 +11,23 @@ Shard set layout (the OUT of `cornpipe convert`):
                              GRADE (FloatField), SAMPLE_ID (IntField), SOURCE_ID (IntField);
                              row r of the .beton is row r of the split (manifest sample "row")
     train-000000.tar ...     webdataset shards; samples of the split in row order, SHARD_SIZE a shard.
-                             Members of one sample share the key f"{sample_id:08d}":
-                               <key>.jpg       the image, JPEG, same resolution as in the .beton
-                               <key>.position  int64 little-endian (8 bytes): position class index
-                               <key>.grade     float32 little-endian (4 bytes): grade value on the scale
-                               <key>.id        int64 little-endian (8 bytes): sample id
-                               <key>.json      {"id","position","grade","source","stage","path"} (for people)
+                             Members of one sample share the key f"{sample_id:08d}"; the extension is
+                             everything after the key's first dot (webdataset's and DALI's rule), so
+                             `grade` and `grade.txt` are two members:
+                               <key>.jpg        the image, JPEG, same resolution as in the .beton
+                               <key>.position   int64 little-endian (8 bytes): position class index
+                               <key>.grade      float32 little-endian (4 bytes): grade value on the scale
+                               <key>.sample_id  int64 little-endian (8 bytes): sample id (sets of format
+                                                version 1 name it <key>.id; TAR_ID_EXT reads either)
+                               <key>.cls        the position class index as decimal ASCII ("0", "1", "2")
+                               <key>.grade.txt  the grade as decimal ASCII ("5", "2.5")
+                               <key>.json       {"id","position","grade","source","stage","path"} (for people)
+                             The raw members are what DALI's typed reader takes (fn.readers.webdataset
+                             dtypes=INT64/FLOAT); the text ones are what the `webdataset` library's
+                             default decoders turn into an int (.cls) and a str (.txt) -- a raw `.id`
+                             made `.decode()` fail: that library reads `.id` as decimal text too.
+                             `wds.WebDataset(tars).decode("pil").to_tuple("jpg", "cls")` yields
+                             (PIL image, position); `__key__` is the sample id, zero-padded.
     train-000000.idx ...     DALI webdataset index of the tar beside it (format of DALI's wds2idx,
                              v1.2: per sample its members' ext, offset, size, name), which also gives
                              random access to one sample's bytes by offset.
@@ -41,7 +52,8 @@ manifest.json keys:
 
 from __future__ import annotations
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: .sample_id (was .id), .cls and .grade.txt in the tar shards
+READ_FORMAT_VERSIONS: tuple[int, ...] = (1, 2)  # what ShardSet reads: every backend reads version 1 sets too
 
 # FFCV field names (also the batch contract's names)
 IMAGE = "image"
@@ -67,11 +79,18 @@ SHARD_SIZE = 1000  # samples per tar shard
 # the torch, resident and dali backends, inspect and verify read them)
 FORMATS: tuple[str, ...] = ("beton", "wds")
 
+# tar member extensions (the `ext` of DALI's reader and of the .idx lines; webdataset's sample keys)
 TAR_IMAGE_EXT = "jpg"
-TAR_POSITION_EXT = "position"
-TAR_GRADE_EXT = "grade"
-TAR_ID_EXT = "id"
+TAR_POSITION_EXT = "position"  # raw int64
+TAR_GRADE_EXT = "grade"  # raw float32
+TAR_SAMPLE_ID_EXT = "sample_id"  # raw int64, written by format version 2
+TAR_LEGACY_ID_EXT = "id"  # raw int64, format version 1
+TAR_CLASS_EXT = "cls"  # decimal text: webdataset decodes it to int
+TAR_GRADE_TEXT_EXT = "grade.txt"  # decimal text: webdataset decodes it to str
 TAR_META_EXT = "json"
+# Readers name the sample id member with DALI's alternatives syntax (';'), which fn.readers.webdataset's
+# `ext` and ShardSet.read_member both take: new sets' .sample_id, else version 1's .id.
+TAR_ID_EXT = f"{TAR_SAMPLE_ID_EXT};{TAR_LEGACY_ID_EXT}"
 
 
 def beton_name(split: str) -> str:

@@ -229,6 +229,16 @@ def _check_tar(shards: ShardSet, split: str, damaged: dict[Path, str]) -> int:
     return row
 
 
+def _text_labels(shards: ShardSet, split: str, row: int) -> tuple[int, float] | None:
+    """(position, grade) from a sample's `.cls` and `.grade.txt` members (format version 2), None if unreadable."""
+    try:
+        position = shards.read_member(split, row, F.TAR_CLASS_EXT).decode("ascii")
+        grade = float(shards.read_member(split, row, F.TAR_GRADE_TEXT_EXT).decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return (int(position), float(np.float32(grade))) if position.isdigit() else None
+
+
 def _check_one_tar(shards: ShardSet, split: str, tar: Path, idx: Path, first_row: int,
                    samples: list[dict]) -> None:
     from cornpipe.shards.imageio import decode_jpeg_rgb
@@ -244,16 +254,18 @@ def _check_one_tar(shards: ShardSet, split: str, tar: Path, idx: Path, first_row
     flat = [(ext, off, size) for entry in index for ext, (off, size) in entry.items()]
     if [(m.name.split(".", 1)[1], m.offset_data, m.size) for m in members] != flat:
         raise VerifyError(f"{idx} does not match {tar.name} (offsets or members differ)")
+    starts = np.cumsum([0] + [len(entry) for entry in index])  # members per sample: 5 (version 1) or 7
     for k, s in enumerate(samples):
         row = first_row + k
         key = F.sample_key(s["id"])
-        names = {m.name for m in members[5 * k:5 * k + 5]}
+        names = {m.name for m in members[starts[k]:starts[k + 1]]}
         if f"{key}.{F.TAR_IMAGE_EXT}" not in names:
             raise VerifyError(f"{tar} is damaged (sample {k} is not id {s['id']})")
         pos = int(np.frombuffer(shards.read_member(split, row, F.TAR_POSITION_EXT), "<i8")[0])
         grade = float(np.frombuffer(shards.read_member(split, row, F.TAR_GRADE_EXT), "<f4")[0])
         sid = int(np.frombuffer(shards.read_member(split, row, F.TAR_ID_EXT), "<i8")[0])
-        if (pos, sid) != (s["position"], s["id"]) or not np.isclose(grade, s["grade"]):
+        texts_agree = F.TAR_CLASS_EXT not in index[k] or _text_labels(shards, split, row) == (pos, grade)
+        if not texts_agree or (pos, sid) != (s["position"], s["id"]) or not np.isclose(grade, s["grade"]):
             raise VerifyError(f"{tar} is damaged (labels of sample {s['id']} differ from the manifest)")
         try:
             image = decode_jpeg_rgb(shards.read_image_bytes(split, row))

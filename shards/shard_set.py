@@ -76,9 +76,9 @@ class ShardSet:
         missing = [k for k in REQUIRED_KEYS if k not in manifest]
         if missing:
             raise LoaderError(f"{path} is corrupt (missing {', '.join(missing)})")
-        if manifest["format_version"] != F.FORMAT_VERSION:
+        if manifest["format_version"] not in F.READ_FORMAT_VERSIONS:
             raise LoaderError(f"{path} has format version {manifest['format_version']}; this cornpipe reads "
-                              f"version {F.FORMAT_VERSION} (convert again)")
+                              f"version {', '.join(map(str, F.READ_FORMAT_VERSIONS))} (convert again)")
         self.manifest: dict = manifest
         self.positions: list[str] = list(manifest["positions"])
         self.sources: list[str] = list(manifest["sources"])
@@ -175,12 +175,16 @@ class ShardSet:
         raise LoaderError(f"{self.root / F.MANIFEST} is corrupt (shard counts of {split} do not add up)")
 
     def read_member(self, split: str, row: int, ext: str) -> bytes:
-        """The bytes of one member (`jpg`, `position`, ...) of a sample, via the DALI index + pread."""
+        """The bytes of one member (`jpg`, `position`, ...) of a sample, via the DALI index + pread.
+
+        `ext` may list alternatives as DALI's reader does, "a;b": the first the sample has
+        (F.TAR_ID_EXT reads `.sample_id`, or `.id` in a format version 1 set)."""
         tar, idx, k = self.locate(split, row)
         entries = self.index(idx)
-        if k >= len(entries) or ext not in entries[k]:
+        found = next((e for e in ext.split(";") if k < len(entries) and e in entries[k]), None)
+        if found is None:
             raise LoaderError(f"index file {idx} is corrupt (no '{ext}' for sample {k})")
-        offset, size = entries[k][ext]
+        offset, size = entries[k][found]
         try:
             fd = os.open(tar, os.O_RDONLY)
         except FileNotFoundError as exc:

@@ -17,7 +17,7 @@ from cornpipe.shards.discover import Candidate
 from cornpipe.shards.staging import StagedBytes
 from cornpipe.shards.writers import page_size
 
-TAR_BYTES_PER_SAMPLE = 5 * 1024 + 512  # 5 members: a 512-byte header and up to 511 bytes of padding each, + meta
+TAR_BYTES_PER_SAMPLE = 7 * 1024 + 512  # 7 members (shards.fields): a 512-byte header and up to 511 bytes of padding each, + meta
 BETON_SPLITS = 2  # train and val, each with a header region and a part-filled last page
 
 

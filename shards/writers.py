@@ -123,13 +123,21 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> tuple[int, int]
     return offset, len(data)
 
 
+def grade_text(grade: float) -> str:
+    """The `.grade.txt` member: a whole grade without a fraction ("5"), else Python's shortest repr ("2.5")."""
+    value = float(grade)
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
 def sample_members(s: StagedSample, jpeg: bytes) -> list[tuple[str, bytes]]:
-    """The members of one sample in the order they are written: (ext, bytes)."""
+    """The members of one sample in the order they are written: (ext, bytes). Layout: shards/fields.py."""
     return [
         (F.TAR_IMAGE_EXT, jpeg),
-        (F.TAR_POSITION_EXT, np.int64(s.position).astype("<i8").tobytes()),
+        (F.TAR_POSITION_EXT, np.int64(s.position).astype("<i8").tobytes()),  # raw: DALI's typed reader
         (F.TAR_GRADE_EXT, np.float32(s.grade).astype("<f4").tobytes()),
-        (F.TAR_ID_EXT, np.int64(s.sample_id).astype("<i8").tobytes()),
+        (F.TAR_SAMPLE_ID_EXT, np.int64(s.sample_id).astype("<i8").tobytes()),
+        (F.TAR_CLASS_EXT, str(int(s.position)).encode("ascii")),  # text: the webdataset library's decoders
+        (F.TAR_GRADE_TEXT_EXT, grade_text(s.grade).encode("ascii")),
         (F.TAR_META_EXT, json.dumps(s.meta, ensure_ascii=False, sort_keys=True).encode("utf-8")),
     ]
 

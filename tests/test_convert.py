@@ -71,7 +71,7 @@ def check_round_trip(src: Path, out: Path, max_resolution: int, exact_beton: boo
             # labels inside the tar shard equal the manifest
             assert np.frombuffer(shards.read_member(split, row, "position"), "<i8")[0] == s["position"]
             assert np.frombuffer(shards.read_member(split, row, "grade"), "<f4")[0] == np.float32(s["grade"])
-            assert np.frombuffer(shards.read_member(split, row, "id"), "<i8")[0] == s["id"]
+            assert np.frombuffer(shards.read_member(split, row, F.TAR_ID_EXT), "<i8")[0] == s["id"]
             meta = json.loads(shards.read_member(split, row, "json"))
             assert (meta["path"], meta["source"], meta["position"]) == (s["path"], s["source"], s["position"])
     assert sorted(seen_ids) == list(range(len(seen_ids)))
@@ -157,7 +157,7 @@ def test_dali_webdataset_reader_reads_shards(tiny_shards: Path) -> None:
     def pipe():
         jpg, pos, grade, sid = fn.readers.webdataset(
             paths=[str(p) for p in tars], index_paths=[str(p) for p in idxs],
-            ext=["jpg", "position", "grade", "id"],
+            ext=["jpg", "position", "grade", F.TAR_ID_EXT],  # "sample_id;id": either format version
             dtypes=[types.UINT8, types.INT64, types.FLOAT, types.INT64], random_shuffle=False)
         return fn.decoders.image(jpg, device="cpu", output_type=types.RGB), pos, grade, sid
 
