@@ -70,9 +70,6 @@ def make_loader(shards: Any, split: str | LoaderSpec = "train", backend: str = "
     from cornpipe.shards.shard_set import ShardSet
 
     shard_set = shards if isinstance(shards, ShardSet) else ShardSet(Path(shards))
-    if spec.sample_ids is not None and backend == "ffcv":
-        raise LoaderError(f"backend {backend!r} cannot read a subset of sample ids yet (cross-validation "
-                          "folds); use --loader torch, resident or dali")
     if spec.sample_ids is None and spec.split not in shard_set.splits:
         raise LoaderError(f"unknown split {spec.split!r} (this shard set has: {', '.join(shard_set.splits)})")
     return module.build(shard_set, spec)

@@ -1,16 +1,26 @@
-"""`ffcv` backend: an FFCV `Loader` over the split's .beton, with the shared epoch draw and augmentation.
+"""`ffcv` backend: FFCV `Loader`s over the shard set's .beton files, with the shared epoch draw and augmentation.
 
 Pipeline of one batch (FFCV's EpochIterator thread, then the consuming thread):
 
     rows    = loaders.sampling draw for (seed, epoch, rank)      -> FFCV traversal order (EpochOrder)
     params  = loaders.augment.sample_params per batch             -> the decoder's params buffer
     decode  = libjpeg-turbo decode + crop box + cv::resize + flips + rot90 (loaders.ffcv_ops, numba, CPU)
-    ToTensor -> ToDevice(non_blocking) on CUDA                   (B, S, S, 3) uint8 on the device
-    loaders.finish on the device: -> float32 (channels_last on CUDA), colour jitter, normalise, dtype
+    CPU, no colour jitter, float32: normalised in the same pass,  (B, 3, S, S) float32 (NHWC in memory
+        written into the batch's own tensor                        when channels_last); done
+    otherwise: ToTensor -> ToDevice(non_blocking) on CUDA        (B, S, S, 3) uint8 on the device
+        loaders.finish on the device: -> float (channels_last on CUDA), colour jitter, normalise, dtype
+
+Rows from any split: a loader reads its split's .beton, or, for `LoaderSpec.sample_ids` (cross-
+validation folds), whichever .beton files hold those ids, through one FFCV Loader widened over all of
+them (loaders.ffcv_files). The epoch draw runs over the loader's own rows as on every other backend.
+Batch composition: the files leave no trace in it. A batch is the draw's next `batch_size` rows,
+train.beton and val.beton rows mixed as the draw orders them (not one split per batch, no extra
+partial batch per file), so oversampling counts, rank slices, drop_last and `len()` are those of the
+torch, resident and dali backends, and a fold reads the same ids in the same order on all four.
 
 Labels are not decoded by FFCV: the loader knows each batch's rows (FFCV processes the traversal
 order in order), so position/grade/sample_id come from the manifest arrays, which are checked
-against the .beton's own label columns when the loader is built.
+against each .beton's own label columns when the loader is built.
 
 FFCV specifics handled here:
 - ffcv 1.0.2 refuses `Loader(order=<TraversalOrder subclass>)` (it tests `isinstance` on the class and
@@ -21,21 +31,28 @@ FFCV specifics handled here:
 - A damaged .beton (truncated, or rows pointing past its end) would crash the process through the
   memory map (SIGBUS), so the file is checked before an FFCV Loader touches it.
 - Building FFCV Loaders is costly (its operations are JIT-compiled per Loader), so Loaders are
-  cached per (file, image size, workers, device, cache mode) and reused.
+  cached per (files, image size, workers, device, cache mode, output) and reused.
+- FFCV reuses its output buffers a few batches later; a batch handed out must not change under its
+  holder, so normalised batches are written into arrays of an `_OutputPool`, each reused only once no
+  tensor made from it is alive. A fresh tensor per batch (what loaders.finish returns) costs its
+  first-touch page faults every batch: 0.33-0.58 ms per MB on the 2-core test VM, ~0.2-0.3 ms per
+  224 px float32 image (bench/profile_ffcv.py). For the same reason a CPU loader keeps FFCV's
+  batch-slot buffers from one epoch to the next (`_allocate_offered`) instead of FFCV's new ones.
 - FFCV sets torch's intra-op thread count (to 1 on import, to `workers` while an epoch runs); it is
   restored after each epoch and on close.
 - FFCV's epoch thread uses CUDA streams whenever a GPU exists (even for a CPU loader), on the current
   CUDA device: on a multi-GPU machine, `torch.cuda.set_device` to the loader's device first.
-Options: `os_cache` (default True: the OS page cache holds the .beton; False: FFCV's process cache).
+Options: `os_cache` (default True: the OS page cache holds the .beton; False: FFCV's process cache);
+`fuse` (default True: normalise inside the decoder when it can; False: always uint8 + loaders.finish).
 Augmentation draws replay with the epoch (same (seed, epoch) -> same pixels), as on torch/resident.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from queue import Full
 
 import numpy as np
@@ -43,7 +60,7 @@ import torch
 
 from cornpipe.errors import LoaderError, MissingDependency, install_hint
 from cornpipe.loaders.base import Batch
-from cornpipe.loaders.common import EpochLoader, LoaderSpec, augment_params, cut_to_batches
+from cornpipe.loaders.common import EpochLoader, LoaderSpec, augment_params, cut_to_batches, source_rows
 from cornpipe.loaders.finish import Finisher
 from cornpipe.shards import fields as F
 
@@ -53,24 +70,26 @@ try:
     from ffcv.loader import Loader, OrderOption
     from ffcv.loader.epoch_iterator import EpochIterator
     from ffcv.pipeline import PipelineSpec
-    from ffcv.reader import Reader
     from ffcv.transforms import ToDevice, ToTensor
     from ffcv.traversal_order.base import TraversalOrder
 
     from cornpipe.loaders import ffcv_ops as ops
+    from cornpipe.loaders.ffcv_files import BetonSet, one_line
 except ImportError as exc:  # pragma: no cover - exercised by the missing-library test
     raise MissingDependency(f"the ffcv backend needs FFCV ({exc.name} is missing): {install_hint('ffcv')}") from exc
 finally:
     torch.set_num_threads(_threads)
 
+
 BATCHES_AHEAD = 3  # FFCV's default: batches prepared ahead of the consumer
-_CACHE_SIZE = 4  # FFCV Loaders kept alive for reuse (each holds a memory map of its .beton)
+_CACHE_SIZE = 4  # FFCV Loaders kept alive for reuse (each holds a memory map of its .beton files)
 _cache: OrderedDict[tuple, Loader] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
 class EpochOrder(TraversalOrder):
-    """FFCV traversal order that returns `draw(epoch)`: loaders.sampling's rows for this rank."""
+    """FFCV traversal order that returns `draw(epoch)`: loaders.sampling's rows for this rank (as the
+    Loader's virtual indices, loaders.ffcv_files)."""
 
     def __init__(self, loader: Loader, draw: Callable[[int], np.ndarray]) -> None:
         super().__init__(loader)
@@ -80,21 +99,82 @@ class EpochOrder(TraversalOrder):
         return np.ascontiguousarray(self.draw(epoch), dtype=np.int64)
 
 
+class _OutputPool:
+    """(batch_size, *shape) float32 arrays for the decoder to write batches into. An array is
+    reused once nothing else references it, i.e. no tensor made from it (a batch the consumer still
+    holds, or any view of one) is alive; at most `keep` arrays are remembered."""
+
+    def __init__(self, shape: tuple[int, ...], keep: int) -> None:
+        self.shape, self.keep = shape, keep
+        self.arrays: list[np.ndarray] = []
+        self._lock = threading.Lock()  # two epochs of one loader may run at once (an abandoned one winding down)
+
+    def take(self) -> np.ndarray:
+        """A free array; the caller holds it (a reference) before another take() can see it as free."""
+        with self._lock:
+            for array in self.arrays:
+                if sys.getrefcount(array) <= 3:  # the list, `array` and getrefcount's argument: free
+                    return array
+            array = np.empty(self.shape, dtype=np.float32)
+            if len(self.arrays) < self.keep:
+                self.arrays.append(array)
+            return array
+
+
+class _Slots:
+    """Stands in for FFCV's per-slot output buffer: every slot is this batch's own array."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    def __getitem__(self, slot: int) -> np.ndarray:
+        return self.array
+
+
+_offered = threading.local()  # FFCV batch-slot buffers an FfcvLoader hands its next epoch (FfcvLoader._spare)
+
+
+def _allocate_offered(allocate: Callable) -> Callable:
+    """A Loader's graph.allocate_memory that returns the calling thread's offered buffers when they
+    fit. FFCV allocates every epoch's slot buffers (decode scratch, crops, outputs) afresh, and their
+    pages are faulted in again each epoch: ~0.1 ms per image read when an epoch is no longer than the
+    slots (5 batches), as in the team's 62-image first run (bench/profile_ffcv.py)."""
+
+    def allocate_memory(batch_size: int, slots: int):
+        offer = getattr(_offered, "memory", None)
+        if offer is not None and offer[0] == (batch_size, slots):
+            return offer[1]
+        return allocate(batch_size, slots)
+
+    return allocate_memory
+
+
 class _EpochRun(EpochIterator):
     """FFCV's epoch thread, plus: each batch's augmentation params go into the decoder's buffer
-    before it runs, and a failure reaches the consumer instead of killing the thread silently."""
+    before it runs, normalised batches go into arrays of `pool`, and a failure reaches the consumer
+    instead of killing the thread silently."""
 
-    def __init__(self, loader: Loader, order: np.ndarray, params: list[np.ndarray], node_id: int) -> None:
+    def __init__(self, loader: Loader, order: np.ndarray, params: list[np.ndarray], node_id: int,
+                 pool: _OutputPool | None) -> None:
         self._params = params  # per batch: (B, PARAM_COLUMNS) int64
         self._node_id = node_id
+        self._pool = pool
         self.failure: BaseException | None = None
         super().__init__(loader, order)  # starts the thread
 
     def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
-        buffer = self.memory_allocations["operation"][self._node_id][ops.ParamCropDecoder.PARAMS_BUFFER]
-        params = buffer[batch_slot][:len(batch_indices)]
+        memory = self.memory_allocations["operation"]
+        own = memory[self._node_id]
+        params = own[ops.ParamCropDecoder.PARAMS_BUFFER][batch_slot][:len(batch_indices)]
         params[:] = self._params[b_ix]
-        result = super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
+        if self._pool is not None:
+            buffers = list(own)
+            buffers[ops.ParamCropDecoder.OUTPUT_BUFFER] = _Slots(self._pool.take())
+            memory[self._node_id] = tuple(buffers)
+        try:
+            result = super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
+        finally:
+            memory[self._node_id] = own
         bad = np.flatnonzero(params[:, ops.P_STATUS] != ops.STATUS_OK)
         if bad.size:
             raise _BadRow(int(batch_indices[bad[0]]), int(params[bad[0], ops.P_STATUS]))
@@ -114,14 +194,9 @@ class _EpochRun(EpochIterator):
 
 
 class _BadRow(Exception):
-    def __init__(self, row: int, status: int) -> None:
-        super().__init__(row, status)
-        self.row, self.status = row, status
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    def __init__(self, index: int, status: int) -> None:
+        super().__init__(index, status)
+        self.index, self.status = index, status  # index: the Loader's virtual index
 
 
 def _clamp_workers(workers: int) -> int:
@@ -129,63 +204,45 @@ def _clamp_workers(workers: int) -> int:
     return max(1, min(int(workers), int(numba.config.NUMBA_NUM_THREADS)))
 
 
-def check_beton(path: Path, count: int, labels: tuple[np.ndarray, np.ndarray, np.ndarray]) -> Reader:
-    """Open `path` with FFCV's Reader and check it is whole and holds the manifest's rows, so that a
-    damaged file is a one-line LoaderError rather than a crash inside the memory map."""
-    if not path.is_file():
-        raise LoaderError(f"{path} is missing (rerun cornpipe convert)")
-    try:
-        reader = Reader(str(path))
-        size = path.stat().st_size
-        fields = list(reader.field_names)
-        meta = reader.metadata
-        table = reader.alloc_table
-        if len(meta) != int(reader.num_samples) or len(table) == 0:
-            raise ValueError("metadata or allocation table cut short")
-        ends = table["ptr"].astype(np.uint64) + table["size"].astype(np.uint64)
-        if int(ends.max()) > size:
-            raise ValueError("allocation table points past the end of the file")
-        image = meta[f"f{fields.index(F.IMAGE)}"]
-        if not np.isin(image["data_ptr"], table["ptr"]).all():
-            raise ValueError("image pointers outside the allocation table")
-    except LoaderError:
-        raise
-    except Exception as exc:  # numpy/ffcv raise assorted errors for a damaged file
-        raise LoaderError(f"{path} is truncated or corrupt ({_one_line(exc)}); rerun cornpipe convert") from exc
-    if int(reader.num_samples) != count:
-        raise LoaderError(f"{path} holds {int(reader.num_samples)} rows but manifest.json lists {count}")
-    position, grade, sample_id = labels
-    for name, want in ((F.SAMPLE_ID, sample_id), (F.POSITION, position), (F.GRADE, grade)):
-        if name in fields:
-            got = np.asarray(meta[f"f{fields.index(name)}"])
-            if not np.allclose(got.astype(np.float64), want.astype(np.float64), atol=1e-4):
-                raise LoaderError(f"{path} does not match manifest.json (column {name} differs)")
-    return reader
+def _layout(spec: LoaderSpec) -> int:
+    """The decoder's output: normalised float32 straight from the decoder when nothing else is left to
+    do (a CPU batch of float32 without colour jitter), else uint8 crops for loaders.finish."""
+    aug = spec.augment
+    jitter = aug is not None and max(aug.brightness, aug.contrast, aug.saturation) > 0
+    if spec.on_cuda or jitter or spec.dtype != torch.float32 or not spec.options.get("fuse", True):
+        return ops.U8
+    return ops.NHWC if spec.channels_last else ops.PLANAR
 
 
-def _ffcv_loader(path: Path, reader: Reader, spec: LoaderSpec, workers: int, os_cache: bool) -> Loader:
-    """A (cached) FFCV Loader decoding `path`'s images with ParamCropDecoder; other fields disabled."""
-    st = path.stat()
+def _ffcv_loader(betons: BetonSet, spec: LoaderSpec, workers: int, os_cache: bool, layout: int) -> Loader:
+    """A (cached) FFCV Loader decoding the files' images with ParamCropDecoder; other fields disabled."""
+    norm = spec.normalization if layout != ops.U8 else None
     # Not the batch size: FFCV reads it only when an epoch starts (set per epoch in FfcvLoader).
-    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, spec.image_size, workers, os_cache,
-           str(spec.device))
+    key = (betons.key(), spec.image_size, workers, os_cache, str(spec.device), layout,
+           None if norm is None else (tuple(norm.mean), tuple(norm.std)))
     with _cache_lock:
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
-    decoder = ops.ParamCropDecoder(spec.image_size, os_cache=os_cache, page_size=int(reader.page_size))
+    reader = betons.readers[0]
+    decoder = ops.ParamCropDecoder(spec.image_size, os_cache=os_cache, page_size=int(reader.page_size),
+                                   biggest=betons.biggest, layout=layout,
+                                   **({} if norm is None else {"mean": norm.mean, "std": norm.std}))
     transforms = [ToTensor()]
     if spec.on_cuda:
         transforms.append(ToDevice(spec.device, non_blocking=True))
     pipelines = {name: None for name in reader.field_names}
     pipelines[F.IMAGE] = PipelineSpec(F.IMAGE, decoder=decoder, transforms=transforms)
     try:
-        loader = Loader(str(path), batch_size=spec.batch_size, num_workers=workers, os_cache=os_cache,
+        loader = Loader(str(betons.paths[0]), batch_size=spec.batch_size, num_workers=workers, os_cache=os_cache,
                         order=OrderOption.SEQUENTIAL, pipelines=pipelines, drop_last=False,
                         batches_ahead=BATCHES_AHEAD, seed=spec.seed)
     except Exception as exc:
-        raise LoaderError(f"FFCV cannot open {path}: {_one_line(exc)}") from exc
+        raise LoaderError(f"FFCV cannot open {betons.paths[0]}: {one_line(exc)}") from exc
+    betons.widen(loader, os_cache)
+    loader.graph.allocate_memory = _allocate_offered(loader.graph.allocate_memory)
     loader.cornpipe_decoder_node = loader.graph.operation_to_node[decoder][0].id
+    loader.cornpipe_output_shape = decoder.output_shape()
     with _cache_lock:
         _cache[key] = loader
         while len(_cache) > _CACHE_SIZE:
@@ -194,23 +251,29 @@ def _ffcv_loader(path: Path, reader: Reader, spec: LoaderSpec, workers: int, os_
 
 
 class FfcvLoader(EpochLoader):
-    """The split's .beton through FFCV; yields `Batch`es on `spec.device`."""
+    """The split's .beton (or the files holding `spec.sample_ids`) through FFCV; yields `Batch`es on `spec.device`."""
 
     def __init__(self, shards, spec: LoaderSpec) -> None:
-        labels = shards.labels(spec.split)
-        super().__init__(spec, *labels)
-        self.path = Path(shards.beton_path(spec.split))
-        reader = check_beton(self.path, shards.count(spec.split), labels)
-        image = reader.metadata[f"f{list(reader.field_names).index(F.IMAGE)}"]
-        self.sizes = np.stack([image["height"], image["width"]], axis=1).astype(np.int64)  # (N, 2)
+        locations, position, grade, sample_id = source_rows(shards, spec)  # a split, or any sample ids
+        super().__init__(spec, position, grade, sample_id)
+        self.betons = BetonSet.open(shards, locations, spec.split)
+        self.path = self.betons.paths[0]
+        self.sizes = self.betons.sizes  # (N, 2) stored height, width of each row
         self.workers = _clamp_workers(spec.workers)
         os_cache = bool(spec.options.get("os_cache", True))
+        self.layout = _layout(spec)
         self._torch_threads = torch.get_num_threads()  # restored after FFCV changes it
         try:
-            self._loader: Loader | None = _ffcv_loader(self.path, reader, spec, self.workers, os_cache)
+            self._loader: Loader | None = _ffcv_loader(self.betons, spec, self.workers, os_cache, self.layout)
         finally:
             torch.set_num_threads(self._torch_threads)
+        self._pool = None
+        if self.layout != ops.U8:  # batches in flight: the queue, FFCV's slots, the consumer's
+            self._pool = _OutputPool((spec.batch_size, *self._loader.cornpipe_output_shape), BATCHES_AHEAD + 4)
         self._run: _EpochRun | None = None
+        # ((batch_size, slots), buffers) of the last epoch whose thread is done; CPU only: on CUDA the
+        # slots' device buffers may still be read by the previous epoch's queued finishing kernels
+        self._spare: tuple | None = None
         self._finish = Finisher(spec.device, spec.dtype, jitter=spec.augment is not None,
                                 channels_last=spec.channels_last, norm=spec.normalization)
 
@@ -223,6 +286,7 @@ class FfcvLoader(EpochLoader):
             out = np.zeros((len(rows), ops.PARAM_COLUMNS), dtype=np.int64)
             out[:, :4] = np.rint(p.boxes)  # top, left, height, width
             out[:, ops.P_HFLIP], out[:, ops.P_VFLIP], out[:, ops.P_ROT90] = p.hflip, p.vflip, p.rot90
+            out[:, ops.P_FILE] = self.betons.file_of[rows]
             rows_out.append(out)
             jitter_out.append(p.jitter)
         return rows_out, jitter_out
@@ -231,42 +295,57 @@ class FfcvLoader(EpochLoader):
         if self._loader is None:
             raise LoaderError("this ffcv loader is closed")
         loader, epoch, bs = self._loader, self.epoch, self.spec.batch_size
-        loader.traversal_order = EpochOrder(loader, self.indices)
-        loader.next_epoch = epoch
-        order = loader.next_traversal_order()
-        loader.first_traversal_order = order
-        order = cut_to_batches(order, self.spec)
-        batches = [order[i:i + bs] for i in range(0, len(order), bs)]
+        virtual = self.betons.virtual
+        loader.traversal_order = EpochOrder(loader, lambda e: virtual[self.indices(e)])
+        rows = cut_to_batches(self.indices(epoch), self.spec)
+        batches = [rows[i:i + bs] for i in range(0, len(rows), bs)]
         if not batches:
             return
         params, jitter = self._params(epoch, batches)
+        order = loader.first_traversal_order = virtual[rows]  # == traversal_order.sample_order(epoch), cut
         loader.batch_size = bs  # the cached Loader may have been built for another batch size
-        run = self._run = _EpochRun(loader, order, params, loader.cornpipe_decoder_node)
+        _offered.memory, self._spare = self._spare, None
+        try:
+            run = self._run = _EpochRun(loader, order, params, loader.cornpipe_decoder_node, self._pool)
+        finally:
+            _offered.memory = None
+        finished = False
         try:
             for b, (pixels, *_rest) in enumerate(run):
-                yield Batch(self._finish(pixels, jitter[b]), *self.labels_for(batches[b]))
+                if self.layout == ops.U8:
+                    images = self._finish(pixels, jitter[b])
+                else:  # normalised by the decoder, in an array of its own
+                    images = pixels if self.layout == ops.PLANAR else pixels.permute(0, 3, 1, 2)
+                yield Batch(images, *self.labels_for(batches[b]))
             if run.failure is not None:
                 raise self._explain(run.failure)
+            finished = True
         finally:
             run.close()
             if self._run is run:
                 self._run = None
+            if finished and not self.spec.on_cuda:  # the thread has sent its last batch and is ending
+                run.join(timeout=0.1)
+                if not run.is_alive():
+                    self._spare = ((bs, BATCHES_AHEAD + 2), run.memory_allocations)
             torch.set_num_threads(self._torch_threads)
 
     def _explain(self, failure: BaseException) -> LoaderError:
         if isinstance(failure, _BadRow):
+            path, split, row = self.betons.locate(failure.index)
             what = "a JPEG that does not decode" if failure.status == ops.STATUS_BAD_JPEG else "bad raw pixels"
-            return LoaderError(f"{self.path} is damaged: {self.spec.split} row {failure.row} holds {what}")
-        return LoaderError(f"FFCV failed reading {self.path}: {_one_line(failure)}")
+            return LoaderError(f"{path} is damaged: {split} row {row} holds {what}")
+        return LoaderError(f"FFCV failed reading {', '.join(map(str, self.betons.paths))}: {one_line(failure)}")
 
     def close(self) -> None:
         if self._run is not None:
             self._run.close()
             self._run = None
         self._loader = None  # the FFCV Loader itself stays in the module cache for the next loader
+        self._pool = self._spare = None
         torch.set_num_threads(self._torch_threads)
 
 
 def build(shards, spec: LoaderSpec) -> FfcvLoader:
-    """The ffcv backend over a ShardSet's .beton."""
+    """The ffcv backend over a ShardSet's .beton files."""
     return FfcvLoader(shards, spec)
