@@ -2,20 +2,25 @@
 
 Two ways to feed the pipeline (`options={"reader": ...}`):
 
-- "external" (default, every strategy): a parallel `fn.external_source` (loaders.dali_source) reads
-  each sample's JPEG by random access through the shards' DALI index, for exactly the rows
-  `loaders.sampling` draws for (seed, epoch, rank) -- the same epochs as every other backend,
-  oversampling included -- with the shared augmentation draws (replayable with the epoch).
+- "external" (default, every strategy): a parallel `fn.external_source` in batch mode
+  (loaders.dali_source) reads each batch's JPEGs by random access through the shards' DALI index, for
+  exactly the rows `loaders.sampling` draws for (seed, epoch, rank) -- the same epochs as every other
+  backend, oversampling included -- with the shared augmentation draw of each batch (that of the ffcv
+  and resident backends; replayable with the epoch).
 - "webdataset" (oversample "none" only): DALI's own `fn.readers.webdataset` over tar + .idx, with
   DALI's random operators for the augmentation. Each sample once per epoch (reader padding +
   partial last batch), ranks read disjoint fixed shards (`stick_to_shard`), but the order is the
   reader's shuffle buffer, not the shared draw, and epochs cannot be replayed: a throughput mode.
 
-Graph (both): decode (`device="mixed"`, nvJPEG, on CUDA; libjpeg-turbo on CPU) -> resize of the crop
-box to (S, S) with antialiasing (flips are reversed ROI edges) -> rot90 (`fn.rotate`, nearest,
-only when enabled). DALI hands (B, S, S, 3) uint8 to torch on the device; colour jitter and
-normalisation then run there as batched tensor ops (loaders.augment), as on the ffcv/torch backends,
-so every backend shares one definition of the jitter.
+Graph: ROI decode of the crop (`device="mixed"`, nvJPEG, on CUDA; libjpeg-turbo on CPU): external,
+`decoders.image_slice` of the integer window around the drawn box; webdataset, DALI's
+`decoders.image_random_crop` -> resize to (S, S) with antialiasing (external: the exact box inside
+the window; a flip is a reversed ROI edge) -> rot90 (`fn.rotate`, nearest, only when enabled) ->
+the finish, in DALI's threads: without colour jitter `crop_mirror_normalize` writes the batch
+contract's images (dtype, CHW or NHWC-in-memory, mean/std), handed to torch without a copy; with
+jitter on CPU, the fused numba kernel every CPU backend finishes with (loaders.dali_jitter), so every
+backend shares one definition of the jitter. Torch finishes DALI's uint8 crops instead (loaders.finish)
+for jitter on CUDA (batched tensor ops there), host-only uint8 batches and dtypes DALI does not write.
 
 Without a GPU the same graph runs on CPU (`device_id=None`). DALI's Python workers start by fork
 on CPU (fast) and by spawn once CUDA is initialised (fork is unsafe then); `options["py_start_method"]`
@@ -37,10 +42,10 @@ import torch
 from cornpipe.errors import LoaderError, MissingDependency, install_hint
 from cornpipe.loaders.base import Batch
 from cornpipe.loaders.common import AUGMENT_STREAM, EpochLoader, LoaderSpec, source_rows
-from cornpipe.loaders.dali_source import ERROR_MARK, EpochPlan, EpochSource, SourceSpec
+from cornpipe.loaders.dali_jitter import jitter_op
+from cornpipe.loaders.dali_source import ERROR_MARK, EpochPlan, EpochSource, SourceSpec, row_locations
 from cornpipe.loaders.finish import Finisher
 from cornpipe.shards import fields as F
-from cornpipe.shards.shard_set import parse_dali_index
 
 try:
     from nvidia.dali import backend as dali_backend
@@ -54,6 +59,9 @@ except ImportError as exc:  # pragma: no cover - exercised by the missing-librar
 
 READERS: tuple[str, ...] = ("external", "webdataset")
 PREFETCH = 2  # batches DALI prepares ahead (pipeline queue and external-source queue)
+# the image dtypes DALI's crop_mirror_normalize writes (others are finished in torch)
+NORMALIZED_TYPES: dict[torch.dtype, types.DALIDataType] = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16}
+_TORCH_TYPES = {types.UINT8: torch.uint8, types.FLOAT: torch.float32, types.FLOAT16: torch.float16}
 
 
 def _one_line(exc: BaseException) -> str:
@@ -74,53 +82,6 @@ def _worker_error(exc: BaseException) -> str | None:
     return None
 
 
-def index_shards(shards, split: str) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-    """(tar paths, shard of row, JPEG offset, JPEG size) of every row; one-line LoaderError naming
-    the file when a tar or index is missing, cut short or disagrees with the manifest."""
-    tars, shard, offset, size = [], [], [], []
-    for k, (tar, idx) in enumerate(shards.shards(split)):
-        tar, idx = Path(tar), Path(idx)
-        if not tar.is_file():
-            raise LoaderError(f"shard {tar} is missing")
-        entries = parse_dali_index(idx)
-        try:
-            spans = np.array([e[F.TAR_IMAGE_EXT] for e in entries], dtype=np.int64).reshape(-1, 2)
-        except KeyError:
-            raise LoaderError(f"index file {idx} is corrupt (a sample has no '{F.TAR_IMAGE_EXT}')") from None
-        if len(spans) and int((spans[:, 0] + spans[:, 1]).max()) > tar.stat().st_size:
-            raise LoaderError(f"shard {tar} is truncated (its index points past the end of the file)")
-        tars.append(str(tar))
-        shard.append(np.full(len(spans), k, dtype=np.int32))
-        offset.append(spans[:, 0])
-        size.append(spans[:, 1])
-    def cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
-        return np.concatenate(parts) if parts else np.zeros(0, dtype)
-
-    shard_a, offset_a, size_a = cat(shard, np.int32), cat(offset, np.int64), cat(size, np.int64)
-    if len(shard_a) != shards.count(split):
-        raise LoaderError(f"the {split} shards index {len(shard_a)} samples but manifest.json lists "
-                          f"{shards.count(split)}")
-    return tars, shard_a, offset_a, size_a
-
-
-def _row_locations(shards, locations: list[tuple[str, int]]) -> tuple[list[str], np.ndarray, ...]:
-    """(tar paths, shard of row, JPEG offset, JPEG size, stored (h, w)) of each (split, row) in
-    `locations`: the rows of one split, or any sample ids from both (cross-validation folds)."""
-    tars: list[str] = []
-    per_split: dict[str, tuple[np.ndarray, ...]] = {}
-    for split in dict.fromkeys(s for s, _ in locations):  # the splits used, in first-use order
-        split_tars, shard, offset, size = index_shards(shards, split)
-        hw = np.array([[s["height"], s["width"]] for s in shards.samples(split)], dtype=np.int64).reshape(-1, 2)
-        per_split[split] = (shard + len(tars), offset, size, hw)  # shard numbers into the joint tar list
-        tars += split_tars
-
-    def column(k: int, dtype: type) -> np.ndarray:
-        return np.array([per_split[s][k][r] for s, r in locations], dtype=dtype)
-
-    return (tars, column(0, np.int32), column(1, np.int64), column(2, np.int64),
-            column(3, np.int64).reshape(-1, 2))
-
-
 class DaliLoader(EpochLoader):
     """The split's tar shards through a DALI pipeline; yields `Batch`es on `spec.device`."""
 
@@ -137,7 +98,7 @@ class DaliLoader(EpochLoader):
         if self.reader == "webdataset" and spec.sample_ids is not None:
             raise LoaderError("the DALI webdataset reader reads whole splits; use the default external-source "
                               "reader for a subset of sample ids")
-        self.tars, shard, offset, size, hw = _row_locations(shards, locations)
+        self.tars, shard, offset, size, hw = row_locations(shards, locations)
         self.workers = max(1, int(spec.workers))
         self.start_method: str | None = spec.options.get("py_start_method")  # None: decided at build
         self._tmp = Path(tempfile.mkdtemp(prefix="cornpipe-dali-"))
@@ -149,33 +110,75 @@ class DaliLoader(EpochLoader):
         self._wds_iter: DALIGenericIterator | None = None
         self._dali_epoch = 0  # DALI's own epoch counter (one per pipeline reset)
         self._open: dict | None = None  # the epoch being iterated: dali_epoch, epoch, batches left
-        self._finish = Finisher(spec.device, spec.dtype, jitter=spec.augment is not None,
-                                channels_last=spec.channels_last, norm=spec.normalization)
+        # Who finishes the crops (colour jitter, mean/std, dtype, layout): DALI's threads, with
+        # crop_mirror_normalize ("normalize", no jitter) or the shared fused jitter kernel ("jitter", CPU;
+        # decided at build, when it compiles), else torch (loaders.finish): jitter on CUDA (batched tensor
+        # ops there), host-only uint8 batches, dtypes DALI does not write.
+        jitters, floating = self.source_spec.jitters, spec.dtype.is_floating_point
+        self.finish_in = ("normalize" if spec.dtype in NORMALIZED_TYPES and not jitters else
+                          "jitter" if jitters and floating and not spec.on_cuda else "torch")
+        self._jitter_op = None
+        self._finish = Finisher(spec.device, spec.dtype, jitter=jitters, channels_last=spec.channels_last,
+                                norm=spec.normalization)
 
     # -- the DALI graph ------------------------------------------------------------------------
 
-    def _decode_geometry(self, jpeg, roi_start=None, roi_end=None, angle=None):
+    def _shared_geometry(self, jpeg, anchor, shape, roi_start, roi_end, angle=None, jitter=None):
+        """External source: the shared augmentation draws. Only the integer window around the crop box
+        is decoded (libjpeg-turbo / nvJPEG ROI decoding), then the box is resized to (S, S) with
+        antialiasing (its reversed edges flip it), turned, and finished with the drawn jitter factors."""
         s = self.spec
-        images = fn.decoders.image(jpeg, device="mixed" if s.on_cuda else "cpu", output_type=types.RGB)
-        if roi_start is not None:  # external source: the shared augmentation draws
-            images = fn.resize(images, size=[s.image_size] * 2, roi_start=roi_start, roi_end=roi_end,
-                               roi_relative=False, antialias=True)
-            if angle is not None:
-                images = fn.rotate(images, angle=angle, keep_size=True, interp_type=types.INTERP_NN)
-            return images
-        aug = s.augment  # webdataset reader: DALI's own random operators
+        images = fn.decoders.image_slice(jpeg, anchor, shape, device="mixed" if s.on_cuda else "cpu",
+                                         output_type=types.RGB)  # int32 (x, y) anchor, (w, h) shape: pixels
+        images = fn.resize(images, size=[s.image_size] * 2, roi_start=roi_start, roi_end=roi_end,
+                           roi_relative=False, antialias=True)
+        if angle is not None:
+            images = fn.rotate(images, angle=angle, keep_size=True, interp_type=types.INTERP_NN)
+        return self._finish_graph(images, factors=jitter)
+
+    def _own_geometry(self, jpeg):
+        """webdataset reader: DALI's own random operators (its random crop decodes only the crop)."""
+        s = self.spec
+        device, size = "mixed" if s.on_cuda else "cpu", [s.image_size] * 2
+        aug = s.augment
         if aug is None:
+            images = fn.decoders.image(jpeg, device=device, output_type=types.RGB)
             images = fn.resize(images, resize_shorter=s.image_size / s.val_crop_fraction, antialias=True)
-            return fn.crop(images, crop=[s.image_size] * 2)
-        images = fn.random_resized_crop(images, size=[s.image_size] * 2, random_area=list(aug.scale),
-                                        random_aspect_ratio=list(aug.ratio), antialias=True)
-        if aug.hflip or aug.vflip:
-            images = fn.flip(images, horizontal=fn.random.coin_flip() if aug.hflip else 0,
-                             vertical=fn.random.coin_flip() if aug.vflip else 0)
+            return self._finish_graph(fn.crop(images, crop=size))
+        images = fn.decoders.image_random_crop(jpeg, device=device, output_type=types.RGB,
+                                               random_area=list(aug.scale), random_aspect_ratio=list(aug.ratio))
+        images = fn.resize(images, size=size, antialias=True)
+        if aug.vflip:
+            images = fn.flip(images, horizontal=0, vertical=fn.random.coin_flip())
         if aug.rot90:
             angle = fn.random.uniform(values=[0.0, 90.0, 180.0, 270.0])
             images = fn.rotate(images, angle=angle, keep_size=True, interp_type=types.INTERP_NN)
-        return images
+        factors = None
+        if self.finish_in == "jitter":  # DALI's own draw, as for the geometry
+            factors = fn.stack(*(fn.random.uniform(range=[-1.0, 1.0]) * v + 1.0
+                                 for v in (aug.brightness, aug.contrast, aug.saturation)))
+        return self._finish_graph(images, fn.random.coin_flip() if aug.hflip else 0, factors)
+
+    def _finish_graph(self, images, mirror=0, factors=None):
+        """The last steps in DALI (see finish_in): (x - mean) / std to the contract's dtype and layout
+        (CHW, or HWC for channels_last, handed to torch as an NHWC-strided NCHW view); or jitter with
+        `factors` ((3,) per image) and normalise to float32 CHW; else the uint8 crops for torch."""
+        s = self.spec
+        if self.finish_in == "normalize":
+            return fn.crop_mirror_normalize(images, mirror=mirror, mean=list(s.normalization.mean),
+                                            std=list(s.normalization.std), dtype=NORMALIZED_TYPES[s.dtype],
+                                            output_layout="HWC" if s.channels_last else "CHW")
+        if self.planar:
+            return fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.UINT8, output_layout="CHW")
+        images = images if isinstance(mirror, int) else fn.flip(images, horizontal=mirror)
+        return self._jitter_op(images, factors) if self.finish_in == "jitter" else images
+
+    @property
+    def planar(self) -> bool:
+        """Whether DALI hands torch planar (3, S, S) uint8 crops: for the fused CPU finish, which reads
+        planes (DALI's transpose costs far less than torch's uint8 permute-copy)."""
+        s = self.spec
+        return self.finish_in == "torch" and s.dtype.is_floating_point and not s.on_cuda
 
     def _start_method(self) -> str:
         """fork (fast) unless CUDA is up in this process by now (e.g. torch, FFCV's streams, another
@@ -191,15 +194,22 @@ class DaliLoader(EpochLoader):
                         device_id=s.device.index if s.on_cuda else None,
                         seed=(s.seed * 1_000_003 + s.rank) % (2**31 - 1), prefetch_queue_depth=PREFETCH,
                         py_num_workers=self.workers, py_start_method=self._start_method())
+        if self.finish_in == "jitter":
+            self._jitter_op = jitter_op(s.normalization.mean, s.normalization.std)  # compiles once per process
+            if self._jitter_op is None:
+                self.finish_in = "torch"
         with pipe:
             if self.reader == "external":
-                rotates = self.source_spec.rotates
-                jpeg, row, roi_start, roi_end, jitter, *angle = fn.external_source(
-                    source=EpochSource(self.source_spec), num_outputs=6 if rotates else 5, parallel=True,
-                    batch=False, prefetch_queue_depth=PREFETCH,
-                    dtype=[types.UINT8, types.INT64] + [types.FLOAT] * (4 if rotates else 3))
-                images = self._decode_geometry(jpeg, roi_start, roi_end, angle[0] if angle else None)
-                pipe.set_outputs(images, row, jitter)
+                src = self.source_spec
+                extra = int(src.rotates) + int(src.jitters)
+                jpeg, row, anchor, shape, roi_start, roi_end, *more = fn.external_source(
+                    source=EpochSource(src), num_outputs=6 + extra, parallel=True, batch=True,
+                    batch_info=True, prefetch_queue_depth=PREFETCH,
+                    dtype=[types.UINT8, types.INT64, types.INT32, types.INT32] + [types.FLOAT] * (2 + extra))
+                angle = more.pop(0) if src.rotates else None
+                jitter = more[0] if more else None  # (3,) factors per image, when jittering
+                images = self._shared_geometry(jpeg, anchor, shape, roi_start, roi_end, angle, jitter)
+                pipe.set_outputs(images, row, *([jitter] if jitter is not None and self.finish_in == "torch" else []))
             else:
                 jpeg, position, grade, sample_id = fn.readers.webdataset(
                     paths=self.tars, index_paths=[str(i) for _, i in self.shards.shards(s.split)],
@@ -208,7 +218,7 @@ class DaliLoader(EpochLoader):
                     random_shuffle=s.shuffle, initial_fill=min(1024, max(1, self.rows)), seed=s.seed + s.rank,
                     shard_id=s.rank, num_shards=s.world_size, stick_to_shard=True, pad_last_batch=True,
                     missing_component_behavior="error")
-                pipe.set_outputs(self._decode_geometry(jpeg), position, grade, sample_id)
+                pipe.set_outputs(self._own_geometry(jpeg), position, grade, sample_id)
         try:
             pipe.build()
         except Exception as exc:
@@ -225,9 +235,9 @@ class DaliLoader(EpochLoader):
         return super().num_samples
 
     def _to_torch(self, images) -> torch.Tensor:
-        """DALI's (B, S, S, 3) uint8 batch -> a torch tensor on the device, as DALI's own torch iterator
-        does it: zero-copy DLPack (stream-ordered, keeps DALI's buffer alive) under DALI's dynamic
-        executor, else a copy on torch's current stream."""
+        """DALI's batch -> a torch tensor on the device, as DALI's own torch iterator does it: zero-copy
+        DLPack (stream-ordered, keeps DALI's buffer alive) under DALI's dynamic executor, else a copy
+        on torch's current stream."""
         tensor = images.as_tensor()
         dev = self.spec.device
         if self._pipe.exec_dynamic:
@@ -235,9 +245,20 @@ class DaliLoader(EpochLoader):
                 with torch.cuda.device(dev):
                     return torch.from_dlpack(tensor)
             return torch.from_dlpack(tensor)
-        out = torch.empty(tensor.shape(), dtype=torch.uint8, device=dev)
+        out = torch.empty(tensor.shape(), dtype=_TORCH_TYPES[tensor.dtype], device=dev)
         stream = torch.cuda.current_stream(dev) if self.spec.on_cuda else None
         return feed_ndarray(tensor, out, cuda_stream=stream)
+
+    def _images(self, pixels: torch.Tensor, jitter: np.ndarray | None) -> torch.Tensor:
+        """The batch contract's images from DALI's output: normalised there, or finished here."""
+        s = self.spec
+        if self.finish_in == "normalize":
+            return pixels.permute(0, 3, 1, 2) if s.channels_last else pixels  # (B, 3, S, S)
+        if self.finish_in == "jitter":  # (B, 3, S, S) float32, as the Finisher's fused pass leaves it
+            x = pixels if s.dtype == torch.float32 else pixels.to(s.dtype)
+            return x.contiguous(memory_format=torch.channels_last) if s.channels_last else x
+        # the Finisher takes (B, S, S, 3) crops of any strides: planar ones as an HWC view
+        return self._finish(pixels.permute(0, 2, 3, 1) if self.planar else pixels, jitter)
 
     def __iter__(self) -> Iterator[Batch]:
         if self._tmp is None:
@@ -256,16 +277,11 @@ class DaliLoader(EpochLoader):
         state = self._open = {"dali_epoch": self._dali_epoch, "epoch": epoch, "left": nb}
         try:
             for b in range(nb):
-                images, rows, jitter = self._run(epoch, b)
+                images, rows, *jitter = self._run(epoch, b)
                 rows = np.asarray(rows.as_array()).reshape(-1)
-                keep = rows >= 0
-                pixels = self._to_torch(images)
-                jitter = np.asarray(jitter.as_array()).reshape(-1, 3)
-                if not keep.all():  # the padding of the last batch
-                    pixels = pixels[torch.from_numpy(keep).to(pixels.device)]
-                    jitter, rows = jitter[keep], rows[keep]
+                factors = np.asarray(jitter[0].as_array()).reshape(-1, 3) if jitter else None
                 state["left"] -= 1
-                yield Batch(self._finish(pixels, jitter), *self.labels_for(rows))
+                yield Batch(self._images(self._to_torch(images), factors), *self.labels_for(rows))
         finally:
             if self._open is state:
                 self._close_open_epoch()
@@ -314,8 +330,7 @@ class DaliLoader(EpochLoader):
         from PIL import Image
 
         bs = self.spec.batch_size
-        rows = self.source_spec.rows(epoch)[b * bs:(b + 1) * bs]
-        for row in rows[rows >= 0].tolist():
+        for row in self.source_spec.rows(epoch)[b * bs:(b + 1) * bs].tolist():
             try:
                 with Image.open(io.BytesIO(self.shards.read_image_bytes(self.spec.split, row))) as image:
                     image.load()
@@ -340,11 +355,12 @@ class DaliLoader(EpochLoader):
             for b, out in enumerate(self._wds_iter):
                 data = out[0]
                 pixels = data["images"].to(dev, non_blocking=nb)
-                rng = np.random.default_rng([s.seed, self.epoch, s.rank, b, AUGMENT_STREAM])
-                strengths = np.array([0.0, 0.0, 0.0]) if s.augment is None else np.array(
-                    [s.augment.brightness, s.augment.contrast, s.augment.saturation])
-                jitter = rng.uniform(1 - strengths, 1 + strengths, size=(len(pixels), 3))
-                yield Batch(self._finish(pixels, jitter),
+                jitter = None
+                if self.source_spec.jitters and self.finish_in == "torch":
+                    rng = np.random.default_rng([s.seed, self.epoch, s.rank, b, AUGMENT_STREAM])
+                    strengths = np.array([s.augment.brightness, s.augment.contrast, s.augment.saturation])
+                    jitter = rng.uniform(1 - strengths, 1 + strengths, size=(len(pixels), 3))
+                yield Batch(self._images(pixels, jitter),
                             data["position"].reshape(-1).to(dev, torch.int64, non_blocking=nb),
                             data["grade"].reshape(-1).to(dev, torch.float32, non_blocking=nb),
                             data["sample_id"].reshape(-1).to(dev, torch.int64, non_blocking=nb))

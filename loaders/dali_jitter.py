@@ -1,0 +1,63 @@
+"""Colour jitter + normalisation of the `dali` backend's CPU batches, inside DALI's operator threads.
+
+The kernel is `loaders.fused`'s (the CPU definition of the jitter every backend's finish runs),
+compiled without numba's own threads and called per image by DALI's `NumbaFunction` operator on
+the (S, S, 3) uint8 crops, split into the (3, S, S) planes the kernel reads: DALI's threads run the
+images in parallel, beside decoding, as crop_mirror_normalize does without jitter. Finishing on the
+main thread instead cost a third more CPU per image on 2 cores (torch's uint8 HWC->CHW copy, numba's
+threads contending with DALI's); this costs about what crop_mirror_normalize does.
+
+Compiling takes a few seconds, once per process (the operator is kept and reused by every
+pipeline). Where numba or DALI's numba plugin does not work, `jitter_op` is None and the loader
+finishes in torch (loaders.finish), as on CUDA.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any
+
+import numpy as np
+
+from cornpipe.loaders import fused
+
+
+@functools.cache
+def jitter_op(mean: tuple[float, ...], std: tuple[float, ...]) -> Any | None:
+    """A DALI operator: (crop (S, S, 3) uint8, factors (3,) float32) -> jittered, (x - mean) / std
+    (3, S, S) float32 per image; None where numba cannot run it."""
+    if not fused.ready():
+        return None
+    try:
+        import numba
+        from nvidia.dali import types
+        from nvidia.dali.plugin.numba import NumbaFunction
+
+        # serial: one image per call, DALI's threads are the parallelism
+        kernel = numba.njit(nogil=True, fastmath=True, error_model="numpy")(fused._kernel)
+        m = np.asarray(mean, dtype=np.float32)
+        inv_std = (1.0 / np.asarray(std, dtype=np.float64)).astype(np.float32)
+
+        def run(out, crop, factors):  # pragma: no cover - compiled by numba
+            h, w, _ = crop.shape
+            pixels = crop.reshape(h * w, 3)
+            planes = np.empty((1, 3, h * w), dtype=np.uint8)  # the kernel reads unit-stride planes
+            for p in range(h * w):
+                planes[0, 0, p] = pixels[p, 0]
+                planes[0, 1, p] = pixels[p, 1]
+                planes[0, 2, p] = pixels[p, 2]
+            kernel(planes, factors.reshape(1, 3), m, inv_std, out.reshape(1, 3, h * w))
+
+        def setup(outs, ins):  # pragma: no cover - compiled by numba; (S, S, 3) in -> (3, S, S) out
+            for i in range(len(outs[0])):
+                outs[0][i][0] = 3
+                outs[0][i][1] = ins[0][i][0]
+                outs[0][i][2] = ins[0][i][1]
+
+        return NumbaFunction(run_fn=run, setup_fn=setup, out_types=[types.FLOAT],
+                             in_types=[types.UINT8, types.FLOAT], outs_ndim=[3], ins_ndim=[3, 1])
+    except Exception as exc:  # an unsupported numba for DALI's plugin, a failed compile
+        warnings.warn(f"DALI cannot run the colour jitter ({type(exc).__name__}: {exc}); the dali backend "
+                      f"finishes CPU batches in torch", RuntimeWarning, stacklevel=2)
+        return None
