@@ -269,16 +269,10 @@ class _Files(torch.utils.data.Dataset):
 def _torchvision_folder(source: Path, req: PeerRequest) -> PeerLoader:
     """The torchvision peer over the original files of the split the torch-folder row reads
     (`loaders.folder.build_folder`: discovery, then convert's split with its default fraction and seed)."""
-    from cornpipe.shards.discover import discover
-    from cornpipe.shards.split import assign_split
+    from cornpipe.loaders.folder import folder_split
 
-    found = discover(None if source.is_file() else source, manifest_csv=source if source.is_file() else None)
-    samples = list(found.samples)
-    if req.split in ("train", "val") and samples:
-        is_val = assign_split(np.array([s.position for s in samples]), np.array([s.grade for s in samples]), 0.2, 0)
-        samples = [s for s, v in zip(samples, is_val, strict=True) if v == (req.split == "val")]
-    if not samples:
-        raise LoaderError(f"no usable images for split {req.split!r} in {source}")
+    samples, _ = folder_split(None if source.is_file() else source, req.split,
+                              manifest_csv=source if source.is_file() else None)
     dataset = _Files([str(s.path) for s in samples], [int(s.position) for s in samples],
                      _transform(req.size, req.host_only))
     loader, convert = _batches(dataset, req, shuffle=True, drop_last=True,

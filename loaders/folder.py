@@ -50,26 +50,34 @@ def build_folder(src: Path | str | None, spec: LoaderSpec) -> TorchLoader:
     `val_fraction` and `split_seed` options (convert's --val-fraction and --seed; defaults 0.2 and 0)
     when every image converts. Option `grade_scale`: the scale the labels are checked against.
     """
+    opts = spec.options
+    samples, ids = folder_split(src, spec.split, manifest_csv=opts.get("manifest_csv"),
+                                grade_scale=opts.get("grade_scale"), val_fraction=opts.get("val_fraction", 0.2),
+                                split_seed=opts.get("split_seed", 0))
+    position = np.array([s.position for s in samples], dtype=np.int64)
+    grade = np.array([s.grade for s in samples], dtype=np.float32)
+    return TorchLoader(FolderImages([s.path for s in samples], spec), spec, position, grade, ids)
+
+
+def folder_split(src: Path | str | None, split: str, *, manifest_csv: Path | str | None = None,
+                 grade_scale: Any = None, val_fraction: float = 0.2, split_seed: int = 0) -> tuple[list, np.ndarray]:
+    """(discovered samples, their ids = discovery order) of `split` ("all", or convert's train/val split)
+    of the original images under `src` or listed in `manifest_csv`; LoaderError when none is left."""
     from cornpipe.shards.discover import discover
     from cornpipe.shards.split import assign_split
 
-    opts = spec.options
-    if spec.split not in FOLDER_SPLITS:
-        raise LoaderError(f"unknown split {spec.split!r} for an image folder; valid: {', '.join(FOLDER_SPLITS)}")
-    manifest_csv = opts.get("manifest_csv")
-    found = discover(src, manifest_csv=manifest_csv, grade_scale=opts.get("grade_scale"))
-    samples = list(found.samples)
-    position = np.array([s.position for s in samples], dtype=np.int64)
-    grade = np.array([s.grade for s in samples], dtype=np.float32)
+    if split not in FOLDER_SPLITS:
+        raise LoaderError(f"unknown split {split!r} for an image folder; valid: {', '.join(FOLDER_SPLITS)}")
+    samples = list(discover(src, manifest_csv=manifest_csv, grade_scale=grade_scale).samples)
     ids = np.arange(len(samples), dtype=np.int64)
-    if spec.split != "all" and samples:
-        is_val = assign_split(position, grade, opts.get("val_fraction", 0.2), opts.get("split_seed", 0))
-        keep = np.flatnonzero(is_val if spec.split == "val" else ~is_val)
-        samples = [samples[i] for i in keep]
-        position, grade, ids = position[keep], grade[keep], ids[keep]
+    if split != "all" and samples:
+        is_val = assign_split(np.array([s.position for s in samples], dtype=np.int64),
+                              np.array([s.grade for s in samples], dtype=np.float32), val_fraction, split_seed)
+        keep = np.flatnonzero(is_val if split == "val" else ~is_val)
+        samples, ids = [samples[i] for i in keep], ids[keep]
     if not samples:
-        raise LoaderError(f"no usable images for split {spec.split!r} in {src or manifest_csv}")
-    return TorchLoader(FolderImages([s.path for s in samples], spec), spec, position, grade, ids)
+        raise LoaderError(f"no usable images for split {split!r} in {src or manifest_csv}")
+    return samples, ids
 
 
 def make_folder_loader(src: Path | str | None, split: str = "all", **fields: Any) -> TorchLoader:
