@@ -35,7 +35,7 @@ def jitter_op(mean: tuple[float, ...], std: tuple[float, ...]) -> Any | None:
         from nvidia.dali.plugin.numba import NumbaFunction
 
         # serial: one image per call, DALI's threads are the parallelism
-        kernel = numba.njit(nogil=True, fastmath=True, error_model="numpy")(fused._kernel)
+        kernel = numba.njit(nogil=True, fastmath=True, error_model="numpy")(fused.finish_kernel)
         m = np.asarray(mean, dtype=np.float32)
         inv_std = (1.0 / np.asarray(std, dtype=np.float64)).astype(np.float32)
 

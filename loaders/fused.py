@@ -51,7 +51,7 @@ def _thread_safe_layer() -> bool:
 _SUM_BLOCK = 4096  # pixels summed in float32 before adding to the float64 total
 
 
-def _kernel(px, factors, mean, inv_std, out):  # pragma: no cover - compiled by numba
+def finish_kernel(px, factors, mean, inv_std, out):  # pragma: no cover - compiled by numba (here in parallel, by loaders.dali_jitter serially)
     """px (B, 3, H*W) uint8 planes, factors (B, 3) float32 -> out (B, 3, H*W) float32.
 
     Every pixel loop reads unit-stride planes and writes one array, so it vectorises (fastmath:
@@ -106,7 +106,7 @@ def _compiled():  # noqa: ANN202 - a numba dispatcher, or None where numba does 
     global prange
     prange = numba.prange  # the kernel's global, read when numba compiles it
     return numba.njit(nogil=True, cache=True, fastmath=True, error_model="numpy",
-                      parallel=_thread_safe_layer())(_kernel)
+                      parallel=_thread_safe_layer())(finish_kernel)
 
 
 
