@@ -53,10 +53,13 @@ def _kernels() -> dict[str, Callable]:
     from ffcv.fields.rgb_image import get_random_crop
 
     from cornpipe.loaders import ffcv_ops as ops
+    from cornpipe.loaders import pixel_kernels as px
 
     jit = nb.njit(nogil=True, error_model="numpy")
     imdecode, resize = ops._imdecode, ops._resize
-    normalise, read_os = jit(ops._normalise.py_func), jit(ops._read_os.py_func)  # compiled here, not inlined
+    # compiled here, not inlined; fastmath as in the decoder's batch kernels
+    normalise = nb.njit(nogil=True, error_model="numpy", fastmath=True)(px.normalise.py_func)
+    read_os = jit(ops._read_os.py_func)
     random_crop = jit(get_random_crop)
     u32 = np.uint32
 

@@ -5,8 +5,9 @@ Pipeline of one batch (FFCV's EpochIterator thread, then the consuming thread):
     rows    = loaders.sampling draw for (seed, epoch, rank)      -> FFCV traversal order (EpochOrder)
     params  = loaders.augment.sample_params per batch             -> the decoder's params buffer
     decode  = libjpeg-turbo decode + crop box + cv::resize + flips + rot90 (loaders.ffcv_ops, numba, CPU)
-    CPU, no colour jitter, float32: normalised in the same pass,  (B, 3, S, S) float32 (NHWC in memory
+    CPU, float32: colour jitter + normalise in the same pass,     (B, 3, S, S) float32 (NHWC in memory
         written into the batch's own tensor                        when channels_last); done
+    CPU, host-only: the uint8 crops, into the batch's own tensor  (B, S, S, 3) uint8; done
     otherwise: ToTensor -> ToDevice(non_blocking) on CUDA        (B, S, S, 3) uint8 on the device
         loaders.finish on the device: -> float (channels_last on CUDA), colour jitter, normalise, dtype
 
@@ -43,7 +44,7 @@ FFCV specifics handled here:
 - FFCV's epoch thread uses CUDA streams whenever a GPU exists (even for a CPU loader), on the current
   CUDA device: on a multi-GPU machine, `torch.cuda.set_device` to the loader's device first.
 Options: `os_cache` (default True: the OS page cache holds the .beton; False: FFCV's process cache);
-`fuse` (default True: normalise inside the decoder when it can; False: always uint8 + loaders.finish).
+`fuse` (default True: finish CPU batches inside the decoder; False: always uint8 + loaders.finish).
 Augmentation draws replay with the epoch (same (seed, epoch) -> same pixels), as on torch/resident.
 """
 
@@ -59,7 +60,7 @@ import numpy as np
 import torch
 
 from cornpipe.errors import LoaderError, MissingDependency, install_hint
-from cornpipe.loaders.base import Batch
+from cornpipe.loaders.base import HOST_DTYPE, Batch
 from cornpipe.loaders.common import EpochLoader, LoaderSpec, augment_params, cut_to_batches, source_rows
 from cornpipe.loaders.finish import Finisher
 from cornpipe.shards import fields as F
@@ -100,12 +101,12 @@ class EpochOrder(TraversalOrder):
 
 
 class _OutputPool:
-    """(batch_size, *shape) float32 arrays for the decoder to write batches into. An array is
+    """(batch_size, *shape) arrays of `dtype` for the decoder to write batches into. An array is
     reused once nothing else references it, i.e. no tensor made from it (a batch the consumer still
     holds, or any view of one) is alive; at most `keep` arrays are remembered."""
 
-    def __init__(self, shape: tuple[int, ...], keep: int) -> None:
-        self.shape, self.keep = shape, keep
+    def __init__(self, shape: tuple[int, ...], keep: int, dtype: np.dtype) -> None:
+        self.shape, self.keep, self.dtype = shape, keep, dtype
         self.arrays: list[np.ndarray] = []
         self._lock = threading.Lock()  # two epochs of one loader may run at once (an abandoned one winding down)
 
@@ -115,7 +116,7 @@ class _OutputPool:
             for array in self.arrays:
                 if sys.getrefcount(array) <= 3:  # the list, `array` and getrefcount's argument: free
                     return array
-            array = np.empty(self.shape, dtype=np.float32)
+            array = np.empty(self.shape, dtype=self.dtype)
             if len(self.arrays) < self.keep:
                 self.arrays.append(array)
             return array
@@ -151,7 +152,7 @@ def _allocate_offered(allocate: Callable) -> Callable:
 
 class _EpochRun(EpochIterator):
     """FFCV's epoch thread, plus: each batch's augmentation params go into the decoder's buffer
-    before it runs, normalised batches go into arrays of `pool`, and a failure reaches the consumer
+    before it runs, finished batches go into arrays of `pool`, and a failure reaches the consumer
     instead of killing the thread silently."""
 
     def __init__(self, loader: Loader, order: np.ndarray, params: list[np.ndarray], node_id: int,
@@ -205,13 +206,16 @@ def _clamp_workers(workers: int) -> int:
 
 
 def _layout(spec: LoaderSpec) -> int:
-    """The decoder's output: normalised float32 straight from the decoder when nothing else is left to
-    do (a CPU batch of float32 without colour jitter), else uint8 crops for loaders.finish."""
-    aug = spec.augment
-    jitter = aug is not None and max(aug.brightness, aug.contrast, aug.saturation) > 0
-    if spec.on_cuda or jitter or spec.dtype != torch.float32 or not spec.options.get("fuse", True):
+    """The decoder's output: on the CPU, the batch itself -- jittered and normalised float32, or
+    host-only uint8 crops -- in an array of the loader's; otherwise (CUDA, float16, `fuse=False`)
+    uint8 crops in FFCV's buffer for loaders.finish."""
+    if spec.on_cuda or not spec.options.get("fuse", True):
         return ops.U8
-    return ops.NHWC if spec.channels_last else ops.PLANAR
+    if spec.dtype == HOST_DTYPE:
+        return ops.HOST
+    if spec.dtype == torch.float32:
+        return ops.NHWC if spec.channels_last else ops.PLANAR
+    return ops.U8
 
 
 def _ffcv_loader(betons: BetonSet, spec: LoaderSpec, workers: int, os_cache: bool, layout: int) -> Loader:
@@ -243,6 +247,7 @@ def _ffcv_loader(betons: BetonSet, spec: LoaderSpec, workers: int, os_cache: boo
     loader.graph.allocate_memory = _allocate_offered(loader.graph.allocate_memory)
     loader.cornpipe_decoder_node = loader.graph.operation_to_node[decoder][0].id
     loader.cornpipe_output_shape = decoder.output_shape()
+    loader.cornpipe_output_dtype = decoder.output_dtype
     with _cache_lock:
         _cache[key] = loader
         while len(_cache) > _CACHE_SIZE:
@@ -269,7 +274,8 @@ class FfcvLoader(EpochLoader):
             torch.set_num_threads(self._torch_threads)
         self._pool = None
         if self.layout != ops.U8:  # batches in flight: the queue, FFCV's slots, the consumer's
-            self._pool = _OutputPool((spec.batch_size, *self._loader.cornpipe_output_shape), BATCHES_AHEAD + 4)
+            self._pool = _OutputPool((spec.batch_size, *self._loader.cornpipe_output_shape), BATCHES_AHEAD + 4,
+                                     self._loader.cornpipe_output_dtype)
         self._run: _EpochRun | None = None
         # ((batch_size, slots), buffers) of the last epoch whose thread is done; CPU only: on CUDA the
         # slots' device buffers may still be read by the previous epoch's queued finishing kernels
@@ -278,7 +284,8 @@ class FfcvLoader(EpochLoader):
                                 channels_last=spec.channels_last, norm=spec.normalization)
 
     def _params(self, epoch: int, batches: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Per batch: the decoder's int64 param rows and the (B, 3) colour jitter factors."""
+        """Per batch: the decoder's int64 param rows (the jitter factors in them too) and the (B, 3)
+        colour jitter factors (for loaders.finish)."""
         s = self.spec
         rows_out, jitter_out = [], []
         for b, rows in enumerate(batches):
@@ -287,6 +294,7 @@ class FfcvLoader(EpochLoader):
             out[:, :4] = np.rint(p.boxes)  # top, left, height, width
             out[:, ops.P_HFLIP], out[:, ops.P_VFLIP], out[:, ops.P_ROT90] = p.hflip, p.vflip, p.rot90
             out[:, ops.P_FILE] = self.betons.file_of[rows]
+            out[:, ops.P_JITTER:ops.P_JITTER + 3] = np.asarray(p.jitter, dtype=np.float64).view(np.int64)
             rows_out.append(out)
             jitter_out.append(p.jitter)
         return rows_out, jitter_out
@@ -314,8 +322,8 @@ class FfcvLoader(EpochLoader):
             for b, (pixels, *_rest) in enumerate(run):
                 if self.layout == ops.U8:
                     images = self._finish(pixels, jitter[b])
-                else:  # normalised by the decoder, in an array of its own
-                    images = pixels if self.layout == ops.PLANAR else pixels.permute(0, 3, 1, 2)
+                else:  # finished by the decoder, in an array of its own
+                    images = pixels if self.layout in (ops.PLANAR, ops.HOST) else pixels.permute(0, 3, 1, 2)
                 yield Batch(images, *self.labels_for(batches[b]))
             if run.failure is not None:
                 raise self._explain(run.failure)

@@ -16,14 +16,19 @@ Why not FFCV's own `RandomResizedCropRGBImageDecoder` + `RandomHorizontalFlip` +
   the storage state is a tuple with one FFCV state per file and each sample's params row names its
   file (`loaders.ffcv_files`).
 
-Two outputs. `uint8`: (B, S, S, 3) crops in FFCV's buffer, finished by `loaders.finish` (CUDA, colour
-jitter, host-only batches). `float`: when nothing but normalisation follows (a CPU batch without
-colour jitter), each image is normalised while its crop is still in the core's cache and written as
-float32 straight into the batch tensor, NCHW or NHWC (channels_last), the flips folded into that
-pass. Measured per 224 px image on one core: numba's slice copy `dst[:] = src[:, ::-1]` (FFCV's
-RandomHorizontalFlip, which copies every image, and this module's flip before) ~230-250 us a copy,
-the row loop of `_copy_flipped` ~60 us, folded into the normalising pass ~0; the pass itself ~110 us
-(FFCV's NormalizeImage, a lookup table without the flip, ~85 us), bound by writing 600 kB of float32.
+Outputs (`layout`):
+- U8: (B, S, S, 3) uint8 crops in FFCV's buffer, finished by `loaders.finish` (CUDA batches, and the
+  `fuse=False` reference path).
+- PLANAR / NHWC (a CPU float32 batch): each crop is colour-jittered (by the factors in its params
+  row) and normalised while it is still in the core's cache, and written as float32 straight into the
+  batch's own array, NCHW or NHWC (channels_last), the flips folded into that pass
+  (loaders.pixel_kernels). Measured per 224 px image on one core: numba's slice copy
+  `dst[:] = src[:, ::-1]` (FFCV's RandomHorizontalFlip, which copies every image) ~230-250 us, the
+  normalising pass ~32 us (~90 us flipped), FFCV's NormalizeImage ~85 us; with the jitter ~180-260 us,
+  against ~1 ms for loaders.finish's tensor ops and ~120 us for its fused pass, which also needs the
+  uint8 batch written and read once more, on the consuming thread.
+- HOST (host-only CPU batches, `loaders.base.HOST_DTYPE`): the U8 crops, written into the batch's
+  own array rather than FFCV's buffer, which loaders.finish would have to copy out (~10 MB a batch).
 
 Images are decoded with FFCV's libffcv (libjpeg-turbo) and resized with its OpenCV `cv::resize`
 (INTER_AREA), as FFCV's decoders do. When a crop is at least twice the output size, the JPEG is
@@ -47,18 +52,19 @@ from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 from numba import types
 
-# Columns of the per-sample parameter row (int64) the loader writes before each batch.
-P_TOP, P_LEFT, P_HEIGHT, P_WIDTH, P_HFLIP, P_VFLIP, P_ROT90, P_FILE, P_STATUS = range(9)
-PARAM_COLUMNS = 9
+from cornpipe.loaders import pixel_kernels as px
+
+# Columns of the per-sample parameter row (int64) the loader writes before each batch; the last
+# three hold the colour jitter factors (brightness, contrast, saturation) as float64 bit patterns.
+P_TOP, P_LEFT, P_HEIGHT, P_WIDTH, P_HFLIP, P_VFLIP, P_ROT90, P_FILE, P_STATUS, P_JITTER = range(10)
+PARAM_COLUMNS = P_JITTER + 3
 STATUS_OK, STATUS_BAD_JPEG, STATUS_BAD_RAW = 0, 1, 2
 JPG_MODE = 0  # ffcv.fields.rgb_image.IMAGE_MODES["jpg"]
-# decoder outputs: uint8 (B, S, S, 3) crops; normalised float32 (B, 3, S, S); normalised float32 (B, S, S, 3)
-U8, PLANAR, NHWC = 0, 1, 2
+# decoder outputs: uint8 (B, S, S, 3) crops in FFCV's buffer; normalised float32 (B, 3, S, S) and
+# (B, S, S, 3); uint8 (B, S, S, 3) crops in the loader's array. All but U8 go into the loader's array.
+U8, PLANAR, NHWC, HOST = 0, 1, 2, 3
 
-# The helpers are inlined into the batch kernels (numba IR inlining, before typing): no separate
-# dispatcher per helper, whose overloads numba's parfor lowering corrupted when two kernels compiled
-# the same helper (seen as a KeyError of the helper's signature).
-_jit = nb.njit(nogil=True, cache=True, error_model="numpy", inline="always")
+_jit = px.jit  # inlined into the batch kernels (see loaders.pixel_kernels)
 
 # libffcv's C entry points, bound by symbol name (not by ctypes address) so that the numba functions
 # below can be cached on disk. Pointers travel as int64 (same registers on the x86-64/aarch64 ABIs).
@@ -87,79 +93,6 @@ def _read_process(address, pages, ptrs, sizes, page_to_slot, page_shift):
     page = address >> page_shift
     offset = address - (page << page_shift)
     return pages[page_to_slot[page], offset:offset + size]
-
-
-@_jit
-def _copy_flipped(src, dst, hflip, vflip):
-    """dst = vflip(hflip(src)) for (S, S, 3) uint8, row by row (numba's `dst[:] = src[:, ::-1]` is a
-    generic strided copy, ~4x slower)."""
-    s = src.shape[1]
-    for y in range(src.shape[0]):
-        row, out = src[src.shape[0] - 1 - y] if vflip else src[y], dst[y]
-        if hflip:
-            for x in range(s):
-                out[x, 0], out[x, 1], out[x, 2] = row[s - 1 - x, 0], row[s - 1 - x, 1], row[s - 1 - x, 2]
-        else:
-            out.reshape(3 * s)[:] = row.reshape(3 * s)
-
-
-@_jit
-def _place(crop, dst, hflip, vflip, k):
-    """dst = rot90^k(vflip(hflip(crop))), counter-clockwise quarter turns; square (S, S, 3) arrays."""
-    if k == 0:
-        _copy_flipped(crop, dst, hflip, vflip)
-        return
-    img = crop
-    if hflip:
-        img = img[:, ::-1]
-    if vflip:
-        img = img[::-1]
-    if k == 1:
-        img = img.transpose((1, 0, 2))[::-1]
-    elif k == 2:
-        img = img[::-1, ::-1]
-    else:
-        img = img[::-1].transpose((1, 0, 2))
-    dst[:] = img
-
-
-@_jit
-def _normalise(src, dst, hflip, vflip, mean, inv_std, planar):
-    """dst = (vflip(hflip(src)) - mean) * inv_std: (S, S, 3) uint8 -> float32 (3, S, S) when `planar`,
-    else (S, S, 3). The arithmetic of loaders.fused without jitter. One plain loop per case, rows
-    read as flat runs of bytes: branches inside the pixel loop cost ~1.7x (no vectorising)."""
-    s = src.shape[1]
-    m0, m1, m2 = mean[0], mean[1], mean[2]
-    i0, i1, i2 = inv_std[0], inv_std[1], inv_std[2]
-    last = 3 * (s - 1)
-    for y in range(src.shape[0]):
-        row = (src[src.shape[0] - 1 - y] if vflip else src[y]).reshape(3 * s)
-        if planar:
-            d0, d1, d2 = dst[0, y], dst[1, y], dst[2, y]
-            if hflip:
-                for x in range(s):
-                    j = last - 3 * x
-                    d0[x] = (np.float32(row[j]) - m0) * i0
-                    d1[x] = (np.float32(row[j + 1]) - m1) * i1
-                    d2[x] = (np.float32(row[j + 2]) - m2) * i2
-            else:
-                for x in range(s):
-                    d0[x] = (np.float32(row[3 * x]) - m0) * i0
-                    d1[x] = (np.float32(row[3 * x + 1]) - m1) * i1
-                    d2[x] = (np.float32(row[3 * x + 2]) - m2) * i2
-        else:
-            out = dst[y].reshape(3 * s)
-            if hflip:
-                for x in range(s):
-                    j = last - 3 * x
-                    out[3 * x] = (np.float32(row[j]) - m0) * i0
-                    out[3 * x + 1] = (np.float32(row[j + 1]) - m1) * i1
-                    out[3 * x + 2] = (np.float32(row[j + 2]) - m2) * i2
-            else:
-                for x in range(s):
-                    out[3 * x] = (np.float32(row[3 * x]) - m0) * i0
-                    out[3 * x + 1] = (np.float32(row[3 * x + 1]) - m1) * i1
-                    out[3 * x + 2] = (np.float32(row[3 * x + 2]) - m2) * i2
 
 
 @_jit
@@ -219,27 +152,31 @@ def _one_u8(data, mode, height, width, temp, params, crop, dst):
     if not _crop_resize(data, mode, height, width, temp, params, dst if plain else crop):
         dst[:] = 0
     elif not plain:
-        _place(crop, dst, hflip, vflip, k)
+        px.place(crop, dst, hflip, vflip, k)
 
 
 @_jit
 def _one_float(data, mode, height, width, temp, params, crop, spare, dst, mean, inv_std, planar):
-    """One image normalised into dst, float32 (3, S, S) when `planar`, else (S, S, 3)."""
+    """One image jittered and normalised into dst, float32 (3, S, S) when `planar`, else (S, S, 3)."""
     hflip, vflip, k = params[P_HFLIP] != 0, params[P_VFLIP] != 0, params[P_ROT90] % 4
     if not _crop_resize(data, mode, height, width, temp, params, crop):
         dst[:] = 0
         return
     src = crop
     if k != 0:  # rare (AugmentConfig.rot90): turned in uint8 first
-        _place(crop, spare, hflip, vflip, k)
+        px.place(crop, spare, hflip, vflip, k)
         src, hflip, vflip = spare, False, False
-    _normalise(src, dst, hflip, vflip, mean, inv_std, planar)
+    factors = params[P_JITTER:P_JITTER + 3].view(np.float64).astype(np.float32)
+    if factors[0] == 1 and factors[1] == 1 and factors[2] == 1:
+        px.normalise(src, dst, hflip, vflip, mean, inv_std, planar)
+    else:
+        px.jitter_normalise(src, dst, hflip, vflip, factors, mean, inv_std, planar)
 
 
 @_jit
 def _one(data, field, temp, params, crop, out_u8, out_float, mean, inv_std, layout):
     height, width = np.int64(field["height"]), np.int64(field["width"])
-    if layout == U8:
+    if layout == U8 or layout == HOST:
         _one_u8(data, field["mode"], height, width, temp, params, crop[0], out_u8)
     else:
         _one_float(data, field["mode"], height, width, temp, params, crop[0], crop[1], out_float, mean, inv_std,
@@ -254,9 +191,9 @@ def _batch_os(batch_indices, out_u8, out_float, temp, crop, params, metadata, mm
         if params[i, P_FILE] == file:
             field = metadata[batch_indices[i]]
             data = _read_os(field["data_ptr"], mmap, ptrs, sizes)
-            u8, at = layout == U8, np.int64(i)  # (the prange index is unsigned: unified with 0 it would be float)
-            _one(data, field, temp[i], params[i], crop[i], out_u8[at if u8 else 0], out_float[0 if u8 else at],
-                 mean, inv_std, layout)
+            u8, at = layout == U8 or layout == HOST, np.int64(i)  # (the prange index is unsigned: unified with 0 it would be float)
+            _one(data, field, temp[i], params[i], crop[i], out_u8[at if u8 else 0],
+                 out_float[0 if u8 else at], mean, inv_std, layout)
 
 
 def _batch_process(batch_indices, out_u8, out_float, temp, crop, params, metadata, pages, ptrs, sizes,
@@ -265,15 +202,16 @@ def _batch_process(batch_indices, out_u8, out_float, temp, crop, params, metadat
         if params[i, P_FILE] == file:
             field = metadata[batch_indices[i]]
             data = _read_process(field["data_ptr"], pages, ptrs, sizes, page_to_slot, page_shift)
-            u8, at = layout == U8, np.int64(i)  # (the prange index is unsigned: unified with 0 it would be float)
-            _one(data, field, temp[i], params[i], crop[i], out_u8[at if u8 else 0], out_float[0 if u8 else at],
-                 mean, inv_std, layout)
+            u8, at = layout == U8 or layout == HOST, np.int64(i)  # (the prange index is unsigned: unified with 0 it would be float)
+            _one(data, field, temp[i], params[i], crop[i], out_u8[at if u8 else 0],
+                 out_float[0 if u8 else at], mean, inv_std, layout)
 
 
 # Parallel builds only: FFCV's epoch thread sets numba's thread count to the loader's `workers`
-# (numba.set_num_threads, per calling thread), so workers=1 runs them on one thread.
-_batch_os = nb.njit(nogil=True, cache=True, error_model="numpy", parallel=True)(_batch_os)
-_batch_process = nb.njit(nogil=True, cache=True, error_model="numpy", parallel=True)(_batch_process)
+# (numba.set_num_threads, per calling thread), so workers=1 runs them on one thread. fastmath lets
+# the float loops of loaders.pixel_kernels vectorise (their inputs are uint8: no NaN or infinity).
+_batch_os = nb.njit(nogil=True, cache=True, error_model="numpy", fastmath=True, parallel=True)(_batch_os)
+_batch_process = nb.njit(nogil=True, cache=True, error_model="numpy", fastmath=True, parallel=True)(_batch_process)
 
 
 @nb.njit(nogil=True, cache=True)
@@ -287,8 +225,8 @@ def _files_os(batch_indices, out_u8, out_float, temp, crop, params, metadata, st
 
 
 @nb.njit(nogil=True, cache=True)
-def _files_process(batch_indices, out_u8, out_float, temp, crop, params, metadata, states, mean, inv_std, layout,
-                   page_shift):
+def _files_process(batch_indices, out_u8, out_float, temp, crop, params, metadata, states, mean, inv_std,
+                   layout, page_shift):
     """A batch over process-cache states: one (pages, ptrs, sizes, page_to_slot) per file."""
     for f in range(len(states)):
         pages, ptrs, sizes, page_to_slot = states[f]
@@ -297,14 +235,15 @@ def _files_process(batch_indices, out_u8, out_float, temp, crop, params, metadat
 
 
 class ParamCropDecoder(Operation):
-    """FFCV decoder for RGBImageField whose crop boxes and flips come from a buffer.
+    """FFCV decoder for RGBImageField whose crop boxes, flips and colour jitter come from a buffer.
 
-    Its memory is (output, decode scratch, crop scratch, params); `params` (B, PARAM_COLUMNS) int64
-    is filled by the loader for each batch slot (see loaders.ffcv_loader) and the kernel writes each
-    sample's decode status back into it. `layout` U8: the output is FFCV's (B, S, S, 3) uint8 buffer.
-    PLANAR / NHWC: normalised float32 (`mean`, `std` in 0-255 units), written into an array the
-    loader puts in the output's place for each batch (its buffer here is a placeholder: the batch
-    leaves the loader, and FFCV would overwrite its own buffer a few batches later).
+    Its memory is (output, decode scratch, crop scratch, params); `params`
+    (B, PARAM_COLUMNS) int64 is filled by the loader for each batch slot (see loaders.ffcv_loader)
+    and the kernel writes each sample's decode status back into it. `layout` U8: the output is
+    FFCV's (B, S, S, 3) uint8 buffer. PLANAR / NHWC: jittered, normalised float32 (`mean`, `std` in
+    0-255 units); HOST: uint8 crops; these are written into an array the loader puts in the output's
+    place for each batch (its buffer here is a placeholder: the batch leaves the loader, and FFCV
+    would overwrite its own buffer a few batches later).
     `biggest`: bytes of the largest decoded image of every file the loader reads.
     """
 
@@ -324,18 +263,22 @@ class ParamCropDecoder(Operation):
         self.mean = np.asarray(mean, dtype=np.float32)
         self.inv_std = (1.0 / np.asarray(std, dtype=np.float64)).astype(np.float32)
 
+    @property
+    def output_dtype(self) -> np.dtype:
+        return np.dtype("<u1") if self.layout in (U8, HOST) else np.dtype("<f4")
+
     def output_shape(self) -> tuple[int, int, int]:
         s = self.size
         return (3, s, s) if self.layout == PLANAR else (s, s, 3)
 
     def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple[AllocationQuery, ...]]:
-        s, u8, f32 = self.size, np.dtype("<u1"), np.dtype("<f4")
+        s, u8 = self.size, np.dtype("<u1")
+        state = replace(previous_state, jit_mode=True, shape=self.output_shape(), dtype=self.output_dtype)
         if self.layout == U8:
-            state, out = replace(previous_state, jit_mode=True, shape=(s, s, 3), dtype=u8), AllocationQuery((s, s, 3), u8)
+            out = AllocationQuery((s, s, 3), u8)
         else:
-            state = replace(previous_state, jit_mode=True, shape=self.output_shape(), dtype=f32)
-            out = AllocationQuery((1,), f32)  # placeholder, see the class doc
-        spares = 1 if self.layout == U8 else 2  # float: a second crop for rot90
+            out = AllocationQuery((1,), self.output_dtype)  # placeholder, see the class doc
+        spares = 2 if self.layout in (PLANAR, NHWC) else 1  # float: a second crop for rot90
         return state, (out, AllocationQuery((self.biggest,), u8), AllocationQuery((spares, s, s, 3), u8),
                        AllocationQuery((PARAM_COLUMNS,), np.dtype("<i8")))
 
@@ -343,9 +286,9 @@ class ParamCropDecoder(Operation):
         # FFCV compiles this closure per Loader: a call into the cached module-level functions
         files = _files_os if self.os_cache else _files_process
         mean, inv_std, layout, shift = self.mean, self.inv_std, self.layout, np.uint64(self.page_shift)
-        if layout == U8:
+        if layout in (U8, HOST):
             def decode(batch_indices, memory, metadata, storage_state):
-                out, temp, crop, params = memory
+                out, temp, crop, params = memory  # out: FFCV's buffer (U8), the loader's array (HOST)
                 files(batch_indices, out, np.empty((1, 1, 1, 1), np.float32), temp, crop, params, metadata,
                       storage_state, mean, inv_std, layout, shift)
                 return out

@@ -5,9 +5,9 @@ and val.beton), read exactly as the shared epoch draw says; and its decoder's no
   resize filters' difference) and labels, in the draw's order; each id as often as the draw says,
   under oversampling; rank slices are disjoint and cover the fold; drop_last keeps whole batches;
   the same (seed, epoch) replays the same pixels; FFCV's process cache reads both files too.
-- Normalising inside the decoder (CPU, float32, no colour jitter) gives the pixels of the uint8 +
-  loaders.finish path, NCHW and channels_last, through flips and quarter turns; the batches it
-  hands out stay as they were while later batches are made.
+- Finishing inside the decoder (CPU, float32: colour jitter and normalisation) gives the pixels of
+  the uint8 + loaders.finish path, NCHW and channels_last, through flips, quarter turns and jitter;
+  the batches it hands out, float32 or host-only uint8, stay as they were while later batches are made.
 - A bad JPEG in the second file names that file and its split row.
 """
 
@@ -24,7 +24,7 @@ from conftest import needs_library
 
 from cornpipe.errors import LoaderError
 from cornpipe.loaders import make_loader
-from cornpipe.loaders.base import AugmentConfig
+from cornpipe.loaders.base import HOST_DTYPE, AugmentConfig
 from cornpipe.shards.shard_set import ShardSet
 
 pytest.importorskip("ffcv")
@@ -32,6 +32,8 @@ pytest.importorskip("ffcv")
 S = 32  # output image size
 NO_JITTER = AugmentConfig(brightness=0.0, contrast=0.0, saturation=0.0)  # crops and both flips
 TURNS = AugmentConfig(rot90=True, brightness=0.0, contrast=0.0, saturation=0.0)
+JITTER = AugmentConfig()  # the default: crops, both flips, colour jitter
+EVERYTHING = AugmentConfig(rot90=True, brightness=0.4, contrast=0.4, saturation=0.4)  # clamps too
 
 
 def fold(root: Path, n_val: int = 5, n_train: int = 9) -> list[int]:
@@ -127,15 +129,37 @@ def test_a_fold_keeps_drop_last_and_replays_its_epoch(tiny_shards: Path) -> None
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("augment", [False, NO_JITTER, TURNS], ids=["val", "flips", "turns"])
-def test_normalising_in_the_decoder_gives_the_finish_paths_pixels(channels_last, augment, tiny_shards) -> None:
+@pytest.mark.parametrize("augment", [False, NO_JITTER, TURNS, JITTER, EVERYTHING],
+                         ids=["val", "flips", "turns", "jitter", "everything"])
+def test_finishing_in_the_decoder_gives_the_finish_paths_pixels(channels_last, augment, tiny_shards) -> None:
+    """The decoder's colour jitter and normalisation are loaders.finish's; the contrast centre is
+    summed in another order (row by row), hence the 1e-4 (a level is ~0.017 once normalised)."""
     kw = dict(sample_ids=fold(tiny_shards), augment=augment, channels_last=channels_last, seed=5, workers=2)
     fused, *_, ids = epoch(loader(tiny_shards, **kw), 4)
     plain, *_, plain_ids = epoch(loader(tiny_shards, **kw, options={"fuse": False}), 4)
     assert torch.equal(ids, plain_ids)
     assert fused.dtype == torch.float32 and fused.shape == plain.shape == (len(ids), 3, S, S)
     assert fused.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    torch.testing.assert_close(fused, plain, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fused, plain, rtol=0, atol=1e-4 if augment and augment.contrast else 1e-5)
+    if augment and augment.brightness:  # the jitter was applied: the images differ from unjittered ones
+        geometry = AugmentConfig(rot90=augment.rot90, brightness=0.0, contrast=0.0, saturation=0.0)
+        bare, *_ = epoch(loader(tiny_shards, **{**kw, "augment": geometry}), 4)
+        assert (fused - bare).abs().mean(dim=(1, 2, 3)).min() > 0.01
+
+
+def test_host_only_batches_are_the_loaders_own(tiny_shards) -> None:
+    """Host-only uint8 batches are written straight into arrays of the loader's (no copy out of
+    FFCV's buffer): a batch the consumer holds keeps its pixels while later ones are made."""
+    kw = dict(augment=TURNS, oversample="balanced", num_samples=60, seed=2, workers=2, dtype=HOST_DTYPE)
+    lo = loader(tiny_shards, **kw)
+    try:
+        held = [(b.images, b.images.clone()) for b in lo]
+    finally:
+        lo.close()
+    reference, *_ = epoch(loader(tiny_shards, **kw, options={"fuse": False}), 0)
+    assert all(now.dtype == torch.uint8 and now.shape[1:] == (S, S, 3) for now, _ in held)
+    assert all(torch.equal(now, then) for now, then in held)
+    assert torch.equal(torch.cat([now for now, _ in held]), reference)
 
 
 def test_batches_handed_out_stay_as_they_were(tiny_shards: Path) -> None:
