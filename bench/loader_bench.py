@@ -28,20 +28,19 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from statistics import median
 from typing import Any
 
 from cornpipe.bench.isolate import run_isolated
+from cornpipe.bench.loader_summary import FOLDER, summarize
 from cornpipe.bench.machine import usable_cores
 from cornpipe.bench.peers import PEER_MODULE, PEER_OF, PEERS, build_peer, peer_unusable
 from cornpipe.errors import BenchError, LoaderError, MissingDependency, install_hint
 from cornpipe.loaders.base import BACKENDS, DEFAULT_IMAGE_SIZE, HOST_DTYPE, AugmentConfig
 
 WARMUP_MAX_BATCHES = 50
-FOLDER = "folder"  # the `mode` of the torch baseline over the original images (a folder or a manifest CSV)
 _MODULE = {"ffcv": "ffcv", "dali": "nvidia.dali", **PEER_MODULE}
 _EXTRA = {"ffcv-native": "ffcv", "dali-native": "dali"}  # the pyproject extra a peer needs (else: pip install)
-WORKS: tuple[str, ...] = ("same", "full")
+WORKS: tuple[str, ...] = ("same", "full", "both")  # both: each cornpipe backend once with each work
 # --work same: what every peer does, and nothing more (no vertical flip, rot90 or colour jitter)
 SAME_WORK = AugmentConfig(vflip=False, rot90=False, brightness=0.0, contrast=0.0, saturation=0.0)
 
@@ -62,7 +61,8 @@ class LoaderBenchConfig:
     ceiling: bool = True
     ceiling_decoder: str = "pil"
     timeout_s: float = 900.0  # per child process
-    work: str = "same"  # same: every row does SAME_WORK; full: cornpipe's backends keep their default augmentation
+    work: str = "same"  # same: every row does SAME_WORK; full: cornpipe's backends keep their default augmentation;
+    # both: a same and a full row per cornpipe backend, in every round (what the augmentation costs, in one run)
     peers: bool = True  # add each backend's peer row (bench.peers); the CLI's --peers/--no-peers
     host_only: bool = False  # uint8 (B, S, S, 3) crops on the CPU, no jitter or normalisation (the GPU's job)
 
@@ -72,10 +72,11 @@ class Target:
     backend: str  # ffcv | dali | torch | resident
     mode: str  # jpg | raw | smart (the shard set's write mode) or "folder"
     root: str  # shard set, or the original image folder for mode "folder"
+    work: str = ""  # "same" / "full" for the two rows of a backend under --work both; "" = the config's
 
     @property
     def label(self) -> str:
-        return f"{self.backend}-{self.mode}"
+        return f"{self.backend}-{self.mode}" + (f"-{self.work}" if self.work else "")
 
 
 @dataclass
@@ -204,7 +205,8 @@ def _build_loader(target: Target, cfg: LoaderBenchConfig, device: str) -> Any:
                           seed=cfg.seed, host_only=cfg.host_only, folder=target.mode == FOLDER)
     if cfg.work not in WORKS:
         raise LoaderError(f"unknown --work {cfg.work!r}; choose from {', '.join(WORKS)}")
-    augment = {"augment": SAME_WORK} if cfg.work == "same" and cfg.split == "train" else {}
+    work = target.work or cfg.work
+    augment = {"augment": SAME_WORK} if work in ("same", "both") and cfg.split == "train" else {}
     if cfg.host_only:  # (B, S, S, 3) uint8 crops on the host
         augment["dtype"] = HOST_DTYPE
     # the folder baseline reads the original images; split "train" is the same images as the
@@ -299,14 +301,6 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
 # parent side: rounds of fresh processes
 
 
-def dataset_class_fractions(root: str, split: str) -> list[float]:
-    from cornpipe.shards.shard_set import ShardSet
-
-    position = ShardSet(root).labels(split)[0]
-    counts = [int((position == c).sum()) for c in range(int(position.max()) + 1)] if len(position) else []
-    return [c / max(1, sum(counts)) for c in counts]
-
-
 def run_loader_bench(shard_dirs: list[Path], cfg: LoaderBenchConfig, *, backends: list[str],
                      source: Path | None = None, peers: list[str] | None = None, log_dir: Path | None = None, echo: Any = print,
                      partial: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
@@ -320,6 +314,8 @@ def run_loader_bench(shard_dirs: list[Path], cfg: LoaderBenchConfig, *, backends
              f"oversample {cfg.oversample})")
         peers = []
     targets = plan_targets(shard_dirs, backends, source, peers)
+    if cfg.work == "both":  # each backend's same row, then its full row, in every round
+        targets = [replace(t, work=w) for t in targets for w in (("same",) if t.backend in PEERS else ("same", "full"))]
     for target in [t for t in targets if t.backend in PEERS and t.mode != FOLDER]:
         why = peer_unusable(target.backend, target.root, cfg.split)
         if why:
@@ -362,51 +358,6 @@ def run_loader_bench(shard_dirs: list[Path], cfg: LoaderBenchConfig, *, backends
         if partial is not None:  # what is measured survives a later crash or time limit
             partial(summarize(rows, cfg, ceiling_rates, ceiling_info, shard_dirs))
     return summarize(rows, cfg, ceiling_rates, ceiling_info, shard_dirs)
-
-
-def summarize(rows: list[Row], cfg: LoaderBenchConfig, ceiling_rates: list[float],
-              ceiling_info: dict[str, Any], shard_dirs: list[Path]) -> dict[str, Any]:
-    baseline = next((r for r in rows if r.target.backend == "torch" and r.target.mode != FOLDER and r.rates),
-                    None)
-    base_rate = median(baseline.rates) if baseline else None
-    peer_rate = {(r.target.backend, r.target.mode): median(r.rates) for r in rows
-                 if r.target.backend in PEERS and r.rates}
-    ceiling = median(ceiling_rates) if ceiling_rates else None
-    results = []
-    for row in rows:
-        rate = median(row.rates) if row.rates else None
-        entry: dict[str, Any] = {
-            "backend": row.target.backend, "mode": row.target.mode, "device": row.device,
-            "images_per_s": rate,
-            "images_per_s_min": min(row.rates) if row.rates else None,
-            "images_per_s_max": max(row.rates) if row.rates else None,
-            "ratio_vs_torch": rate / base_rate if rate and base_rate else None,
-            "peer": PEER_OF.get(row.target.backend),  # the torch-folder row's peer: torchvision over the files
-            "ratio_vs_peer": None,
-            "fraction_of_ceiling": rate / ceiling if rate and ceiling and row.target.mode == "jpg" else None,
-            "peak_rss_mb": row.peak_rss_mb if row.rates else None,
-            "repeats": row.rates, "source": row.target.root,
-        }
-        peer = peer_rate.get((entry["peer"], row.target.mode))
-        if rate and peer:
-            entry["ratio_vs_peer"] = rate / peer
-        for key in ("first_batch_s", "build_s", "batch_shape", "dtype", "batches_per_epoch", "class_fractions",
-                    "augment", "setup"):
-            if key in row.extra:
-                entry[key] = row.extra[key]
-        if row.error:
-            entry["error"] = row.error
-        results.append(entry)
-    summary: dict[str, Any] = {"config": asdict(cfg), "work": cfg.work, "host_only": cfg.host_only,
-                               "shards": [str(p) for p in shard_dirs], "results": results}
-    if ceiling_info:
-        summary["ceiling"] = {**ceiling_info, "images_per_s": ceiling,
-                              "images_per_s_min": min(ceiling_rates) if ceiling_rates else None,
-                              "images_per_s_max": max(ceiling_rates) if ceiling_rates else None,
-                              "repeats": ceiling_rates}
-    if cfg.oversample != "none":
-        summary["dataset_class_fractions"] = dataset_class_fractions(str(shard_dirs[0]), cfg.split)
-    return summary
 
 
 if __name__ == "__main__":  # a child of bench.isolate.run_isolated

@@ -54,11 +54,17 @@ def loader_table(summary: dict[str, Any]) -> Table:
                         f"work {cfg.get('work', 'full')}")
     _columns(table, "backend mode device", "images/s median [min–max]|× torch|× peer|% of ceiling|peak MB")
     oversampled = cfg["oversample"] != "none"
+    both = cfg.get("work") == "both"
+    if both:
+        table.add_column("full ÷ same", justify="right")
     if oversampled:
         table.add_column("class fractions", justify="right")
     for entry in summary["results"]:
-        cells = [entry["backend"], entry["mode"], entry["device"], _rate(entry), _ratio(entry["ratio_vs_torch"]),
+        name = entry["backend"] + (" (full)" if both and entry.get("work") == "full" else "")
+        cells = [name, entry["mode"], entry["device"], _rate(entry), _ratio(entry["ratio_vs_torch"]),
                  _ratio(entry.get("ratio_vs_peer")), _percent(entry["fraction_of_ceiling"]), _mb(entry["peak_rss_mb"])]
+        if both:
+            cells.append(_ratio(entry.get("full_vs_same")))
         if oversampled:
             fractions = entry.get("class_fractions")
             cells.append("/".join(f"{f:.2f}" for f in fractions) if fractions else DASH)
@@ -67,6 +73,8 @@ def loader_table(summary: dict[str, Any]) -> Table:
     if ceiling:
         cells = ["ceiling", "decode", "cpu", _rate(ceiling), DASH, DASH,
                  "100 %" if ceiling.get("images_per_s") else DASH, _mb(ceiling.get("peak_rss_mb"))]
+        if both:
+            cells.append(DASH)
         if oversampled:
             cells.append(DASH)
         table.add_row(*cells, style="dim")
@@ -76,9 +84,13 @@ def loader_table(summary: dict[str, Any]) -> Table:
     if any(e.get("peer") for e in summary["results"]):
         caption.append("× peer = the backend against its own library used directly (ffcv vs ffcv-native, dali vs "
                        "dali-native, torch vs torchvision)")
-    if cfg.get("work") == "same":
-        caption.append("work same: every row does RandomResizedCrop + horizontal flip"
+    if cfg.get("work") in ("same", "both"):
+        caption.append(("work both: each backend's first row, and every peer," if both else "work same: every row")
+                       + " does RandomResizedCrop + horizontal flip"
                        + (", then stops at uint8" if host_only else " + normalise to float32"))
+    if both:
+        caption.append("(full) rows keep cornpipe's default augmentation (+ vertical flip, colour jitter); full ÷ same "
+                       "= the same backend's two rows, run one after the other in every round")
     if host_only:
         caption.append("host-only: every row hands out (B, S, S, 3) uint8 crops on the host, the colour jitter and "
                        "normalisation left to the GPU: the rate a GPU would be fed")

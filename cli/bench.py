@@ -87,9 +87,10 @@ def bench() -> None:
               help="Measure the decode-only ceiling of the shard JPEGs.")
 @click.option("--ceiling-decoder", type=click.Choice(["pil", "cv2"]), default="pil", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--work", type=click.Choice(["same", "full"]), default="same", show_default=True,
+@click.option("--work", type=click.Choice(["same", "full", "both"]), default="same", show_default=True,
               help="same: every row does crop + horizontal flip + normalise, as the peers; full: cornpipe's "
-                   "backends keep their default augmentation (vertical flip, colour jitter).")
+                   "backends keep their default augmentation (vertical flip, colour jitter); both: a same and a "
+                   "full row per backend in every round, and what full costs (full ÷ same).")
 @click.option("--peers/--no-peers", default=True, show_default=True,
               help="Add each backend's own library used directly (ffcv-native, dali-native, torchvision).")
 @click.option("--host-only", is_flag=True,

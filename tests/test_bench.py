@@ -161,6 +161,28 @@ def test_bench_loaders_skips_a_peer_whose_library_is_missing(tiny_shards, tmp_pa
     assert row["augment"]["vflip"] == default.vflip and row["augment"]["brightness"] == default.brightness
 
 
+def test_bench_loaders_work_both_times_what_the_augmentation_costs_in_the_same_rounds(tiny_shards, tmp_path):
+    """--work both: each backend once with the peers' work and once with cornpipe's own augmentation,
+    in every round, and the ratio of the two; the peer runs once, with the peers' work."""
+    out = tmp_path / "both.json"
+    result = invoke("bench", "loaders", tiny_shards, "--backends", "torch", "--device", "cpu", "--image-size", 32,
+                    "--batch-size", 8, "--workers", 1, "--seconds", 0.5, "--warmup-batches", 1, "--repeats", 2,
+                    "--no-ceiling", "--work", "both", "--json", out)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(out.read_text())
+    assert summary["work"] == "both"
+    rows = {(r["backend"], r["work"]): r for r in summary["results"]}
+    assert set(rows) <= {("torch", "same"), ("torch", "full"), ("torchvision", "same")}
+    same, full = rows["torch", "same"], rows["torch", "full"]
+    assert len(same["repeats"]) == len(full["repeats"]) == 2
+    assert same["augment"]["brightness"] == 0 and not same["augment"]["vflip"]
+    assert full["augment"]["brightness"] == AugmentConfig().brightness and full["augment"]["vflip"]
+    assert full["full_vs_same"] == pytest.approx(full["images_per_s"] / same["images_per_s"])
+    assert same["full_vs_same"] is None
+    assert same["ratio_vs_torch"] == pytest.approx(1.0)  # the baseline is the same-work row
+    assert "full ÷ same" in result.output and "torch (full)" in result.output
+
+
 def test_the_before_baseline_reads_a_survey_described_by_a_manifest_csv(synth_raw, tiny_shards, tmp_path):
     """--manifest CSV: the team's 'before' pipeline over images that are not in the 9-folder layout."""
     import csv
