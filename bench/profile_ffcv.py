@@ -246,9 +246,10 @@ def profile_stages(root: Path, size: int, batch: int, repeats: int, images: int)
         nb.set_num_threads(1)
         # loaders.fused's kernel into a reused output (fused_finish allocates it afresh: a row below)
         kernel, ones = fused._compiled(), np.ones((batch, 3), np.float32)
+        no_flips, width = np.zeros((batch, 2), np.uint8), planes.shape[-1]
         flat_in, flat_out = planes.view(batch, 3, -1).numpy(), floats.view(batch, 3, -1).numpy()
         stage("normalise", {
-            "ffcv before": batched(lambda s: kernel(flat_in, ones, mean, inv_std, flat_out)),
+            "ffcv before": batched(lambda s: kernel(flat_in, ones, no_flips, width, mean, inv_std, flat_out)),
             "ffcv now": batched(lambda s: k["normalise_fused"](crops[s], floats.numpy(), hflip[s], mean, inv_std)),
             "ffcv-native": _native_normalise(crops_native, batch)})
         stage("NCHW copy", {

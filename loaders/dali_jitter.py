@@ -38,6 +38,7 @@ def jitter_op(mean: tuple[float, ...], std: tuple[float, ...]) -> Any | None:
         kernel = numba.njit(nogil=True, fastmath=True, error_model="numpy")(fused.finish_kernel)
         m = np.asarray(mean, dtype=np.float32)
         inv_std = (1.0 / np.asarray(std, dtype=np.float64)).astype(np.float32)
+        no_flips = np.zeros((1, 2), dtype=np.uint8)  # DALI flipped the crop already
 
         def run(out, crop, factors):  # pragma: no cover - compiled by numba
             h, w, _ = crop.shape
@@ -47,7 +48,7 @@ def jitter_op(mean: tuple[float, ...], std: tuple[float, ...]) -> Any | None:
                 planes[0, 0, p] = pixels[p, 0]
                 planes[0, 1, p] = pixels[p, 1]
                 planes[0, 2, p] = pixels[p, 2]
-            kernel(planes, factors.reshape(1, 3), m, inv_std, out.reshape(1, 3, h * w))
+            kernel(planes, factors.reshape(1, 3), no_flips, w, m, inv_std, out.reshape(1, 3, h * w))
 
         def setup(outs, ins):  # pragma: no cover - compiled by numba; (S, S, 3) in -> (3, S, S) out
             for i in range(len(outs[0])):

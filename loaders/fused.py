@@ -51,12 +51,15 @@ def _thread_safe_layer() -> bool:
 _SUM_BLOCK = 4096  # pixels summed in float32 before adding to the float64 total
 
 
-def finish_kernel(px, factors, mean, inv_std, out):  # pragma: no cover - compiled by numba (here in parallel, by loaders.dali_jitter serially)
-    """px (B, 3, H*W) uint8 planes, factors (B, 3) float32 -> out (B, 3, H*W) float32.
+def finish_kernel(px, factors, flips, width, mean, inv_std, out):  # pragma: no cover - compiled by numba (here in parallel, by loaders.dali_jitter serially)
+    """px (B, 3, H*W) uint8 planes, factors (B, 3) float32 -> out (B, 3, H*W) float32, each image
+    flipped first by flips (B, 2) uint8 (horizontal, vertical; rows of `width` pixels).
 
     Every pixel loop reads unit-stride planes and writes one array, so it vectorises (fastmath:
-    the inputs are uint8, there are no NaNs or infinities for it to mishandle). Brightness and
-    contrast are cheap enough to recompute per channel rather than store.
+    the inputs are uint8, there are no NaNs or infinities for it to mishandle); a flip writes the
+    rows backwards / in reverse order, with unsigned indices (a signed one makes numba check for
+    wrap-around, which stops the loop vectorising). Brightness and contrast are cheap enough to
+    recompute per channel rather than store.
     """
     wr, wg, wb = np.float32(GREY_WEIGHTS[0]), np.float32(GREY_WEIGHTS[1]), np.float32(GREY_WEIGHTS[2])
     zero, top, one = np.float32(0.0), np.float32(255.0), np.float32(1.0)
@@ -84,11 +87,28 @@ def finish_kernel(px, factors, mean, inv_std, out):  # pragma: no cover - compil
             g = min(max(min(max(np.float32(pg[p]) * bf, zero), top) * cf + shift, zero), top)
             b = min(max(min(max(np.float32(pb[p]) * bf, zero), top) * cf + shift, zero), top)
             grey[p] = (wr * r + wg * g + wb * b) * keep
+        hflip, vflip = flips[i, 0] != 0, flips[i, 1] != 0
+        rows = hw // width if width > 0 else 0
+        w, last = np.uint64(width), np.uint64(width - 1)
         for c in range(3):
             plane, dst, m, s = px[i, c], out[i, c], mean[c], inv_std[c]
-            for p in range(hw):
-                x = min(max(min(max(np.float32(plane[p]) * bf, zero), top) * cf + shift, zero), top)
-                dst[p] = (min(max(x * sf + grey[p], zero), top) - m) * s
+            if not hflip and not vflip:
+                for p in range(hw):
+                    x = min(max(min(max(np.float32(plane[p]) * bf, zero), top) * cf + shift, zero), top)
+                    dst[p] = (min(max(x * sf + grey[p], zero), top) - m) * s
+                continue
+            for y in range(rows):
+                src_row, src_grey = plane[y * width:(y + 1) * width], grey[y * width:(y + 1) * width]
+                to = (rows - 1 - y) if vflip else y
+                dst_row = dst[to * width:(to + 1) * width]
+                if hflip:
+                    for q in range(np.uint64(0), w):
+                        x = min(max(min(max(np.float32(src_row[q]) * bf, zero), top) * cf + shift, zero), top)
+                        dst_row[last - q] = (min(max(x * sf + src_grey[q], zero), top) - m) * s
+                else:
+                    for q in range(np.uint64(0), w):
+                        x = min(max(min(max(np.float32(src_row[q]) * bf, zero), top) * cf + shift, zero), top)
+                        dst_row[q] = (min(max(x * sf + src_grey[q], zero), top) - m) * s
 
 
 prange = range  # numba.prange inside the compiled kernel (see _compiled)
@@ -117,11 +137,14 @@ def ready() -> bool:
 
 
 def fused_finish(pixels: torch.Tensor, factors: np.ndarray | torch.Tensor | None, *,
-                 channels_last_input: bool, norm: Normalization = IMAGENET) -> torch.Tensor:
-    """uint8 CPU pixels -> jittered, normalised (B, 3, H, W) float32, contiguous.
+                 channels_last_input: bool, norm: Normalization = IMAGENET,
+                 flips: tuple[np.ndarray, np.ndarray] | None = None) -> torch.Tensor:
+    """uint8 CPU pixels -> (flipped,) jittered, normalised (B, 3, H, W) float32, contiguous.
 
     pixels: (B, H, W, 3) when `channels_last_input`, else (B, 3, H, W); any strides.
     factors: (B, 3) brightness, contrast, saturation (1 = unchanged); None = no jitter.
+    flips: per-image horizontal and vertical flip flags, applied first (as `augment.flip_rot_batch`
+    does, in the same pass instead of two uint8 copies); None = none.
     """
     if not ready():
         raise RuntimeError("fused_finish needs numba (not installed, or it does not import)")
@@ -137,9 +160,12 @@ def fused_finish(pixels: torch.Tensor, factors: np.ndarray | torch.Tensor | None
     else:
         f = factors.detach().cpu().numpy() if isinstance(factors, torch.Tensor) else np.asarray(factors)
         f = np.ascontiguousarray(f, dtype=np.float32).reshape(b, 3)
+    flags = np.zeros((b, 2), dtype=np.uint8)
+    if flips is not None:
+        flags[:, 0], flags[:, 1] = np.asarray(flips[0]).reshape(b) != 0, np.asarray(flips[1]).reshape(b) != 0
     out = torch.empty((b, 3, h, w), dtype=torch.float32)
     if b:
         mean = np.asarray(norm.mean, dtype=np.float32)
         inv_std = (1.0 / np.asarray(norm.std, dtype=np.float64)).astype(np.float32)
-        _compiled()(planes.view(b, 3, h * w).numpy(), f, mean, inv_std, out.view(b, 3, h * w).numpy())
+        _compiled()(planes.view(b, 3, h * w).numpy(), f, flags, w, mean, inv_std, out.view(b, 3, h * w).numpy())
     return out

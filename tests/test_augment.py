@@ -9,6 +9,7 @@ from PIL import Image
 
 from cornpipe.loaders import fused
 from cornpipe.loaders.augment import (
+    AugParams,
     apply_geometry_pil,
     augment_batch,
     center_boxes,
@@ -23,7 +24,7 @@ from cornpipe.loaders.augment import (
     val_preprocess,
     value_range,
 )
-from cornpipe.loaders.base import MEAN_255, STD_255, AugmentConfig
+from cornpipe.loaders.base import HOST_DTYPE, MEAN_255, STD_255, AugmentConfig
 
 
 def gradient_image(h: int = 60, w: int = 80) -> np.ndarray:
@@ -124,6 +125,29 @@ def test_fused_cpu_finish_computes_what_the_tensor_ops_compute():
     half = finish_batch(pixels, factors, dtype=torch.float16, channels_last=True, fast=True)
     assert half.dtype == torch.float16 and half.is_contiguous(memory_format=torch.channels_last)
     assert finish_batch(pixels[:0], factors[:0], fast=True).shape == (0, 3, 20, 28)
+
+
+@pytest.mark.skipif(not fused.AVAILABLE, reason="needs numba")
+def test_flips_folded_into_the_fused_finish_are_flip_rot_batchs():
+    """The resident backend hands its flips to the fused pass (rows written backwards / in reverse
+    order) instead of flipping uint8 copies: the same images as flip_rot_batch then the finish, on
+    every path (fused, tensor ops, interleaved input, host-only), and the input is left alone."""
+    gen = torch.Generator().manual_seed(1)
+    pixels = torch.randint(0, 256, (4, 3, 6, 9), dtype=torch.uint8, generator=gen)  # not square
+    before = pixels.clone()
+    hflip, vflip = np.array([False, True, False, True]), np.array([False, False, True, True])
+    factors = np.array([[1.3, 0.7, 1.2], [0.8, 1.2, 0.9], [1, 1, 1], [1.1, 1.0, 0.5]], np.float32)
+    params = AugParams(np.zeros((4, 4)), hflip, vflip, np.zeros(4, np.int64), factors)
+    want = finish_batch(flip_rot_batch(pixels.clone(), params), factors, fast=False)
+    for fast in (True, False):
+        got = finish_batch(pixels, factors, fast=fast, flips=(hflip, vflip))
+        assert torch.allclose(got, want, atol=1e-4), (fast, (got - want).abs().max())
+    hwc = pixels.permute(0, 2, 3, 1).contiguous()
+    got = finish_batch(hwc, factors, hwc=True, fast=True, flips=(hflip, vflip))
+    assert torch.allclose(got, want, atol=1e-4)
+    host = finish_batch(pixels, factors, dtype=HOST_DTYPE, flips=(hflip, vflip))
+    assert torch.equal(host, flip_rot_batch(pixels.clone(), params).permute(0, 2, 3, 1))
+    assert torch.equal(pixels, before)
 
 
 def test_normalize_and_value_range():
