@@ -1,9 +1,12 @@
 """Colour jitter + normalisation of the `dali` backend's CPU batches, inside DALI's operator threads.
 
-The kernel is `loaders.fused`'s (the CPU definition of the jitter every backend's finish runs),
-compiled without numba's own threads and called per image by DALI's `NumbaFunction` operator on
-the (S, S, 3) uint8 crops, split into the (3, S, S) planes the kernel reads: DALI's threads run the
-images in parallel, beside decoding, as crop_mirror_normalize does without jitter. Finishing on the
+The kernel is the ffcv decoder's per-image form of `loaders.fused`'s jitter (the CPU definition every
+backend's finish runs): `loaders.pixel_kernels.jitter_normalise`, which reads the (S, S, 3) uint8
+crop as it is and writes the (3, S, S) float32 image, compiled with fastmath (its loops vectorise)
+and without numba's own threads, and called per image by DALI's `NumbaFunction` operator: DALI's
+threads run the images in parallel, beside decoding, as crop_mirror_normalize does without jitter.
+(Before: the crop copied into planes for `loaders.fused.finish_kernel`, ~0.8-0.9x the rate of
+`--work same` in `bench loaders --work both`.) Finishing on the
 main thread instead cost a third more CPU per image on 2 cores (torch's uint8 HWC->CHW copy, numba's
 threads contending with DALI's); this costs about what crop_mirror_normalize does.
 
@@ -34,21 +37,19 @@ def jitter_op(mean: tuple[float, ...], std: tuple[float, ...]) -> Any | None:
         from nvidia.dali import types
         from nvidia.dali.plugin.numba import NumbaFunction
 
+        from cornpipe.loaders.pixel_kernels import jitter_normalise
+
+        def finish_one(crop, out, factors, mean, inv_std):  # pragma: no cover - compiled by numba
+            """crop (S, S, 3) uint8 (DALI flipped it already) -> out (3, S, S) float32."""
+            jitter_normalise(crop, out, False, False, factors, mean, inv_std, True)
+
         # serial: one image per call, DALI's threads are the parallelism
-        kernel = numba.njit(nogil=True, fastmath=True, error_model="numpy")(fused.finish_kernel)
+        kernel = numba.njit(nogil=True, fastmath=True, error_model="numpy")(finish_one)
         m = np.asarray(mean, dtype=np.float32)
         inv_std = (1.0 / np.asarray(std, dtype=np.float64)).astype(np.float32)
-        no_flips = np.zeros((1, 2), dtype=np.uint8)  # DALI flipped the crop already
 
         def run(out, crop, factors):  # pragma: no cover - compiled by numba
-            h, w, _ = crop.shape
-            pixels = crop.reshape(h * w, 3)
-            planes = np.empty((1, 3, h * w), dtype=np.uint8)  # the kernel reads unit-stride planes
-            for p in range(h * w):
-                planes[0, 0, p] = pixels[p, 0]
-                planes[0, 1, p] = pixels[p, 1]
-                planes[0, 2, p] = pixels[p, 2]
-            kernel(planes, factors.reshape(1, 3), no_flips, w, m, inv_std, out.reshape(1, 3, h * w))
+            kernel(crop, out, factors, m, inv_std)
 
         def setup(outs, ins):  # pragma: no cover - compiled by numba; (S, S, 3) in -> (3, S, S) out
             for i in range(len(outs[0])):

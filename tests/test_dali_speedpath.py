@@ -99,8 +99,9 @@ def test_jittered_batches_are_the_reference_images(tiny_shards):
 
 
 def test_jitter_finished_in_torch_where_dali_cannot_gives_the_same_batches(tiny_shards, monkeypatch):
-    """The jitter runs in DALI's threads with the fused kernel; without numba (or DALI's numba plugin)
-    torch finishes the crops with the same kernel: the same bits either way."""
+    """The jitter runs in DALI's threads with the per-image kernel; without numba (or DALI's numba
+    plugin) torch finishes the crops with the fused batch kernel: the same images either way, within
+    the float rounding of the contrast centre, summed in another order (a level is ~0.017 normalised)."""
     import cornpipe.loaders.dali_loader as dali_loader
 
     in_dali, ids = epoch_of(tiny_shards, "dali", augment=JITTER, channels_last=True)
@@ -108,7 +109,8 @@ def test_jitter_finished_in_torch_where_dali_cannot_gives_the_same_batches(tiny_
     in_torch, ids_t = epoch_of(tiny_shards, "dali", augment=JITTER, channels_last=True)
     assert torch.equal(ids, ids_t)
     assert all(a.is_contiguous(memory_format=torch.channels_last) for a in in_dali + in_torch)
-    assert all(torch.equal(a, b) for a, b in zip(in_dali, in_torch, strict=True))
+    for a, b in zip(in_dali, in_torch, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
 
 
 def test_validation_batches_are_the_reference_images(tiny_shards):
