@@ -5,7 +5,7 @@ backend's finish runs): `loaders.pixel_kernels.jitter_normalise`, which reads th
 crop as it is and writes the (3, S, S) float32 image, compiled with fastmath (its loops vectorise)
 and without numba's own threads, and called per image by DALI's `NumbaFunction` operator: DALI's
 threads run the images in parallel, beside decoding, as crop_mirror_normalize does without jitter.
-(Before: the crop copied into planes for `loaders.fused.finish_kernel`, ~0.8-0.9x the rate of
+(Before: the crop copied into planes for `loaders.fused`'s batch kernel, ~0.8-0.9x the rate of
 `--work same` in `bench loaders --work both`.) Finishing on the
 main thread instead cost a third more CPU per image on 2 cores (torch's uint8 HWC->CHW copy, numba's
 threads contending with DALI's); this costs about what crop_mirror_normalize does.

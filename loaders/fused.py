@@ -51,7 +51,7 @@ def _thread_safe_layer() -> bool:
 _SUM_BLOCK = 4096  # pixels summed in float32 before adding to the float64 total
 
 
-def finish_kernel(px, factors, flips, width, mean, inv_std, out):  # pragma: no cover - compiled by numba (here in parallel, by loaders.dali_jitter serially)
+def _finish_kernel(px, factors, flips, width, mean, inv_std, out):  # pragma: no cover - compiled by numba
     """px (B, 3, H*W) uint8 planes, factors (B, 3) float32 -> out (B, 3, H*W) float32, each image
     flipped first by flips (B, 2) uint8 (horizontal, vertical; rows of `width` pixels).
 
@@ -92,11 +92,6 @@ def finish_kernel(px, factors, flips, width, mean, inv_std, out):  # pragma: no 
         w, last = np.uint64(width), np.uint64(width - 1)
         for c in range(3):
             plane, dst, m, s = px[i, c], out[i, c], mean[c], inv_std[c]
-            if not hflip and not vflip:
-                for p in range(hw):
-                    x = min(max(min(max(np.float32(plane[p]) * bf, zero), top) * cf + shift, zero), top)
-                    dst[p] = (min(max(x * sf + grey[p], zero), top) - m) * s
-                continue
             for y in range(rows):
                 src_row, src_grey = plane[y * width:(y + 1) * width], grey[y * width:(y + 1) * width]
                 to = (rows - 1 - y) if vflip else y
@@ -126,7 +121,7 @@ def _compiled():  # noqa: ANN202 - a numba dispatcher, or None where numba does 
     global prange
     prange = numba.prange  # the kernel's global, read when numba compiles it
     return numba.njit(nogil=True, cache=True, fastmath=True, error_model="numpy",
-                      parallel=_thread_safe_layer())(finish_kernel)
+                      parallel=_thread_safe_layer())(_finish_kernel)
 
 
 
