@@ -24,9 +24,10 @@ Outputs (`layout`):
   batch's own array, NCHW or NHWC (channels_last), the flips folded into that pass
   (loaders.pixel_kernels). Measured per 224 px image on one core: numba's slice copy
   `dst[:] = src[:, ::-1]` (FFCV's RandomHorizontalFlip, which copies every image) ~230-250 us, the
-  normalising pass ~32 us (~90 us flipped), FFCV's NormalizeImage ~85 us; with the jitter ~180-260 us,
-  against ~1 ms for loaders.finish's tensor ops and ~120 us for its fused pass, which also needs the
-  uint8 batch written and read once more, on the consuming thread.
+  normalising pass ~32-36 us flipped or not (cache-hot; ~96 us writing a batch's fresh rows), FFCV's
+  NormalizeImage ~85 us; with the jitter ~92-110 us, against ~1 ms for loaders.finish's tensor ops
+  and its fused batch pass, which also needs the uint8 batch written and read once more, on the
+  consuming thread.
 - HOST (host-only CPU batches, `loaders.base.HOST_DTYPE`): the U8 crops, written into the batch's
   own array rather than FFCV's buffer, which loaders.finish would have to copy out (~10 MB a batch).
 
