@@ -24,10 +24,10 @@ Outputs (`layout`):
   batch's own array, NCHW or NHWC (channels_last), the flips folded into that pass
   (loaders.pixel_kernels). Measured per 224 px image on one core: numba's slice copy
   `dst[:] = src[:, ::-1]` (FFCV's RandomHorizontalFlip, which copies every image) ~230-250 us, the
-  normalising pass ~32-36 us flipped or not (cache-hot; ~96 us writing a batch's fresh rows), FFCV's
-  NormalizeImage ~85 us; with the jitter ~92-110 us, against ~1 ms for loaders.finish's tensor ops
-  and its fused batch pass, which also needs the uint8 batch written and read once more, on the
-  consuming thread.
+  normalising pass ~32-40 us flipped or not (cache-hot; ~96 us writing a batch's fresh rows), FFCV's
+  NormalizeImage ~85 us; with the jitter ~70-76 us, against ~1 ms for loaders.finish's tensor ops;
+  its fused batch pass runs the same per-image passes but needs the uint8 batch written and read once
+  more, on the consuming thread.
 - HOST (host-only CPU batches, `loaders.base.HOST_DTYPE`): the U8 crops, written into the batch's
   own array rather than FFCV's buffer, which loaders.finish would have to copy out (~10 MB a batch).
 
@@ -211,8 +211,11 @@ def _batch_process(batch_indices, out_u8, out_float, temp, crop, params, metadat
 # Parallel builds only: FFCV's epoch thread sets numba's thread count to the loader's `workers`
 # (numba.set_num_threads, per calling thread), so workers=1 runs them on one thread. fastmath lets
 # the float loops of loaders.pixel_kernels vectorise (their inputs are uint8: no NaN or infinity).
-_batch_os = nb.njit(nogil=True, cache=True, error_model="numpy", fastmath=True, parallel=True)(_batch_os)
-_batch_process = nb.njit(nogil=True, cache=True, error_model="numpy", fastmath=True, parallel=True)(_batch_process)
+# px.fresh_cache: their cache also goes stale when loaders.pixel_kernels (inlined here) changes.
+_batch_os = px.fresh_cache(nb.njit(nogil=True, cache=True, error_model="numpy", fastmath=True,
+                                   parallel=True)(_batch_os))
+_batch_process = px.fresh_cache(nb.njit(nogil=True, cache=True, error_model="numpy", fastmath=True,
+                                        parallel=True)(_batch_process))
 
 
 @nb.njit(nogil=True, cache=True)

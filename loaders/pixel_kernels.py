@@ -1,28 +1,33 @@
-"""Per-image pixel passes of the `ffcv` decoder (loaders.ffcv_ops), numba, one (S, S, 3) uint8 crop at a time.
+"""Per-image pixel passes, numba, one (S, S, 3) uint8 crop at a time: the last step of every CPU batch.
 
-They run inside FFCV's batch kernel, on its threads, while the crop is still in the core's cache:
-flips and quarter turns, and the last step of a CPU batch -- colour jitter and normalisation to
-float32, NCHW or NHWC -- with the definition of `loaders.fused` (which finishes uint8 batches of the
-other paths): brightness, contrast around the mean grey of the brightened image, saturation around
-each pixel's grey, each step clamped to [0, 255], then (x - mean) * (1 / std).
+The `ffcv` decoder (loaders.ffcv_ops) runs them inside FFCV's batch kernel, on its threads, while the
+crop is still in the core's cache; `loaders.fused` runs them over the uint8 batches of the other
+backends, images in parallel; the dali jitter operator per image. Flips and quarter turns, then
+colour jitter and normalisation to float32, NCHW or NHWC: brightness, contrast around the mean grey
+of the brightened image, saturation around each pixel's grey, each step clamped to [0, 255], then
+(x - mean) * (1 / std) -- the definition of `loaders.augment`'s tensor ops, which the tests hold
+these to.
 
 Measured per 224 px image on one core of the 2-core test VM (a Xeon with AVX-512), numba with
-fastmath (the batch kernels are compiled with it), flipped or not:
+fastmath (the batch kernels are compiled with it), cache-hot, flipped or not:
 
-- `normalise`: ~32-36 us (before: ~130 us flipped, reading the row backwards with a signed index;
+- `normalise`: ~32-40 us (before: ~130 us flipped, reading the row backwards with a signed index;
   numba's `dst[:] = src[:, ::-1]`, FFCV's RandomHorizontalFlip, ~240 us).
-- `jitter_normalise`: ~110 us, of which the contrast centre ~31 us. As one loop with every step per
-  pixel it was ~480 us: here each row is first jittered into four float32 row buffers (r, g, b
-  scaled by the saturation factor, and the saturation's grey term), then written out, so that no
-  loop has a branch inside and all of them vectorise. The contrast centre is summed row by row
-  (float32 within a row, float64 across rows): summed in blocks of 4096 pixels, as `loaders.fused`
-  does, it did not vectorise here (~100 us).
+- `jitter_normalise`: ~70-76 us, of which the contrast centre ~14 us (brightness <= 1) or ~20 us;
+  ~83-90 us with every step's clamp computed as written, ~480 us as one loop with a branch per pixel.
+- `contrast_shift`: column sums of the flat rows (~14 us; summing r, g and b apart: 22-31 us).
 - `copy_flipped` (uint8 crops): ~20 us (a slice assignment ~84 us).
 
 Every loop is a plain case of its own: a branch inside a pixel loop stops it vectorising (~1.7x).
+Kernels that inline these are cached by numba on their own file only: `fresh_cache` keeps them fresh.
 """
 
 from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+from typing import TypeVar
 
 import numba as nb
 import numpy as np
@@ -33,6 +38,42 @@ from cornpipe.loaders.fused import GREY_WEIGHTS
 # helper, whose overloads numba's parfor lowering corrupted when two kernels compiled the same helper
 # (seen as a KeyError of the helper's signature).
 jit = nb.njit(nogil=True, cache=True, error_model="numpy", inline="always")
+
+D = TypeVar("D")
+
+
+@functools.cache
+def _source_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def fresh_cache(dispatcher: D, *sources: str) -> D:
+    """`dispatcher` (numba, cache=True), its on-disk cache emptied when a file of `sources`
+    (default: this one) changed since the cache was written; returned for chaining.
+
+    numba keys a cached kernel on its own file only: a kernel that inlines these passes would load
+    its old machine code after they change (seen as 1-ulp differences between two ffcv kernels, one
+    compiled before and one after an edit here). The sources' digest is kept beside numba's index.
+    """
+    cache_file = getattr(getattr(dispatcher, "_cache", None), "_cache_file", None)
+    index = getattr(cache_file, "_index_path", None)
+    if index is None:  # caching off, or a numba whose cache looks different: nothing to keep fresh
+        return dispatcher
+    digest = "\n".join(_source_digest(s) for s in (sources or (__file__,)))
+    stamp = Path(f"{index}.sources")
+    try:
+        if stamp.read_text() == digest:
+            return dispatcher
+    except OSError:
+        pass
+    try:
+        dispatcher._cache.flush()  # an empty index: the next call compiles and saves anew
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(digest)
+    except OSError:  # a read-only cache directory: numba does not save there either
+        pass
+    return dispatcher
+
 
 _WR, _WG, _WB = GREY_WEIGHTS
 # Indices run unsigned where a row is walked backwards: a signed index makes numba check for negative
@@ -117,51 +158,63 @@ def normalise(src, dst, hflip, vflip, mean, inv_std, planar):
 
 
 @jit
+def _weighted_mean(acc, n):
+    """The mean grey of an image from its per-column sums `acc` (3 * S: r, g, b of each column)."""
+    sr, sg, sb = 0.0, 0.0, 0.0
+    for x in range(acc.shape[0] // 3):
+        sr += np.float64(acc[3 * x])
+        sg += np.float64(acc[3 * x + 1])
+        sb += np.float64(acc[3 * x + 2])
+    return (_WR * sr + _WG * sg + _WB * sb) / n
+
+
+@jit
 def contrast_shift(src, bf, cf):
     """(1 - cf) * the mean grey of the brightened, clamped (S, S, 3) uint8 image: the contrast step's
-    constant term. bf >= 0. With bf <= 1 nothing clamps and the mean is bf * the mean grey of the
-    image, from exact integer channel sums (~21 us against ~31 us in float32)."""
-    zero, top, one = np.float32(0.0), np.float32(255.0), np.float32(1.0)
-    wr, wg, wb = np.float32(_WR), np.float32(_WG), np.float32(_WB)
-    s, n = src.shape[1], max(src.shape[0] * src.shape[1], 1)
-    u0, u1, u2, u3 = _U(0), _U(1), _U(2), _U(3)
+    constant term. bf >= 0. Each row is added, as a flat run of 3 * S values, onto one row of column
+    sums (unit stride: it vectorises, where summing r, g and b apart does not), weighted at the end.
+    With bf <= 1 nothing clamps: exact integer sums, times bf (~15 us, against ~21 us in float32)."""
+    top, one = np.float32(255.0), np.float32(1.0)
+    width, n = 3 * src.shape[1], max(src.shape[0] * src.shape[1], 1)
     if bf <= one:
-        sr, sg, sb = 0, 0, 0
+        sums = np.zeros(width, dtype=np.uint32)  # < 2**32 for images up to 16 M rows
         for y in range(src.shape[0]):
-            row = src[y].reshape(3 * s)
-            a0, a1, a2 = np.uint32(0), np.uint32(0), np.uint32(0)  # < 2**32 for rows up to 16 M pixels
-            for x in range(u0, _U(s)):
-                a0 += np.uint32(row[u3 * x])
-                a1 += np.uint32(row[u3 * x + u1])
-                a2 += np.uint32(row[u3 * x + u2])
-            sr, sg, sb = sr + a0, sg + a1, sb + a2
-        total = (_WR * sr + _WG * sg + _WB * sb) * np.float64(bf)
-        return np.float32(total / n) * (one - cf)
-    total = 0.0  # float64 across rows, float32 (vectorised) within one
+            row = src[y].reshape(width)
+            for p in range(width):
+                sums[p] += np.uint32(row[p])
+        return np.float32(_weighted_mean(sums, n) * np.float64(bf)) * (one - cf)
+    clamped = np.zeros(width, dtype=np.float32)  # float32 down a column, float64 across them
     for y in range(src.shape[0]):
-        row = src[y].reshape(3 * s)
-        part = zero
-        for x in range(u0, _U(s)):
-            r = min(np.float32(row[u3 * x]) * bf, top)
-            g = min(np.float32(row[u3 * x + u1]) * bf, top)
-            b = min(np.float32(row[u3 * x + u2]) * bf, top)
-            part += wr * r + wg * g + wb * b
-        total += part
-    return np.float32(total / n) * (one - cf)
+        row = src[y].reshape(width)
+        for p in range(width):
+            clamped[p] += min(np.float32(row[p]) * bf, top)
+    return np.float32(_weighted_mean(clamped, n)) * (one - cf)
 
 
 @jit
 def jitter_normalise(src, dst, hflip, vflip, factors, mean, inv_std, planar):
-    """`normalise` after the colour jitter of `factors` (brightness, contrast, saturation; float32)."""
+    """`normalise` after the colour jitter of `factors` (brightness, contrast, saturation; float32).
+
+    Computed per pixel as fewer operations than the definition spells out, the same values within
+    float rounding (tests hold it to the tensor ops):
+    - brightness then contrast, min(v * bf, 255) * cf + shift clamped to [0, 255], is one monotone
+      function of v: v * (bf * cf) + shift clamped to [lo, hi], the range of the definition's values;
+    - the saturation's clamp and the normalisation fold into one: with inv_std > 0,
+      (clamp(x, 0, 255) - m) * i == clamp(x * i - m * i, -m * i, (255 - m) * i);
+    - the saturation's (1 - sf) is folded into the grey weights.
+    """
     s = src.shape[1]
     zero, top, one = np.float32(0.0), np.float32(255.0), np.float32(1.0)
-    # v >= 0, so clamp(v * bf) == min(v * max(bf, 0), 255): one clamp fewer per value
-    bf, cf, sf = max(factors[0], zero), factors[1], factors[2]
-    wr, wg, wb = np.float32(_WR), np.float32(_WG), np.float32(_WB)
+    bf, cf, sf = max(factors[0], zero), factors[1], factors[2]  # v >= 0: clamp(v * bf) == min(v * bf, 255)
     shift = contrast_shift(src, bf, cf) if cf != one else zero
+    bc, capped = bf * cf, top * cf + shift  # capped: the value of every v with v * bf >= 255
+    lo, hi = max(min(shift, capped), zero), min(max(shift, capped), top)
     keep = one - sf
-    m0, m1, m2 = mean[0], mean[1], mean[2]
+    wr, wg, wb = np.float32(_WR) * keep, np.float32(_WG) * keep, np.float32(_WB) * keep
     i0, i1, i2 = inv_std[0], inv_std[1], inv_std[2]
+    a0, a1, a2 = sf * i0, sf * i1, sf * i2
+    c0, c1, c2 = -mean[0] * i0, -mean[1] * i1, -mean[2] * i2  # also the lowest outputs
+    h0, h1, h2 = (top - mean[0]) * i0, (top - mean[1]) * i1, (top - mean[2]) * i2  # the highest
     last, u0, u1, u2, u3 = _U(s - 1), _U(0), _U(1), _U(2), _U(3)
     for y in range(src.shape[0]):
         row = (src[src.shape[0] - 1 - y] if vflip else src[y]).reshape(3 * s)
@@ -169,41 +222,41 @@ def jitter_normalise(src, dst, hflip, vflip, factors, mean, inv_std, planar):
             d0, d1, d2 = dst[0, y], dst[1, y], dst[2, y]
             if hflip:
                 for x in range(u0, _U(s)):
-                    r = min(max(min(np.float32(row[u3 * x]) * bf, top) * cf + shift, zero), top)
-                    g = min(max(min(np.float32(row[u3 * x + u1]) * bf, top) * cf + shift, zero), top)
-                    b = min(max(min(np.float32(row[u3 * x + u2]) * bf, top) * cf + shift, zero), top)
-                    grey = (wr * r + wg * g + wb * b) * keep
+                    r = min(max(np.float32(row[u3 * x]) * bc + shift, lo), hi)
+                    g = min(max(np.float32(row[u3 * x + u1]) * bc + shift, lo), hi)
+                    b = min(max(np.float32(row[u3 * x + u2]) * bc + shift, lo), hi)
+                    grey = wr * r + wg * g + wb * b
                     q = last - x
-                    d0[q] = (min(max(r * sf + grey, zero), top) - m0) * i0
-                    d1[q] = (min(max(g * sf + grey, zero), top) - m1) * i1
-                    d2[q] = (min(max(b * sf + grey, zero), top) - m2) * i2
+                    d0[q] = min(max(r * a0 + (grey * i0 + c0), c0), h0)
+                    d1[q] = min(max(g * a1 + (grey * i1 + c1), c1), h1)
+                    d2[q] = min(max(b * a2 + (grey * i2 + c2), c2), h2)
             else:
                 for x in range(u0, _U(s)):
-                    r = min(max(min(np.float32(row[u3 * x]) * bf, top) * cf + shift, zero), top)
-                    g = min(max(min(np.float32(row[u3 * x + u1]) * bf, top) * cf + shift, zero), top)
-                    b = min(max(min(np.float32(row[u3 * x + u2]) * bf, top) * cf + shift, zero), top)
-                    grey = (wr * r + wg * g + wb * b) * keep
-                    d0[x] = (min(max(r * sf + grey, zero), top) - m0) * i0
-                    d1[x] = (min(max(g * sf + grey, zero), top) - m1) * i1
-                    d2[x] = (min(max(b * sf + grey, zero), top) - m2) * i2
+                    r = min(max(np.float32(row[u3 * x]) * bc + shift, lo), hi)
+                    g = min(max(np.float32(row[u3 * x + u1]) * bc + shift, lo), hi)
+                    b = min(max(np.float32(row[u3 * x + u2]) * bc + shift, lo), hi)
+                    grey = wr * r + wg * g + wb * b
+                    d0[x] = min(max(r * a0 + (grey * i0 + c0), c0), h0)
+                    d1[x] = min(max(g * a1 + (grey * i1 + c1), c1), h1)
+                    d2[x] = min(max(b * a2 + (grey * i2 + c2), c2), h2)
         else:
             out = dst[y].reshape(3 * s)
             if hflip:
                 for x in range(u0, _U(s)):
-                    r = min(max(min(np.float32(row[u3 * x]) * bf, top) * cf + shift, zero), top)
-                    g = min(max(min(np.float32(row[u3 * x + u1]) * bf, top) * cf + shift, zero), top)
-                    b = min(max(min(np.float32(row[u3 * x + u2]) * bf, top) * cf + shift, zero), top)
-                    grey = (wr * r + wg * g + wb * b) * keep
+                    r = min(max(np.float32(row[u3 * x]) * bc + shift, lo), hi)
+                    g = min(max(np.float32(row[u3 * x + u1]) * bc + shift, lo), hi)
+                    b = min(max(np.float32(row[u3 * x + u2]) * bc + shift, lo), hi)
+                    grey = wr * r + wg * g + wb * b
                     q = u3 * (last - x)
-                    out[q] = (min(max(r * sf + grey, zero), top) - m0) * i0
-                    out[q + u1] = (min(max(g * sf + grey, zero), top) - m1) * i1
-                    out[q + u2] = (min(max(b * sf + grey, zero), top) - m2) * i2
+                    out[q] = min(max(r * a0 + (grey * i0 + c0), c0), h0)
+                    out[q + u1] = min(max(g * a1 + (grey * i1 + c1), c1), h1)
+                    out[q + u2] = min(max(b * a2 + (grey * i2 + c2), c2), h2)
             else:
                 for x in range(u0, _U(s)):
-                    r = min(max(min(np.float32(row[u3 * x]) * bf, top) * cf + shift, zero), top)
-                    g = min(max(min(np.float32(row[u3 * x + u1]) * bf, top) * cf + shift, zero), top)
-                    b = min(max(min(np.float32(row[u3 * x + u2]) * bf, top) * cf + shift, zero), top)
-                    grey = (wr * r + wg * g + wb * b) * keep
-                    out[u3 * x] = (min(max(r * sf + grey, zero), top) - m0) * i0
-                    out[u3 * x + u1] = (min(max(g * sf + grey, zero), top) - m1) * i1
-                    out[u3 * x + u2] = (min(max(b * sf + grey, zero), top) - m2) * i2
+                    r = min(max(np.float32(row[u3 * x]) * bc + shift, lo), hi)
+                    g = min(max(np.float32(row[u3 * x + u1]) * bc + shift, lo), hi)
+                    b = min(max(np.float32(row[u3 * x + u2]) * bc + shift, lo), hi)
+                    grey = wr * r + wg * g + wb * b
+                    out[u3 * x] = min(max(r * a0 + (grey * i0 + c0), c0), h0)
+                    out[u3 * x + u1] = min(max(g * a1 + (grey * i1 + c1), c1), h1)
+                    out[u3 * x + u2] = min(max(b * a2 + (grey * i2 + c2), c2), h2)
