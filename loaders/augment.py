@@ -381,9 +381,9 @@ def finish_batch(pixels: torch.Tensor, factors: np.ndarray | torch.Tensor | None
     if dtype == HOST_DTYPE:
         return host_batch(pixels, hwc=hwc)
     if fast_finish(pixels, fast):
-        x = fused.fused_finish(pixels, factors, channels_last_input=hwc, norm=norm, flips=flips)
-        x = x if dtype == torch.float32 else x.to(dtype)
-        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        x = fused.fused_finish(pixels, factors, channels_last_input=hwc, norm=norm, flips=flips,
+                               channels_last=channels_last)
+        return x if dtype == torch.float32 else x.to(dtype)  # (.to keeps the memory format)
     x = (pixels.permute(0, 3, 1, 2) if hwc else pixels).float()
     if factors is not None:
         x = color_jitter_batch(x, factors)

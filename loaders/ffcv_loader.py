@@ -34,10 +34,9 @@ FFCV specifics handled here:
 - Building FFCV Loaders is costly (its operations are JIT-compiled per Loader), so Loaders are
   cached per (files, image size, workers, device, cache mode, output) and reused.
 - FFCV reuses its output buffers a few batches later; a batch handed out must not change under its
-  holder, so normalised batches are written into arrays of an `_OutputPool`, each reused only once no
-  tensor made from it is alive. A fresh tensor per batch (what loaders.finish returns) costs its
-  first-touch page faults every batch: 0.33-0.58 ms per MB on the 2-core test VM, ~0.2-0.3 ms per
-  224 px float32 image (bench/profile_ffcv.py). For the same reason a CPU loader keeps FFCV's
+  holder, so normalised batches are written into arrays of a `loaders.memory.OutputPool`, each reused
+  only once no tensor made from it is alive (a fresh array per batch costs its page faults every batch:
+  ~0.2-0.3 ms per 224 px float32 image, bench/profile_ffcv.py). For the same reason a CPU loader keeps FFCV's
   batch-slot buffers from one epoch to the next (`_allocate_offered`) instead of FFCV's new ones.
 - FFCV sets torch's intra-op thread count (to 1 on import, to `workers` while an epoch runs); it is
   restored after each epoch and on close.
@@ -50,7 +49,6 @@ Augmentation draws replay with the epoch (same (seed, epoch) -> same pixels), as
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -63,6 +61,7 @@ from cornpipe.errors import LoaderError, MissingDependency, install_hint
 from cornpipe.loaders.base import HOST_DTYPE, Batch
 from cornpipe.loaders.common import EpochLoader, LoaderSpec, augment_params, cut_to_batches, source_rows
 from cornpipe.loaders.finish import Finisher
+from cornpipe.loaders.memory import OutputPool
 from cornpipe.shards import fields as F
 
 _threads = torch.get_num_threads()  # importing FFCV sets torch's intra-op threads to 1; undone below
@@ -100,28 +99,6 @@ class EpochOrder(TraversalOrder):
         return np.ascontiguousarray(self.draw(epoch), dtype=np.int64)
 
 
-class _OutputPool:
-    """(batch_size, *shape) arrays of `dtype` for the decoder to write batches into. An array is
-    reused once nothing else references it, i.e. no tensor made from it (a batch the consumer still
-    holds, or any view of one) is alive; at most `keep` arrays are remembered."""
-
-    def __init__(self, shape: tuple[int, ...], keep: int, dtype: np.dtype) -> None:
-        self.shape, self.keep, self.dtype = shape, keep, dtype
-        self.arrays: list[np.ndarray] = []
-        self._lock = threading.Lock()  # two epochs of one loader may run at once (an abandoned one winding down)
-
-    def take(self) -> np.ndarray:
-        """A free array; the caller holds it (a reference) before another take() can see it as free."""
-        with self._lock:
-            for array in self.arrays:
-                if sys.getrefcount(array) <= 3:  # the list, `array` and getrefcount's argument: free
-                    return array
-            array = np.empty(self.shape, dtype=self.dtype)
-            if len(self.arrays) < self.keep:
-                self.arrays.append(array)
-            return array
-
-
 class _Slots:
     """Stands in for FFCV's per-slot output buffer: every slot is this batch's own array."""
 
@@ -156,7 +133,7 @@ class _EpochRun(EpochIterator):
     instead of killing the thread silently."""
 
     def __init__(self, loader: Loader, order: np.ndarray, params: list[np.ndarray], node_id: int,
-                 pool: _OutputPool | None) -> None:
+                 pool: OutputPool | None) -> None:
         self._params = params  # per batch: (B, PARAM_COLUMNS) int64
         self._node_id = node_id
         self._pool = pool
@@ -279,7 +256,7 @@ class FfcvLoader(EpochLoader):
             torch.set_num_threads(self._torch_threads)
         self._pool = None
         if self.layout != ops.U8:  # batches in flight: the queue, FFCV's slots, the consumer's
-            self._pool = _OutputPool((spec.batch_size, *self._loader.cornpipe_output_shape), BATCHES_AHEAD + 4,
+            self._pool = OutputPool((spec.batch_size, *self._loader.cornpipe_output_shape), BATCHES_AHEAD + 4,
                                      self._loader.cornpipe_output_dtype)
         self._run: _EpochRun | None = None
         # ((batch_size, slots), buffers) of the last epoch whose thread is done; CPU only: on CUDA the

@@ -6,8 +6,12 @@ saturation (blend with each pixel's grey), each step clamped to [0, 255] as torc
 (x - MEAN_255) / STD_255. The tensor path makes ~10 float passes over the batch; on a CPU that was
 the loaders' serial bottleneck (1-2 ms per 224 px image on the main thread, 40-60 % of an `ffcv`
 epoch on 2 cores). Here each image is read as uint8 (twice when contrast is on: once for the
-contrast centre) and written once as float32, in loops that vectorise, images in parallel:
-~0.07 ms per 224 px image on one core against ~1 ms for the tensor ops.
+contrast centre) and written once as float32, by `loaders.pixel_kernels` (the passes the `ffcv`
+decoder runs), images in parallel. They read interleaved pixels: (B, H, W, 3), or (B, 3, H, W) NHWC
+in memory, as the resident backend's crops and the torch backend's PIL crops come. Measured per
+224 px image on one core of the 2-core test VM, a 64-image batch: ~100 us, ~120 us with the jitter
+(the planar kernel before: 322 and 388 us; the tensor ops ~1 ms). The outputs are reused arrays
+(`loaders.memory`): into fresh memory each batch, the same pass took 276 us.
 
 numba ships with FFCV; without it (the bare GPU machine, where batches are finished on the GPU
 anyway) `AVAILABLE` is False and callers use the tensor path. An installed numba that fails to import
@@ -27,6 +31,7 @@ import numpy as np
 import torch
 
 from cornpipe.loaders.base import IMAGENET, Normalization
+from cornpipe.loaders.memory import Pools
 
 GREY_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)  # ITU-R 601 luma
 
@@ -48,65 +53,27 @@ def _thread_safe_layer() -> bool:
     return False
 
 
-_SUM_BLOCK = 4096  # pixels summed in float32 before adding to the float64 total
-
-
-def _finish_kernel(px, factors, flips, width, mean, inv_std, out):  # pragma: no cover - compiled by numba
-    """px (B, 3, H*W) uint8 planes, factors (B, 3) float32 -> out (B, 3, H*W) float32, each image
-    flipped first by flips (B, 2) uint8 (horizontal, vertical; rows of `width` pixels).
-
-    Every pixel loop reads unit-stride planes and writes one array, so it vectorises (fastmath:
-    the inputs are uint8, there are no NaNs or infinities for it to mishandle); a flip writes the
-    rows backwards / in reverse order, with unsigned indices (a signed one makes numba check for
-    wrap-around, which stops the loop vectorising). Brightness and contrast are cheap enough to
-    recompute per channel rather than store.
-    """
-    wr, wg, wb = np.float32(GREY_WEIGHTS[0]), np.float32(GREY_WEIGHTS[1]), np.float32(GREY_WEIGHTS[2])
-    zero, top, one = np.float32(0.0), np.float32(255.0), np.float32(1.0)
-    n, hw = px.shape[0], px.shape[2]
-    for i in prange(n):
-        bf, cf, sf = factors[i, 0], factors[i, 1], factors[i, 2]
-        pr, pg, pb = px[i, 0], px[i, 1], px[i, 2]
-        shift = zero
-        if cf != 1 and hw > 0:  # the contrast centre: mean grey of the brightened (clamped) image
-            total = 0.0  # float64 across blocks; float32 (vectorised) within a block
-            for start in range(0, hw, _SUM_BLOCK):
-                part = zero
-                for p in range(start, min(start + _SUM_BLOCK, hw)):
-                    r = min(max(np.float32(pr[p]) * bf, zero), top)
-                    g = min(max(np.float32(pg[p]) * bf, zero), top)
-                    b = min(max(np.float32(pb[p]) * bf, zero), top)
-                    part += wr * r + wg * g + wb * b
-                total += part
-            shift = np.float32(total / hw) * (one - cf)
-        # saturation blends each channel with the pixel's grey (of the brightness+contrast image)
-        keep = one - sf
-        grey = np.empty(hw, dtype=np.float32)
-        for p in range(hw):
-            r = min(max(min(max(np.float32(pr[p]) * bf, zero), top) * cf + shift, zero), top)
-            g = min(max(min(max(np.float32(pg[p]) * bf, zero), top) * cf + shift, zero), top)
-            b = min(max(min(max(np.float32(pb[p]) * bf, zero), top) * cf + shift, zero), top)
-            grey[p] = (wr * r + wg * g + wb * b) * keep
+def _finish_kernel(px, factors, flips, mean, inv_std, planar, out):  # pragma: no cover - compiled by numba
+    """px (B, H, W, 3) uint8, factors (B, 3) float32, flips (B, 2) uint8 (horizontal, vertical) ->
+    out float32, (B, 3, H, W) when `planar`, else (B, H, W, 3): one image per iteration, images in
+    parallel, each with `loaders.pixel_kernels`' passes (inlined here), which the `ffcv` decoder and
+    the dali jitter operator run too. An image whose factors are all 1 is only normalised."""
+    one = np.float32(1.0)
+    for i in prange(px.shape[0]):
+        f = factors[i]
         hflip, vflip = flips[i, 0] != 0, flips[i, 1] != 0
-        rows = hw // width if width > 0 else 0
-        w, last = np.uint64(width), np.uint64(width - 1)
-        for c in range(3):
-            plane, dst, m, s = px[i, c], out[i, c], mean[c], inv_std[c]
-            for y in range(rows):
-                src_row, src_grey = plane[y * width:(y + 1) * width], grey[y * width:(y + 1) * width]
-                to = (rows - 1 - y) if vflip else y
-                dst_row = dst[to * width:(to + 1) * width]
-                if hflip:
-                    for q in range(np.uint64(0), w):
-                        x = min(max(min(max(np.float32(src_row[q]) * bf, zero), top) * cf + shift, zero), top)
-                        dst_row[last - q] = (min(max(x * sf + src_grey[q], zero), top) - m) * s
-                else:
-                    for q in range(np.uint64(0), w):
-                        x = min(max(min(max(np.float32(src_row[q]) * bf, zero), top) * cf + shift, zero), top)
-                        dst_row[q] = (min(max(x * sf + src_grey[q], zero), top) - m) * s
+        if f[0] == one and f[1] == one and f[2] == one:
+            _px.normalise(px[i], out[i], hflip, vflip, mean, inv_std, planar)
+        else:
+            _px.jitter_normalise(px[i], out[i], hflip, vflip, f, mean, inv_std, planar)
 
+
+# The output arrays: reused once the batch made from one is no longer held (loaders.memory), for the
+# few most recent batch shapes (a loader's train and val batches, a last short batch).
+_POOLS = Pools(keep=4, shapes=4)
 
 prange = range  # numba.prange inside the compiled kernel (see _compiled)
+_px = None  # loaders.pixel_kernels, imported with numba (see _compiled)
 
 
 @functools.cache
@@ -118,12 +85,12 @@ def _compiled():  # noqa: ANN202 - a numba dispatcher, or None where numba does 
         warnings.warn(f"numba is installed but does not import ({type(exc).__name__}: {exc}); CPU batches "
                       f"are finished with the slower tensor ops", RuntimeWarning, stacklevel=3)
         return None
-    global prange
-    prange = numba.prange  # the kernel's global, read when numba compiles it
-    return numba.njit(nogil=True, cache=True, fastmath=True, error_model="numpy",
-                      parallel=_thread_safe_layer())(_finish_kernel)
+    from cornpipe.loaders import pixel_kernels
 
-
+    global prange, _px
+    prange, _px = numba.prange, pixel_kernels  # the kernel's globals, read when numba compiles it
+    return pixel_kernels.fresh_cache(numba.njit(nogil=True, cache=True, fastmath=True, error_model="numpy",
+                                                parallel=_thread_safe_layer())(_finish_kernel))
 
 
 def ready() -> bool:
@@ -133,10 +100,13 @@ def ready() -> bool:
 
 def fused_finish(pixels: torch.Tensor, factors: np.ndarray | torch.Tensor | None, *,
                  channels_last_input: bool, norm: Normalization = IMAGENET,
-                 flips: tuple[np.ndarray, np.ndarray] | None = None) -> torch.Tensor:
-    """uint8 CPU pixels -> (flipped,) jittered, normalised (B, 3, H, W) float32, contiguous.
+                 flips: tuple[np.ndarray, np.ndarray] | None = None, channels_last: bool = False) -> torch.Tensor:
+    """uint8 CPU pixels -> (flipped,) jittered, normalised (B, 3, H, W) float32: contiguous, or
+    NHWC in memory (torch.channels_last) when `channels_last`, written so by the kernel.
 
-    pixels: (B, H, W, 3) when `channels_last_input`, else (B, 3, H, W); any strides.
+    pixels: (B, H, W, 3) when `channels_last_input`, else (B, 3, H, W); any strides. The kernel reads
+    interleaved pixels: a (B, 3, H, W) tensor already NHWC in memory (channels_last) is read in place,
+    any other is copied to NHWC first (~200 us per 224 px image).
     factors: (B, 3) brightness, contrast, saturation (1 = unchanged); None = no jitter.
     flips: per-image horizontal and vertical flip flags, applied first (as `augment.flip_rot_batch`
     does, in the same pass instead of two uint8 copies); None = none.
@@ -145,9 +115,8 @@ def fused_finish(pixels: torch.Tensor, factors: np.ndarray | torch.Tensor | None
         raise RuntimeError("fused_finish needs numba (not installed, or it does not import)")
     if pixels.dtype != torch.uint8 or pixels.device.type != "cpu":
         raise ValueError(f"fused_finish needs uint8 CPU pixels, got {pixels.dtype} on {pixels.device}")
-    # (B, 3, H, W) planes, contiguous: a uint8 copy when the input is interleaved or strided
-    planes = (pixels.permute(0, 3, 1, 2) if channels_last_input else pixels).contiguous()
-    b, c, h, w = planes.shape
+    hwc = (pixels if channels_last_input else pixels.permute(0, 2, 3, 1)).contiguous()  # (B, H, W, 3)
+    b, h, w, c = hwc.shape
     if c != 3:
         raise ValueError(f"fused_finish needs 3 channels, got {c}")
     if factors is None:
@@ -158,9 +127,10 @@ def fused_finish(pixels: torch.Tensor, factors: np.ndarray | torch.Tensor | None
     flags = np.zeros((b, 2), dtype=np.uint8)
     if flips is not None:
         flags[:, 0], flags[:, 1] = np.asarray(flips[0]).reshape(b) != 0, np.asarray(flips[1]).reshape(b) != 0
-    out = torch.empty((b, 3, h, w), dtype=torch.float32)
+    written = _POOLS.take((b, h, w, 3) if channels_last else (b, 3, h, w), np.float32)  # every value is written
     if b:
         mean = np.asarray(norm.mean, dtype=np.float32)
         inv_std = (1.0 / np.asarray(norm.std, dtype=np.float64)).astype(np.float32)
-        _compiled()(planes.view(b, 3, h * w).numpy(), f, flags, w, mean, inv_std, out.view(b, 3, h * w).numpy())
-    return out
+        _compiled()(hwc.numpy(), f, flags, mean, inv_std, not channels_last, written)
+    out = torch.from_numpy(written)
+    return out.permute(0, 3, 1, 2) if channels_last else out

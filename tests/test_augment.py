@@ -122,6 +122,8 @@ def test_fused_cpu_finish_computes_what_the_tensor_ops_compute():
     view = pixels[:, :, ::2, 1:]
     assert torch.allclose(finish_batch(view, factors, fast=True), finish_batch(view, factors, fast=False), atol=1e-4)
     assert torch.allclose(finish_batch(pixels, None, fast=True), normalize_batch(pixels.float()), atol=1e-4)
+    nhwc = finish_batch(pixels, factors, channels_last=True, fast=True)  # written NHWC by the kernel itself
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and torch.allclose(nhwc, want, atol=1e-4)
     half = finish_batch(pixels, factors, dtype=torch.float16, channels_last=True, fast=True)
     assert half.dtype == torch.float16 and half.is_contiguous(memory_format=torch.channels_last)
     assert finish_batch(pixels[:0], factors[:0], fast=True).shape == (0, 3, 20, 28)
