@@ -249,7 +249,8 @@ def roi_align_window(boxes: np.ndarray, height: int, width: int) -> tuple[int, i
 
 def crop_resize_uint8(images: torch.Tensor, boxes: np.ndarray | torch.Tensor, size: int,
                       index: np.ndarray | None = None) -> torch.Tensor:
-    """CPU path: (N, 3, H, W) uint8 -> (B, 3, S, S) uint8, one antialiased bilinear resize per box.
+    """CPU path: (N, 3, H, W) uint8 -> (B, 3, S, S) uint8 (NHWC in memory), one antialiased bilinear
+    resize per box; `images` fastest NHWC in memory too.
 
     torch's uint8 antialias kernel (the one torchvision's Resize uses; it follows PIL) is ~8x
     faster on a CPU core than roi_align on floats. Boxes are rounded to whole pixels. Box i crops
@@ -260,7 +261,9 @@ def crop_resize_uint8(images: torch.Tensor, boxes: np.ndarray | torch.Tensor, si
     b = len(boxes) if index is None else len(index)
     rows = range(b) if index is None else np.asarray(index).tolist()
     box = np.rint(np.asarray(boxes, dtype=np.float64).reshape(b, 4)).astype(np.int64)
-    out = torch.empty((b, images.shape[1], size, size), dtype=torch.uint8)
+    # NHWC in memory (channels_last), as the kernel computes it: from a channels_last crop no layout
+    # conversion at all (169 us per 224 px crop of a 256 px image, 689 from and to NCHW)
+    out = torch.empty((b, size, size, images.shape[1]), dtype=torch.uint8).permute(0, 3, 1, 2)
     for i, (r, (top, left, h, w)) in enumerate(zip(rows, box.tolist(), strict=True)):
         crop = images[r:r + 1, :, top:top + max(h, 1), left:left + max(w, 1)]
         out[i] = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]

@@ -86,6 +86,10 @@ class ResidentLoader(EpochLoader):
                               f"valid: auto, roi_align{', interpolate' if not spec.on_cuda else ''}")
         dev = spec.device
         self.store = torch.zeros((self.rows, 3, height, width), dtype=torch.uint8, device=dev)
+        if use_interpolate(self.store, self.crop_kernel):
+            # NHWC in memory: torch's uint8 antialias resize works on interleaved pixels, and
+            # loaders.fused reads them; from NCHW it converts both ways (689 vs 169 us per 224 px crop)
+            self.store = self.store.contiguous(memory_format=torch.channels_last)
         self._fill(blobs)
         self.position_t = torch.from_numpy(self.position).to(dev)
         self.grade_t = torch.from_numpy(self.grade).to(dev)
