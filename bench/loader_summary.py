@@ -25,6 +25,13 @@ def dataset_class_fractions(root: str, split: str) -> list[float]:
     return [c / max(1, sum(counts)) for c in counts]
 
 
+def full_vs_same_rounds(full: list[float], same: list[float]) -> list[float]:
+    """A backend's full rate over its same rate, round by round (the two rows run one after the other in
+    each round, so a round's pair shares the machine's state; their median moves less than the ratio of
+    the two medians). Both lists start at the first round; a row that fails is not measured again, so
+the rounds after the shorter list's end are left out."""
+    return [f / s for f, s in zip(full, same, strict=False) if f and s]
+
 
 def summarize(rows: list[Row], cfg: LoaderBenchConfig, ceiling_rates: list[float],
               ceiling_info: dict[str, Any], shard_dirs: list[Path]) -> dict[str, Any]:
@@ -34,8 +41,8 @@ def summarize(rows: list[Row], cfg: LoaderBenchConfig, ceiling_rates: list[float
     base_rate = median(baseline.rates) if baseline else None
     peer_rate = {(r.target.backend, r.target.mode): median(r.rates) for r in rows
                  if r.target.backend in PEERS and r.rates}
-    same_rate = {(r.target.backend, r.target.mode, r.target.root): median(r.rates) for r in rows
-                 if r.target.work == "same" and r.rates}
+    same_rates = {(r.target.backend, r.target.mode, r.target.root): r.rates for r in rows
+                  if r.target.work == "same" and r.rates}
     ceiling = median(ceiling_rates) if ceiling_rates else None
     results = []
     for row in rows:
@@ -57,8 +64,10 @@ def summarize(rows: list[Row], cfg: LoaderBenchConfig, ceiling_rates: list[float
             entry["ratio_vs_peer"] = rate / peer
         if cfg.work == "both":  # each backend's full row against its same row of the same rounds
             entry["work"] = row.target.work
-            same = same_rate.get((row.target.backend, row.target.mode, row.target.root))
-            entry["full_vs_same"] = rate / same if row.target.work == "full" and rate and same else None
+            same = same_rates.get((row.target.backend, row.target.mode, row.target.root))
+            rounds = full_vs_same_rounds(row.rates, same) if row.target.work == "full" and same else []
+            entry["full_vs_same"] = median(rounds) if rounds else None
+            entry["full_vs_same_rounds"] = rounds or None
         for key in ("first_batch_s", "build_s", "batch_shape", "dtype", "batches_per_epoch", "class_fractions",
                     "augment", "setup"):
             if key in row.extra:

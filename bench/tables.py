@@ -90,7 +90,8 @@ def loader_table(summary: dict[str, Any]) -> Table:
                        + (", then stops at uint8" if host_only else " + normalise to float32"))
     if both:
         caption.append("(full) rows keep cornpipe's default augmentation (+ vertical flip, colour jitter); full ÷ same "
-                       "= the same backend's two rows, run one after the other in every round")
+                       "= the same backend's two rows, run one after the other in every round: the median of the "
+                       "rounds' ratios")
     if host_only:
         caption.append("host-only: every row hands out (B, S, S, 3) uint8 crops on the host, the colour jitter and "
                        "normalisation left to the GPU: the rate a GPU would be fed")
