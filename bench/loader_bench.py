@@ -192,6 +192,20 @@ def plan_targets(shard_dirs: list[Path], backends: list[str], source: Path | Non
     return targets
 
 
+def round_order(rows: list[Row], repeat: int) -> list[Row]:
+    """The rows in the order round `repeat` runs them: as listed, except that every second round runs
+    a backend's full row before its same row, so that a machine slowing down or speeding up over the
+    run does not always favour the same one of the pair."""
+    if repeat % 2 == 0:
+        return list(rows)
+    out = list(rows)
+    for i in range(len(out) - 1):
+        a, b = out[i], out[i + 1]
+        if a.target.work == "same" and b.target == replace(a.target, work="full"):
+            out[i], out[i + 1] = b, a
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # child side: one measurement
 
@@ -314,7 +328,7 @@ def run_loader_bench(shard_dirs: list[Path], cfg: LoaderBenchConfig, *, backends
              f"oversample {cfg.oversample})")
         peers = []
     targets = plan_targets(shard_dirs, backends, source, peers)
-    if cfg.work == "both":  # each backend's same row, then its full row, in every round
+    if cfg.work == "both":  # each backend's same row and its full row, one after the other in every round
         targets = [replace(t, work=w) for t in targets for w in (("same",) if t.backend in PEERS else ("same", "full"))]
     for target in [t for t in targets if t.backend in PEERS and t.mode != FOLDER]:
         why = peer_unusable(target.backend, target.root, cfg.split)
@@ -328,7 +342,7 @@ def run_loader_bench(shard_dirs: list[Path], cfg: LoaderBenchConfig, *, backends
     jpg_root = next((str(r) for r in shard_dirs if write_mode(r) == "jpg"), str(shard_dirs[0]))
     ceiling_seconds = cfg.seconds if cfg.seconds else 5.0
     for repeat in range(cfg.repeats):
-        for row in rows:
+        for row in round_order(rows, repeat):
             if row.error:
                 continue
             spec = {"target": asdict(row.target), "config": asdict(cfg)}

@@ -525,3 +525,15 @@ def test_gpu_check_script_runs_without_gpu_and_brings_back_a_few_small_files(tmp
     assert summary["figures"]["train-run"]["epochs"] == 2 and summary["figures"]["train-run"]["loader"] == "resident"
     assert summary["figures"]["pytest-gpu"]["tests"] >= 1  # the gpu tests were collected (and skipped here)
     assert "==> train-run.log" in (out / "log_tail.txt").read_text()
+
+
+def test_work_both_alternates_which_row_of_a_pair_runs_first():
+    """A machine that drifts over a run must not always favour the same row of a same/full pair."""
+    from cornpipe.bench.loader_bench import Row, Target, round_order
+
+    rows = [Row(Target(b, "jpg", "s", work=w), "cpu")
+            for b, w in (("ffcv", "same"), ("ffcv", "full"), ("ffcv-native", "same"), ("dali", "same"),
+                         ("dali", "full"))]
+    labels = [[r.target.label for r in round_order(rows, repeat)] for repeat in (0, 1, 2)]
+    assert labels[0] == labels[2] == [r.target.label for r in rows]
+    assert labels[1] == ["ffcv-jpg-full", "ffcv-jpg-same", "ffcv-native-jpg-same", "dali-jpg-full", "dali-jpg-same"]
