@@ -250,7 +250,7 @@ def roi_align_window(boxes: np.ndarray, height: int, width: int) -> tuple[int, i
 def crop_resize_uint8(images: torch.Tensor, boxes: np.ndarray | torch.Tensor, size: int,
                       index: np.ndarray | None = None) -> torch.Tensor:
     """CPU path: (N, 3, H, W) uint8 -> (B, 3, S, S) uint8 (NHWC in memory), one antialiased bilinear
-    resize per box; `images` fastest NHWC in memory too.
+    resize per box; fastest when `images` are NHWC in memory too (no conversion either way).
 
     torch's uint8 antialias kernel (the one torchvision's Resize uses; it follows PIL) is ~8x
     faster on a CPU core than roi_align on floats. Boxes are rounded to whole pixels. Box i crops
