@@ -29,7 +29,7 @@ def full_vs_same_rounds(full: list[float], same: list[float]) -> list[float]:
     """A backend's full rate over its same rate, round by round (the two rows run one after the other in
     each round, so a round's pair shares the machine's state; their median moves less than the ratio of
     the two medians). Both lists start at the first round; a row that fails is not measured again, so
-the rounds after the shorter list's end are left out."""
+    the rounds after the shorter list's end are left out."""
     return [f / s for f, s in zip(full, same, strict=False) if f and s]
 
 
