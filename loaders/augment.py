@@ -256,18 +256,25 @@ def crop_resize_uint8(images: torch.Tensor, boxes: np.ndarray | torch.Tensor, si
     faster on a CPU core than roi_align on floats. Boxes are rounded to whole pixels. Box i crops
     image `index[i]` (default i), so a resident store is read in place, without a gather.
     """
-    import torch.nn.functional as F
-
     b = len(boxes) if index is None else len(index)
     rows = range(b) if index is None else np.asarray(index).tolist()
     box = np.rint(np.asarray(boxes, dtype=np.float64).reshape(b, 4)).astype(np.int64)
     # NHWC in memory (channels_last), as the kernel computes it: from a channels_last crop no layout
     # conversion at all (169 us per 224 px crop of a 256 px image, 689 from and to NCHW)
     out = torch.empty((b, size, size, images.shape[1]), dtype=torch.uint8).permute(0, 3, 1, 2)
-    for i, (r, (top, left, h, w)) in enumerate(zip(rows, box.tolist(), strict=True)):
-        crop = images[r:r + 1, :, top:top + max(h, 1), left:left + max(w, 1)]
-        out[i] = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    for i, (r, one) in enumerate(zip(rows, box.tolist(), strict=True)):
+        crop_into(images, r, one, out[i:i + 1])
     return out
+
+
+def crop_into(images: torch.Tensor, row: int, box: list[int], out: torch.Tensor) -> None:
+    """Resize whole-pixel box (top, left, height, width) of images[row] into `out`, (1, 3, S, S) uint8
+    (NHWC in memory, as `crop_resize_uint8` lays out its batch): torch's uint8 antialias bilinear kernel,
+    the op F.interpolate(mode="bilinear", antialias=True) calls, without its Python checks (~30 us)
+    or a temporary output."""
+    top, left, h, w = box
+    crop = images[row:row + 1, :, top:top + max(h, 1), left:left + max(w, 1)]
+    torch._C._nn._upsample_bilinear2d_aa(crop, tuple(out.shape[-2:]), False, out=out)
 
 
 def _select(mask: np.ndarray, device: torch.device) -> torch.Tensor | None:
@@ -393,6 +400,22 @@ def finish_batch(pixels: torch.Tensor, factors: np.ndarray | torch.Tensor | None
     return normalize_batch(x, dtype=dtype, channels_last=channels_last, norm=norm)
 
 
+def flips_in_finish(params: AugParams, dtype: torch.dtype) -> bool:
+    """Whether uint8 CPU crops with these draws are finished (flips included) by one fused pass."""
+    return not params.rot90.any() and dtype != HOST_DTYPE and fused.ready()
+
+
+def finish_crops(x: torch.Tensor, params: AugParams, *, dtype: torch.dtype = torch.float32,
+                 channels_last: bool = False, norm: Normalization = IMAGENET) -> torch.Tensor:
+    """(B, 3, S, S) uint8 CPU crops (`crop_resize_uint8`'s) -> the batch: flips, rot90, jitter and
+    normalisation; one fused pass, the flips in it, where `flips_in_finish`."""
+    if not flips_in_finish(params, dtype):  # quarter turns (or no fused pass): in uint8 first
+        return finish_batch(flip_rot_batch(x, params), params.jitter, dtype=dtype, channels_last=channels_last,
+                            norm=norm)
+    return finish_batch(x, params.jitter, dtype=dtype, channels_last=channels_last, norm=norm,
+                        flips=(params.hflip, params.vflip))
+
+
 def augment_batch(images: torch.Tensor, params: AugParams, size: int, *, dtype: torch.dtype = torch.float32,
                   channels_last: bool = False, index: np.ndarray | None = None,
                   kernel: str = "auto", norm: Normalization = IMAGENET) -> torch.Tensor:
@@ -402,13 +425,9 @@ def augment_batch(images: torch.Tensor, params: AugParams, size: int, *, dtype: 
     `kernel`: the crop-resize kernel (see `use_interpolate`).
     dtype HOST_DTYPE (uint8): the geometry only, as (B, S, S, 3) uint8 (`host_batch`).
     """
-    if use_interpolate(images, kernel):  # then one fused pass on the CPU, the flips in it
+    if use_interpolate(images, kernel):
         x = crop_resize_uint8(images, params.boxes, size, index)
-        if params.rot90.any() or dtype == HOST_DTYPE or not fast_finish(x):  # quarter turns: in uint8 first
-            return finish_batch(flip_rot_batch(x, params), params.jitter, dtype=dtype, channels_last=channels_last,
-                                norm=norm)
-        return finish_batch(x, params.jitter, dtype=dtype, channels_last=channels_last, norm=norm,
-                            flips=(params.hflip, params.vflip))
+        return finish_crops(x, params, dtype=dtype, channels_last=channels_last, norm=norm)
     if index is not None:
         images = images[torch.as_tensor(index, device=images.device)]
     x = flip_rot_batch(crop_resize_batch(images, params.boxes, size, kernel="roi_align"), params)

@@ -51,7 +51,8 @@ class LoaderSpec:
     device: str | torch.device = "cpu"
     oversample: str = "none"  # none | balanced | sqrt | joint (cornpipe.loaders.sampling)
     seed: int = 0
-    workers: int | None = None  # worker processes (torch/ffcv/dali) or decode threads (resident); None: cores, max 8
+    # worker processes (torch/ffcv/dali), or decode and CPU crop threads (resident); None: cores, max 8
+    workers: int | None = None
     rank: int = 0
     world_size: int = 1
     # None: AugmentConfig() for "train" (and a folder's "all"), the validation transform otherwise;

@@ -119,6 +119,16 @@ def fused_finish(pixels: torch.Tensor, factors: np.ndarray | torch.Tensor | None
     b, h, w, c = hwc.shape
     if c != 3:
         raise ValueError(f"fused_finish needs 3 channels, got {c}")
+    f, flags = kernel_inputs(b, factors, flips)
+    written = take_output(b, h, w, channels_last)
+    finish_into(hwc.numpy(), f, flags, written, norm, channels_last)
+    return as_batch(written, channels_last)
+
+
+def kernel_inputs(b: int, factors: np.ndarray | torch.Tensor | None,
+                  flips: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel's per-image inputs for `b` images: (B, 3) float32 factors (None: all 1) and (B, 2)
+    uint8 (horizontal, vertical) flip flags (None: none)."""
     if factors is None:
         f = np.ones((b, 3), dtype=np.float32)
     else:
@@ -127,10 +137,36 @@ def fused_finish(pixels: torch.Tensor, factors: np.ndarray | torch.Tensor | None
     flags = np.zeros((b, 2), dtype=np.uint8)
     if flips is not None:
         flags[:, 0], flags[:, 1] = np.asarray(flips[0]).reshape(b) != 0, np.asarray(flips[1]).reshape(b) != 0
-    written = _POOLS.take((b, h, w, 3) if channels_last else (b, 3, h, w), np.float32)  # every value is written
-    if b:
+    return f, flags
+
+
+def take_output(b: int, h: int, w: int, channels_last: bool) -> np.ndarray:
+    """A float32 array for a finished batch: (B, H, W, 3) when `channels_last`, else (B, 3, H, W); reused
+    once no batch made from it is alive (`loaders.memory`), so every value must be written."""
+    return _POOLS.take((b, h, w, 3) if channels_last else (b, 3, h, w), np.float32)
+
+
+def finish_into(hwc: np.ndarray, factors: np.ndarray, flags: np.ndarray, out: np.ndarray,
+                norm: Normalization, channels_last: bool) -> None:
+    """Run the kernel: (B, H, W, 3) uint8 `hwc` -> `out` (`take_output`'s layout, or any slice of
+    images of it), with `kernel_inputs`' arrays for the same images. Images run in parallel on the
+    calling thread's numba threads (`numba.set_num_threads` is per thread; see `one_thread`)."""
+    if len(hwc):
         mean = np.asarray(norm.mean, dtype=np.float32)
         inv_std = (1.0 / np.asarray(norm.std, dtype=np.float64)).astype(np.float32)
-        _compiled()(hwc.numpy(), f, flags, mean, inv_std, not channels_last, written)
-    out = torch.from_numpy(written)
-    return out.permute(0, 3, 1, 2) if channels_last else out
+        _compiled()(hwc, factors, flags, mean, inv_std, not channels_last, out)
+
+
+def as_batch(out: np.ndarray, channels_last: bool) -> torch.Tensor:
+    """`take_output`'s array, written, as the (B, 3, H, W) float32 batch (NHWC in memory when `channels_last`)."""
+    batch = torch.from_numpy(out)
+    return batch.permute(0, 3, 1, 2) if channels_last else batch
+
+
+def one_thread() -> None:
+    """Make the kernel run on the calling thread alone when called from it (numba's thread count is
+    per thread): for threads that each finish their own images. A no-op where the kernel does not run."""
+    if ready():
+        import numba
+
+        numba.set_num_threads(1)

@@ -17,7 +17,8 @@ per-image CPU fallback, PIL on threads on the CPU (`loaders.resident_decode`).
 
 Augmentation draws: one generator per batch, seeded by (seed, epoch, rank, batch index).
 Crop-resize kernel (`options["crop_kernel"]`): "auto" = roi_align on a gathered batch on CUDA,
-torch's uint8 antialias kernel straight from the store on the CPU (~8x faster per core there);
+torch's uint8 antialias kernel straight from the store on the CPU (~8x faster per core there), each
+image cropped and finished by one of `workers` threads (`loaders.crop_threads`);
 "roi_align" forces the CUDA path on the CPU too (tests use it to check that path without a GPU).
 Host-only (dtype uint8, CPU): the same crops and flips, handed out as (B, S, S, 3) uint8 without the
 jitter and normalisation (`loaders.augment.host_batch`; roi_align's float pixels rounded).
@@ -38,6 +39,7 @@ from cornpipe.errors import LoaderError
 from cornpipe.loaders.augment import CROP_KERNELS, augment_batch, roi_align_window, use_interpolate
 from cornpipe.loaders.base import Batch
 from cornpipe.loaders.common import EpochLoader, LoaderSpec, augment_params, cut_to_batches, source_rows
+from cornpipe.loaders.crop_threads import CropThreads
 from cornpipe.loaders.resident_decode import batch_decoder, chunks, decode_images, place
 from cornpipe.loaders.torch_loader import shard_of
 
@@ -91,6 +93,8 @@ class ResidentLoader(EpochLoader):
             # loaders.fused reads them; from NCHW it converts both ways (689 vs 169 us per 224 px crop)
             self.store = self.store.contiguous(memory_format=torch.channels_last)
         self._fill(blobs)
+        # CPU: crops and their finish on the loader's own threads (loaders.crop_threads)
+        self._crop_threads = CropThreads(spec.workers) if use_interpolate(self.store, self.crop_kernel) else None
         self.position_t = torch.from_numpy(self.position).to(dev)
         self.grade_t = torch.from_numpy(self.grade).to(dev)
         self.sample_id_t = torch.from_numpy(self.sample_id).to(dev)
@@ -142,10 +146,10 @@ class ResidentLoader(EpochLoader):
             rows = rows_all[start:start + bs]
             index = rows_dev[start:start + bs]
             params = augment_params(spec, self.sizes[rows], epoch, b)
-            if use_interpolate(self.store, self.crop_kernel):
-                # CPU: each box is cropped from the store in place (no gather).
-                images = augment_batch(self.store, params, spec.image_size, dtype=spec.dtype,
-                                       channels_last=spec.channels_last, norm=spec.normalization, index=rows, kernel="interpolate")
+            if self._crop_threads is not None:
+                # CPU: each box is cropped from the store in place (no gather), images split over threads.
+                images = self._crop_threads.augment(self.store, params, spec.image_size, rows, dtype=spec.dtype,
+                                                    channels_last=spec.channels_last, norm=spec.normalization)
             else:
                 # Gather only the window the batch's bilinear taps read (the row/column above and
                 # left of each box included): a smaller float copy for roi_align, the same pixels.
@@ -158,6 +162,8 @@ class ResidentLoader(EpochLoader):
 
     def close(self) -> None:
         self.store = self.store.new_zeros((0, 3, 1, 1))
+        if self._crop_threads is not None:
+            self._crop_threads.close()
 
 
 def build(shards, spec: LoaderSpec) -> ResidentLoader:
