@@ -65,16 +65,16 @@ class CropThreads:
         b = len(rows)
         chunks = [range(s, min(s + CHUNK, b)) for s in range(0, b, CHUNK)]
         if not flips_in_finish(params, dtype):  # quarter turns, host-only or no numba: crops here, the rest after
-            x = torch.empty((b, size, size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
-            list(self._pool.map(lambda part: self._crop(images, rows, boxes, x, part), chunks))
+            fresh = np.empty((b, size, size, 3), dtype=np.uint8)
+            list(self._pool.map(lambda part: self._crop(images, rows, boxes, fresh, part), chunks))
+            x = torch.from_numpy(fresh).permute(0, 3, 1, 2)
             return finish_crops(x, params, dtype=dtype, channels_last=channels_last, norm=norm)
         crops = self._crops.take((b, size, size, 3), np.uint8)
-        x = torch.from_numpy(crops).permute(0, 3, 1, 2)
         factors, flags = fused.kernel_inputs(b, params.jitter, (params.hflip, params.vflip))
         out = fused.take_output(b, size, size, channels_last)
 
         def crop_finish(part: range) -> None:
-            self._crop(images, rows, boxes, x, part)
+            self._crop(images, rows, boxes, crops, part)
             s = slice(part.start, part.stop)
             fused.finish_into(crops[s], factors[s], flags[s], out[s], norm, channels_last)
 
@@ -83,9 +83,13 @@ class CropThreads:
         return batch if dtype == torch.float32 else batch.to(dtype)  # (.to keeps the memory format)
 
     @staticmethod
-    def _crop(images: torch.Tensor, rows: list[int], boxes: list[list[int]], x: torch.Tensor, part: range) -> None:
+    def _crop(images: torch.Tensor, rows: list[int], boxes: list[list[int]], crops: np.ndarray, part: range) -> None:
+        """Crops `part` of the batch into (B, S, S, 3) `crops`. The tensor view is made here, on the pool
+        thread: one made by a caller in torch.inference_mode() (evaluation, predict) would be an inference
+        tensor, which a thread outside that mode may not write into."""
+        x = torch.from_numpy(crops[part.start:part.stop]).permute(0, 3, 1, 2)
         for i in part:
-            crop_into(images, rows[i], boxes[i], x[i:i + 1])
+            crop_into(images, rows[i], boxes[i], x[i - part.start:i - part.start + 1])
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

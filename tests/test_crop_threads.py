@@ -71,3 +71,15 @@ def test_the_threads_run_torch_single_threaded_and_leave_the_process_setting_alo
         assert started_later == [default]
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, HOST_DTYPE], ids=["float32", "host-only"])
+def test_batches_are_made_under_inference_mode_too(threads, dtype):
+    # evaluation and predict run the loader inside torch.inference_mode(); the pool threads do not
+    store, sizes = _store()
+    index = np.arange(9)
+    params = sample_params(np.random.default_rng(5), sizes, AugmentConfig())
+    want = augment_batch(store, params, 24, dtype=dtype, index=index, kernel="interpolate")
+    with torch.inference_mode():
+        got = threads.augment(store, params, 24, index, dtype=dtype)
+    assert torch.equal(got, want)
