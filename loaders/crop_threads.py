@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from cornpipe.loaders import fused
-from cornpipe.loaders.augment import AugParams, crop_into, finish_crops, flips_in_finish
-from cornpipe.loaders.base import IMAGENET, Normalization
+from cornpipe.loaders.augment import AugParams, crop_into, finish_crops
+from cornpipe.loaders.base import HOST_DTYPE, IMAGENET, Normalization
 from cornpipe.loaders.memory import Pools
 
 CHUNK = 8  # images per task: ~1.2 MB of uint8 crops at 224 px, still in a core's L2 when finished
@@ -64,21 +64,34 @@ class CropThreads:
         boxes = np.rint(np.asarray(params.boxes, dtype=np.float64).reshape(len(rows), 4)).astype(np.int64).tolist()
         b = len(rows)
         chunks = [range(s, min(s + CHUNK, b)) for s in range(0, b, CHUNK)]
-        if not flips_in_finish(params, dtype):  # quarter turns, host-only or no numba: crops here, the rest after
+        if not fused.ready():  # no numba: the crops here, flips and the rest as tensor ops after
             fresh = np.empty((b, size, size, 3), dtype=np.uint8)
             list(self._pool.map(lambda part: self._crop(images, rows, boxes, fresh, part), chunks))
             x = torch.from_numpy(fresh).permute(0, 3, 1, 2)
             return finish_crops(x, params, dtype=dtype, channels_last=channels_last, norm=norm)
-        crops = self._crops.take((b, size, size, 3), np.uint8)
+        host = dtype == HOST_DTYPE
+        turns = np.ascontiguousarray(params.rot90, dtype=np.int64).reshape(b)
+        placed = host or bool(turns.any())  # flips and quarter turns as uint8 first (not in the finish)
         factors, flags = fused.kernel_inputs(b, params.jitter, (params.hflip, params.vflip))
-        out = fused.take_output(b, size, size, channels_last)
+        crops = self._crops.take((b, size, size, 3), np.uint8)
+        if host:  # the batch itself: (B, S, S, 3) uint8, handed out
+            geometry = fused.take_output(b, size, size, True, np.uint8)
+        else:
+            geometry = self._crops.take((b, size, size, 3), np.uint8) if placed else crops
+            out = fused.take_output(b, size, size, channels_last)
+            flags_left = np.zeros_like(flags) if placed else flags  # flips the finish still has to write
 
         def crop_finish(part: range) -> None:
             self._crop(images, rows, boxes, crops, part)
             s = slice(part.start, part.stop)
-            fused.finish_into(crops[s], factors[s], flags[s], out[s], norm, channels_last)
+            if placed:
+                fused.place_into(crops[s], flags[s], turns[s], geometry[s])
+            if not host:
+                fused.finish_into(geometry[s], factors[s], flags_left[s], out[s], norm, channels_last)
 
         list(self._pool.map(crop_finish, chunks))
+        if host:
+            return torch.from_numpy(geometry)
         batch = fused.as_batch(out, channels_last)
         return batch if dtype == torch.float32 else batch.to(dtype)  # (.to keeps the memory format)
 

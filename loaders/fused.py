@@ -68,6 +68,13 @@ def _finish_kernel(px, factors, flips, mean, inv_std, planar, out):  # pragma: n
             _px.jitter_normalise(px[i], out[i], hflip, vflip, f, mean, inv_std, planar)
 
 
+def _place_kernel(px, flips, turns, out):  # pragma: no cover - compiled by numba
+    """px (B, S, S, 3) uint8 -> out (B, S, S, 3) uint8: each image flipped (flips (B, 2): horizontal,
+    vertical), then turned by turns[i] quarter turns counter-clockwise (`pixel_kernels.place`)."""
+    for i in range(px.shape[0]):
+        _px.place(px[i], out[i], flips[i, 0] != 0, flips[i, 1] != 0, turns[i])
+
+
 # The output arrays: reused once the batch made from one is no longer held (loaders.memory), for the
 # few most recent batch shapes (a loader's train and val batches, a last short batch).
 _POOLS = Pools(keep=4, shapes=4)
@@ -91,6 +98,15 @@ def _compiled():  # noqa: ANN202 - a numba dispatcher, or None where numba does 
     prange, _px = numba.prange, pixel_kernels  # the kernel's globals, read when numba compiles it
     return pixel_kernels.fresh_cache(numba.njit(nogil=True, cache=True, fastmath=True, error_model="numpy",
                                                 parallel=_thread_safe_layer())(_finish_kernel))
+
+
+@functools.cache
+def _compiled_place():  # noqa: ANN202 - a numba dispatcher, or None where numba does not import
+    if _compiled() is None:  # (imports numba and pixel_kernels, once)
+        return None
+    import numba
+
+    return _px.fresh_cache(numba.njit(nogil=True, cache=True, error_model="numpy")(_place_kernel))
 
 
 def ready() -> bool:
@@ -140,10 +156,10 @@ def kernel_inputs(b: int, factors: np.ndarray | torch.Tensor | None,
     return f, flags
 
 
-def take_output(b: int, h: int, w: int, channels_last: bool) -> np.ndarray:
-    """A float32 array for a finished batch: (B, H, W, 3) when `channels_last`, else (B, 3, H, W); reused
-    once no batch made from it is alive (`loaders.memory`), so every value must be written."""
-    return _POOLS.take((b, h, w, 3) if channels_last else (b, 3, h, w), np.float32)
+def take_output(b: int, h: int, w: int, channels_last: bool, dtype: type = np.float32) -> np.ndarray:
+    """An array for a batch: (B, H, W, 3) when `channels_last`, else (B, 3, H, W); reused once no
+    batch made from it is alive (`loaders.memory`), so every value must be written."""
+    return _POOLS.take((b, h, w, 3) if channels_last else (b, 3, h, w), dtype)
 
 
 def finish_into(hwc: np.ndarray, factors: np.ndarray, flags: np.ndarray, out: np.ndarray,
@@ -155,6 +171,14 @@ def finish_into(hwc: np.ndarray, factors: np.ndarray, flags: np.ndarray, out: np
         mean = np.asarray(norm.mean, dtype=np.float32)
         inv_std = (1.0 / np.asarray(norm.std, dtype=np.float64)).astype(np.float32)
         _compiled()(hwc, factors, flags, mean, inv_std, not channels_last, out)
+
+
+def place_into(hwc: np.ndarray, flags: np.ndarray, turns: np.ndarray, out: np.ndarray) -> None:
+    """(B, S, S, 3) uint8 `hwc` -> `out`, the same shape: flipped by `kernel_inputs`' flags, then turned
+    by `turns` (B,) int64 quarter turns counter-clockwise; the geometry of a host-only batch, or of one
+    with quarter turns before its finish. On the calling thread."""
+    if len(hwc):
+        _compiled_place()(hwc, flags, turns, out)
 
 
 def as_batch(out: np.ndarray, channels_last: bool) -> torch.Tensor:
