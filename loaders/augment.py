@@ -400,16 +400,11 @@ def finish_batch(pixels: torch.Tensor, factors: np.ndarray | torch.Tensor | None
     return normalize_batch(x, dtype=dtype, channels_last=channels_last, norm=norm)
 
 
-def flips_in_finish(params: AugParams, dtype: torch.dtype) -> bool:
-    """Whether uint8 CPU crops with these draws are finished (flips included) by one fused pass."""
-    return not params.rot90.any() and dtype != HOST_DTYPE and fused.ready()
-
-
 def finish_crops(x: torch.Tensor, params: AugParams, *, dtype: torch.dtype = torch.float32,
                  channels_last: bool = False, norm: Normalization = IMAGENET) -> torch.Tensor:
     """(B, 3, S, S) uint8 CPU crops (`crop_resize_uint8`'s) -> the batch: flips, rot90, jitter and
-    normalisation; one fused pass, the flips in it, where `flips_in_finish`."""
-    if not flips_in_finish(params, dtype):  # quarter turns (or no fused pass): in uint8 first
+    normalisation; one fused pass, the flips in it, where there is one and no quarter turn."""
+    if params.rot90.any() or dtype == HOST_DTYPE or not fast_finish(x):  # quarter turns: in uint8 first
         return finish_batch(flip_rot_batch(x, params), params.jitter, dtype=dtype, channels_last=channels_last,
                             norm=norm)
     return finish_batch(x, params.jitter, dtype=dtype, channels_last=channels_last, norm=norm,

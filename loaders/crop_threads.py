@@ -4,9 +4,10 @@
 intra-op OpenMP threads, then the batch's fused finish on numba's threads. One 224 px crop is too
 small to split across cores: on the 2-core test VM one OpenMP thread resizes as fast as two
 (~200 us per crop of a 256 px image either way), and the two pools' threads, which busy-wait a while
-for more work after their part, compete for the cores (CPU time per image fell by a third without them). Here `threads` Python threads each crop *and* finish whole chunks of the batch,
-one image after another on one core (both the resize and the numba kernel release the GIL), with
-one OpenMP thread and one numba thread each. Chunks go to whichever thread is free.
+for more work after their part, compete for the cores (CPU time per image fell by a third without
+them). Here `threads` Python threads each crop *and* finish whole chunks of the batch, one image after
+another on one core (both the resize and the numba kernel release the GIL), with one OpenMP thread
+and one numba thread each. Chunks go to whichever thread is free.
 
 Measured in one process on that VM, 64-image batches of 256 px images to 224 px float32 NCHW: 226-262
 us wall per image against 323-455 before, 410-443 us of CPU per image against 623-865;
