@@ -258,13 +258,18 @@ def crop_resize_uint8(images: torch.Tensor, boxes: np.ndarray | torch.Tensor, si
     """
     b = len(boxes) if index is None else len(index)
     rows = range(b) if index is None else np.asarray(index).tolist()
-    box = np.rint(np.asarray(boxes, dtype=np.float64).reshape(b, 4)).astype(np.int64)
+    box = whole_pixel_boxes(boxes, b)
     # NHWC in memory (channels_last), as the kernel computes it: from a channels_last crop no layout
     # conversion at all (169 us per 224 px crop of a 256 px image, 689 from and to NCHW)
     out = torch.empty((b, size, size, images.shape[1]), dtype=torch.uint8).permute(0, 3, 1, 2)
-    for i, (r, one) in enumerate(zip(rows, box.tolist(), strict=True)):
+    for i, (r, one) in enumerate(zip(rows, box, strict=True)):
         crop_into(images, r, one, out[i:i + 1])
     return out
+
+
+def whole_pixel_boxes(boxes: np.ndarray | torch.Tensor, n: int) -> list[list[int]]:
+    """(n, 4) top/left/height/width boxes rounded to whole pixels, as `crop_into` takes them."""
+    return np.rint(np.asarray(boxes, dtype=np.float64).reshape(n, 4)).astype(np.int64).tolist()
 
 
 def crop_into(images: torch.Tensor, row: int, box: list[int], out: torch.Tensor) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from cornpipe.loaders import fused
-from cornpipe.loaders.augment import AugParams, crop_into, finish_crops
+from cornpipe.loaders.augment import AugParams, crop_into, finish_crops, whole_pixel_boxes
 from cornpipe.loaders.base import HOST_DTYPE, IMAGENET, Normalization
 from cornpipe.loaders.memory import Pools
 
@@ -63,8 +63,8 @@ class CropThreads:
         """`augment.augment_batch(images, params, size, index=index, kernel="interpolate", ...)`, on the
         threads: (N, 3, H, W) uint8 CPU `images` (NHWC in memory is fastest), box i of image index[i]."""
         rows = np.asarray(index).tolist()
-        boxes = np.rint(np.asarray(params.boxes, dtype=np.float64).reshape(len(rows), 4)).astype(np.int64).tolist()
         b = len(rows)
+        boxes = whole_pixel_boxes(params.boxes, b)
         chunks = [range(s, min(s + CHUNK, b)) for s in range(0, b, CHUNK)]
         if not fused.ready():  # no numba: the crops here, flips and the rest as tensor ops after
             fresh = np.empty((b, size, size, 3), dtype=np.uint8)

@@ -20,8 +20,9 @@ Crop-resize kernel (`options["crop_kernel"]`): "auto" = roi_align on a gathered 
 torch's uint8 antialias kernel straight from the store on the CPU (~8x faster per core there), each
 image cropped and finished by one of `workers` threads (`loaders.crop_threads`);
 "roi_align" forces the CUDA path on the CPU too (tests use it to check that path without a GPU).
-Host-only (dtype uint8, CPU): the same crops and flips, handed out as (B, S, S, 3) uint8 without the
-jitter and normalisation (`loaders.augment.host_batch`; roi_align's float pixels rounded).
+Host-only (dtype uint8): the same crops and flips, handed out as (B, S, S, 3) uint8 without the
+jitter and normalisation (on the CPU flipped on the crop threads; otherwise `loaders.augment.host_batch`,
+roi_align's float pixels rounded).
 """
 
 from __future__ import annotations
@@ -87,14 +88,16 @@ class ResidentLoader(EpochLoader):
             raise LoaderError(f"crop_kernel {self.crop_kernel!r} is not available on {spec.device}; "
                               f"valid: auto, roi_align{', interpolate' if not spec.on_cuda else ''}")
         dev = spec.device
-        self.store = torch.zeros((self.rows, 3, height, width), dtype=torch.uint8, device=dev)
-        if use_interpolate(self.store, self.crop_kernel):
-            # NHWC in memory: torch's uint8 antialias resize works on interleaved pixels, and
-            # loaders.fused reads them; from NCHW it converts both ways (689 vs 169 us per 224 px crop)
-            self.store = self.store.contiguous(memory_format=torch.channels_last)
+        cpu_crops = use_interpolate(torch.empty(0, dtype=torch.uint8, device=dev), self.crop_kernel)
+        # CPU: NHWC in memory: torch's uint8 antialias resize works on interleaved pixels, and
+        # loaders.fused reads them; from NCHW it converts both ways (689 vs 169 us per 224 px crop).
+        # Allocated so (not converted after): the store may be half the machine's RAM.
+        layout = torch.channels_last if cpu_crops else torch.contiguous_format
+        self.store = torch.empty((self.rows, 3, height, width), dtype=torch.uint8, device=dev,
+                                 memory_format=layout).zero_()
         self._fill(blobs)
         # CPU: crops and their finish on the loader's own threads (loaders.crop_threads)
-        self._crop_threads = CropThreads(spec.workers) if use_interpolate(self.store, self.crop_kernel) else None
+        self._crop_threads = CropThreads(spec.workers) if cpu_crops else None
         self.position_t = torch.from_numpy(self.position).to(dev)
         self.grade_t = torch.from_numpy(self.grade).to(dev)
         self.sample_id_t = torch.from_numpy(self.sample_id).to(dev)
