@@ -33,13 +33,13 @@
 #   bench-train: 3 fresh processes x (start 10 s + 3 warm-up steps + 2 windows x 2 s) = ~50 s,
 #     plus one cold compile of resnet_plus50 fwd+bwd ~50 s                                      ~100 s
 #   bench-loaders: 2 backends + ceiling, fresh processes x (start 8 s + setup + 2 s)             ~35 s
-#   pytest-gpu: collection ~10 s; tests/test_gpu_train.py (tiny model: one cold compile
+#   pytest-gpu: collection ~10 s; tests/runs/test_gpu_train.py (tiny model: one cold compile
 #     ~25 s, resume and predict ~10 s); the other gpu tests ~25 s                                 ~70 s
 #   summary                                                                                      ~3 s
 #   => ~300 s (5 minutes); hard ceiling ~345 s (budget + the last step's kill grace + summary).
 #
 # Without a CUDA GPU every CUDA step says `SKIP: no CUDA GPU (...)` and runs as a tiny CPU smoke run
-# of the same commands, so the script itself is tested on CPU machines (tests/test_bench.py).
+# of the same commands, so the script itself is tested on CPU machines (tests/bench/test_bench.py).
 # GPU_CHECK_QUICK=1 forces the tiny sizes on a GPU too.
 #
 # A step's time limit ends its whole process tree: every process a step starts inherits the marker

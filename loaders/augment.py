@@ -382,7 +382,7 @@ def finish_batch(pixels: torch.Tensor, factors: np.ndarray | torch.Tensor | None
 
     pixels: (B, 3, H, W), or (B, H, W, 3) with `hwc`. On the CPU with numba this is one fused pass
     (`loaders.fused`); otherwise (CUDA, or `fast=False`) the tensor ops `color_jitter_batch` and
-    `normalize_batch`. Both compute the same thing (tests/test_augment.py holds them together).
+    `normalize_batch`. Both compute the same thing (tests/loaders/test_augment.py holds them together).
     flips: per-image (horizontal, vertical) flags applied first, as `flip_rot_batch` does; the fused
     pass writes flipped rows instead of flipping uint8 copies (~110 us per 224 px image and flip).
     dtype HOST_DTYPE (uint8): `host_batch`, the pixels as (B, H, W, 3) uint8, neither jittered nor normalised.

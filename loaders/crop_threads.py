@@ -14,7 +14,7 @@ us wall per image against 323-455 before, 410-443 us of CPU per image against 62
 with the colour jitter and vertical flip 246-282 against 410-518 wall. Host-only batches (the flips and
 any quarter turns by `pixel_kernels.place`, on the threads too): 231-272 us against 594-719.
 
-The batch is the same, value for value, as `augment.augment_batch`'s (tests/test_crop_threads.py).
+The batch is the same, value for value, as `augment.augment_batch`'s (tests/loaders/test_crop_threads.py).
 """
 
 from __future__ import annotations

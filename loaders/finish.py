@@ -47,7 +47,7 @@ class Finisher:
     contiguous (B, S, S, 3) uint8 copy, no jitter or normalisation.
 
     tensor_ops: finish with batched tensor ops (one kernel per step) rather than the fused CPU pass;
-    None = on CUDA only. True on a CPU device runs the CUDA code on CPU tensors (tests/test_cuda_paths_on_cpu.py).
+    None = on CUDA only. True on a CPU device runs the CUDA code on CPU tensors (tests/loaders/test_cuda_paths_on_cpu.py).
     owned: the pixels passed in are a tensor nothing else writes to (not a library buffer): host-only
     batches are then handed out without a copy when already contiguous.
     """

@@ -78,3 +78,44 @@ def tiny_shards(synth_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     convert_dataset(synth_raw, out, max_resolution=SHARDS_MAX_RESOLUTION, write_mode="jpg", workers=2, seed=0,
                     formats=FORMATS)
     return out
+
+
+def as_format_version_1(src: Path, out: Path) -> Path:
+    """A copy of the shard set `src` as cornpipe wrote it before format version 2: each sample's tar
+    members are .jpg .position .grade .id .json (no .cls, no .grade.txt), the manifest says version 1."""
+    import json
+    import tarfile
+
+    from cornpipe.shards import fields as F
+    from cornpipe.shards.manifest import sha256_file, write_manifest_hash
+    from cornpipe.shards.shard_set import ShardSet
+    from cornpipe.shards.writers import DALI_INDEX_VERSION, _tar_member
+
+    out.mkdir()
+    shards = ShardSet(src)
+    manifest = json.loads((src / F.MANIFEST).read_text())
+    for path in src.iterdir():
+        if path.suffix not in (".tar", ".idx") and path.name not in (F.MANIFEST, F.MANIFEST_HASH):
+            (out / path.name).write_bytes(path.read_bytes())
+    for split in shards.splits:
+        row = 0
+        for tar, idx in shards.shards(split):
+            lines = []
+            with open(out / tar.name, "wb") as raw, \
+                    tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as t:
+                for _ in shards.index(idx):
+                    key = F.sample_key(shards.samples(split)[row]["id"])
+                    parts = []
+                    for ext, member in (("jpg", "jpg"), ("position", "position"), ("grade", "grade"),
+                                        ("id", "sample_id"), ("json", "json")):
+                        offset, size = _tar_member(t, f"{key}.{ext}", shards.read_member(split, row, member))
+                        parts.append(f"{ext} {offset} {size} {key}.{ext}")
+                    lines.append(" ".join(parts))
+                    row += 1
+            (out / idx.name).write_text(f"{DALI_INDEX_VERSION} {len(lines)}\n" + "".join(f"{ln}\n" for ln in lines))
+    manifest["format_version"] = 1
+    for name in manifest["files"]:
+        manifest["files"][name] = {"sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size}
+    (out / F.MANIFEST).write_text(json.dumps(manifest, indent=1))
+    write_manifest_hash(out)
+    return out

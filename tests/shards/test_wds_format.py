@@ -5,22 +5,20 @@ shard sets written before (format version 1: `.id`, no text members) still feed 
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import FORMATS, installed
+from conftest import FORMATS, as_format_version_1, installed
 from PIL import Image
 
 from cornpipe.loaders import make_loader
 from cornpipe.shards import fields as F
 from cornpipe.shards.inspect import verify_shards
-from cornpipe.shards.manifest import sha256_file, write_manifest_hash
 from cornpipe.shards.shard_set import ShardSet, parse_dali_index
-from cornpipe.shards.writers import DALI_INDEX_VERSION, _tar_member, grade_text
+from cornpipe.shards.writers import grade_text
 
 
 def test_the_webdataset_library_reads_position_grade_and_pixels(tiny_shards: Path) -> None:
@@ -81,39 +79,6 @@ def test_dali_reads_the_raw_and_the_text_members_apart(tiny_shards: Path) -> Non
     assert [float(np.array(t).tobytes()) for t in text] == grades.tolist()
     assert [int(np.array(t).tobytes()) for t in cls] == position.tolist()
     np.testing.assert_array_equal(np.concatenate([np.array(t) for t in sid]), sample_id)
-
-
-def as_format_version_1(src: Path, out: Path) -> Path:
-    """A copy of the shard set `src` as cornpipe wrote it before format version 2: each sample's tar
-    members are .jpg .position .grade .id .json (no .cls, no .grade.txt), the manifest says version 1."""
-    out.mkdir()
-    shards = ShardSet(src)
-    manifest = json.loads((src / F.MANIFEST).read_text())
-    for path in src.iterdir():
-        if path.suffix not in (".tar", ".idx") and path.name not in (F.MANIFEST, F.MANIFEST_HASH):
-            (out / path.name).write_bytes(path.read_bytes())
-    for split in shards.splits:
-        row = 0
-        for tar, idx in shards.shards(split):
-            lines = []
-            with open(out / tar.name, "wb") as raw, \
-                    tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as t:
-                for _ in shards.index(idx):
-                    key = F.sample_key(shards.samples(split)[row]["id"])
-                    parts = []
-                    for ext, member in (("jpg", "jpg"), ("position", "position"), ("grade", "grade"),
-                                        ("id", "sample_id"), ("json", "json")):
-                        offset, size = _tar_member(t, f"{key}.{ext}", shards.read_member(split, row, member))
-                        parts.append(f"{ext} {offset} {size} {key}.{ext}")
-                    lines.append(" ".join(parts))
-                    row += 1
-            (out / idx.name).write_text(f"{DALI_INDEX_VERSION} {len(lines)}\n" + "".join(f"{ln}\n" for ln in lines))
-    manifest["format_version"] = 1
-    for name in manifest["files"]:
-        manifest["files"][name] = {"sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size}
-    (out / F.MANIFEST).write_text(json.dumps(manifest, indent=1))
-    write_manifest_hash(out)
-    return out
 
 
 @pytest.fixture(scope="module")

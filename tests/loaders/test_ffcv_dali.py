@@ -1,4 +1,4 @@
-"""What is specific to the ffcv and dali backends (the shared contract is tests/test_loaders.py).
+"""What is specific to the ffcv and dali backends (the shared contract is tests/loaders/test_loaders.py).
 
 - Both run the shared epoch draw inside the library (FFCV: a custom traversal order assigned after
   construction, working around ffcv 1.0.2's refusal of `Loader(order=<subclass>)`; DALI: a parallel

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import as_format_version_1
 from PIL import Image
 from test_bench import PEER_BACKENDS, invoke
-from test_wds_format import as_format_version_1
 
 from cornpipe.bench import loader_bench
 from cornpipe.bench.peers import build_peer, peer_unusable

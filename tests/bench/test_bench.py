@@ -31,7 +31,7 @@ from cornpipe.cli import cli
 from cornpipe.errors import BenchError
 from cornpipe.loaders.base import AugmentConfig
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 
 # Pretend FFCV and DALI are not installed, as on the bare GPU machine gpu_check.sh is written for.

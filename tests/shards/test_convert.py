@@ -23,7 +23,7 @@ from cornpipe.shards.manifest import sha256_file
 from cornpipe.shards.shard_set import BetonFile, ShardSet, parse_dali_index
 from cornpipe.shards.split import assign_split
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -27,7 +27,7 @@ from cornpipe.errors import ConvertError
 from cornpipe.shards.convert import convert_dataset
 from cornpipe.shards.inspect import inspect_shards
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 run = cli_run  # the shared helpers of conftest, under this file's short name
