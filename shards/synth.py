@@ -42,7 +42,7 @@ LABELS_FILE = "labels.csv"
 LABELS_COLUMNS: tuple[str, str] = ("file", "grade")
 MIN_IMAGE_SIZE = 32  # px
 MAX_IMAGE_SIZE = 4096  # px
-_POOL_MIN_PIXELS = 100 * 512 * 512  # drawing less than this (about 3 s) runs in-process
+_POOL_MIN_PIXELS = 100 * 512 * 512  # drawing less than this runs in-process (docs/performance.md, Synth)
 
 
 
@@ -252,7 +252,7 @@ def make_synthetic(
                      for i in range(counts[source])]
         wanted = (os.cpu_count() or 1) if workers is None else max(1, int(workers))
         n_workers = min(wanted, len(jobs))
-        # a pool pays off only for a few seconds of drawing (~30 ms an image at 512 px)
+        # a pool pays off only for seconds of drawing: its start-up costs more than a small job
         if n_workers > 1 and len(jobs) * int(image_size) ** 2 >= _POOL_MIN_PIXELS:
             with ProcessPoolExecutor(n_workers, mp_context=_pool_context()) as pool:
                 results = list(pool.map(_render_job, jobs, chunksize=max(1, len(jobs) // (4 * n_workers))))

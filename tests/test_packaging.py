@@ -65,6 +65,16 @@ def test_the_wheel_declares_extras_and_a_bare_install_needs_no_compiler(wheel: P
     assert "cornpipe = cornpipe.cli:main" in entry_points
 
 
+def test_the_wheel_carries_the_apache_license(wheel: Path) -> None:
+    """A redistributor reads the licence from the wheel's metadata and finds its full text beside it."""
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        meta = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+        (license_file,) = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
+        text = zf.read(license_file).decode()
+    assert "License-Expression: Apache-2.0" in meta.splitlines()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+
 def test_python_m_cornpipe_runs_the_cli(tmp_path: Path) -> None:
     """From any folder (not the checkout): the install's one name is enough."""
     out = subprocess.run([sys.executable, "-m", "cornpipe", "--help"], cwd=tmp_path, capture_output=True,
