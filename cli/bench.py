@@ -14,7 +14,7 @@ import click
 
 from cornpipe.cli.handler import CornpipeGroup
 from cornpipe.errors import CornpipeError
-from cornpipe.loaders.base import DEFAULT_IMAGE_SIZE, OVERSAMPLE_STRATEGIES
+from cornpipe.runs.choices import DEFAULT_IMAGE_SIZE, OVERSAMPLE_STRATEGIES
 
 _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 _OUT_FILE = click.Path(dir_okay=False, path_type=Path)

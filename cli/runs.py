@@ -16,11 +16,10 @@ from click.core import ParameterSource
 
 from cornpipe.cli.handler import CornpipeCommand
 from cornpipe.errors import ConfigError
-from cornpipe.loaders.base import BACKENDS, OVERSAMPLE_STRATEGIES
+from cornpipe.runs.choices import BACKENDS, GRADE_HEADS, OVERSAMPLE_STRATEGIES
 from cornpipe.runs.config import (
     AMP_MODES,
     FOLD_GROUPS,
-    GRADE_HEADS,
     MONITORS,
     OPTIMIZERS,
     RESUME_OVERRIDABLE,
@@ -28,7 +27,6 @@ from cornpipe.runs.config import (
     TrainConfig,
     config_from_sources,
 )
-from cornpipe.runs.report import write_report
 
 FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
@@ -301,6 +299,8 @@ def models_command(pattern: str | None, only_pretrained: bool) -> None:
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 def report_command(run: str) -> None:
     """Rebuild RUN/report.md, curves.png and confusion_matrix.png from RUN/metrics.jsonl."""
+    from cornpipe.runs.report import write_report
+
     write_report(Path(run))
     click.echo(f"wrote {Path(run) / 'report.md'}, curves.png, confusion_matrix.png")
 
