@@ -44,7 +44,7 @@ def _writer(json_path: Path | None) -> Callable[[dict[str, Any]], None] | None:
 def _finish(summary: dict[str, Any], table: Any, json_path: Path | None) -> None:
     from rich.console import Console
 
-    Console(width=None if sys.stdout.isatty() else 160).print(table)  # a log or pipe: no squeezed columns
+    Console(markup=False, width=None if sys.stdout.isatty() else 160).print(table)  # a log or pipe: no squeezed columns
     write = _writer(json_path)
     if write is not None:
         write(summary)

@@ -149,7 +149,7 @@ def inspect_command(out: Path, as_json: bool) -> None:
         return
     from rich.console import Console
 
-    render_inspect(info, Console(width=120) if not sys.stdout.isatty() else Console())
+    render_inspect(info, Console(markup=False, width=None if sys.stdout.isatty() else 120))
 
 
 @click.command(cls=CornpipeCommand, short_help="Check every file and image of a shard set.")
