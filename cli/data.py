@@ -37,6 +37,10 @@ def parsed_option(parse: Callable[[str], Any]) -> Callable[[click.Context, click
     return callback
 
 
+def _echo_err(line: str) -> None:
+    click.echo(line, err=True)
+
+
 grade_scale_option = parsed_option(parse_grade_scale)  # `0,3,5,7,9` or `0-25` -> tuple of grades
 _position_weights_option = parsed_option(parse_position_weights)  # `0.6,0.3,0.1` -> shares
 
@@ -106,6 +110,7 @@ def convert(paths: tuple[Path, ...], manifest_csv: Path | None, grade_scale: Seq
     into OUT: train/val .beton (unless --formats wds), webdataset tar shards with DALI index files,
     manifest.json and rejected.csv. Every input is either converted or listed in rejected.csv with its
     reason."""
+    from cornpipe.cli.progress import ProgressLines, convert_reporter
     from cornpipe.shards.convert import convert_dataset
 
     if manifest_csv is not None:
@@ -120,11 +125,13 @@ def convert(paths: tuple[Path, ...], manifest_csv: Path | None, grade_scale: Seq
             raise click.ClickException(f"{src} is not a folder")
     if workers is not None and workers < 1:
         raise click.BadParameter("must be at least 1", param_hint="--workers")
+    tty = sys.stderr.isatty()  # a terminal gets rich's bar, a log plain lines
+    on_progress = None if tty else convert_reporter(ProgressLines("convert", "images", "img", _echo_err))
     summary = convert_dataset(
         src, out, manifest_csv=manifest_csv, grade_scale=grade_scale, val_fraction=val_fraction,
         max_resolution=max_resolution, write_mode=write_mode, jpeg_quality=jpeg_quality,
         workers=workers, seed=seed, force=force, shard_size=shard_size, max_pixels=max_pixels,
-        formats=formats, progress=sys.stderr.isatty(),
+        formats=formats, progress=tty, on_progress=on_progress,
     )
     for name in summary.cleaned:
         click.echo(f"removed {name}, left by an interrupted convert")

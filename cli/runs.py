@@ -7,7 +7,9 @@ their defaults and help from `TrainConfig` (cornpipe.runs.config), so a default 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Collection
+import sys
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -213,8 +215,41 @@ def _run_folds(cfg: TrainConfig, seeds: list[int], nproc: int | None, config_fil
         train_fn = _torchrun_train(nproc, config_file)
     else:
         from cornpipe.train import train as train_fn
-    run_folds(cfg, Path(cfg.out), ShardSet(cfg.shards).manifest["samples"], seeds, train_fn, click.echo)
+    samples = ShardSet(cfg.shards).manifest["samples"]
+    with _progress_lines(train_fn, cfg, samples, seeds) as tracked:
+        run_folds(cfg, Path(cfg.out), samples, seeds, tracked, click.echo)
     click.echo(f"summary: {Path(cfg.out) / CV_MD}")
+
+
+@contextmanager
+def _progress_lines(train_fn: Callable[..., None], cfg: TrainConfig, samples: list[dict],
+                    seeds: list[int]) -> Iterator[Callable[..., None]]:
+    """train_fn, its runs' epochs counted into `cv: done/total epochs (p %), ...` lines every 10 s or 10 %
+    when stderr is a log; on a terminal train's own bars show the progress."""
+    if sys.stderr.isatty():
+        yield train_fn
+        return
+    from cornpipe.cli.progress import EpochWatch, ProgressLines
+    from cornpipe.runs.cv import RESULT_FILE, number_of_folds, run_name, uses_folds
+    from cornpipe.runs.report import METRICS_FILE
+
+    folds = list(range(number_of_folds(samples, cfg))) if uses_folds(cfg) else [None]
+    runs = {Path(cfg.out) / run_name(fold, seed): cfg.epochs for fold in folds for seed in seeds}
+    earlier = {run for run in runs if (run / RESULT_FILE).is_file()}
+    lines = ProgressLines("cv" if uses_folds(cfg) else "train", "epochs", "epochs", _echo_err)
+
+    with EpochWatch(lines, runs, earlier, METRICS_FILE) as watch:
+
+        def train_one(run_cfg: TrainConfig, **kwargs: Any) -> None:
+            watch.begin(Path(run_cfg.out))
+            train_fn(run_cfg, **kwargs)
+            watch.end(Path(run_cfg.out))
+
+        yield train_one
+
+
+def _echo_err(line: str) -> None:
+    click.echo(line, err=True)
 
 
 def _torchrun_train(nproc: int, config_file: str | None) -> Callable[..., None]:
