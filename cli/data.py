@@ -15,10 +15,8 @@ import click
 
 from cornpipe.cli.handler import CornpipeCommand
 from cornpipe.errors import CornpipeError
-from cornpipe.shards.fields import DEFAULT_GRADE_SCALE
-from cornpipe.shards.imageio import DEFAULT_MAX_PIXELS
+from cornpipe.shards.fields import DEFAULT_GRADE_SCALE, DEFAULT_MAX_PIXELS, WRITE_MODES
 from cornpipe.shards.synth import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, parse_grade_scale, parse_position_weights
-from cornpipe.shards.writers import WRITE_MODES
 
 __all__ = ["convert", "inspect_command", "synth", "verify"]
 

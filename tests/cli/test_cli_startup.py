@@ -1,6 +1,6 @@
 """`cornpipe --help`, every `cornpipe CMD --help` and each shell-completion TAB answer without importing
-torch, sklearn, scipy, matplotlib or numba: those took ~7 s before the CLI parsed a word. Each check runs
-in a fresh interpreter, since this test process has long imported them all."""
+torch, sklearn, scipy, matplotlib, numba, numpy or PIL: all of them used to load before the CLI parsed a
+word (issue 23). Each check runs in a fresh interpreter, since this test process has long imported them."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from cornpipe.cli import cli
 
-HEAVY = ("torch", "sklearn", "scipy", "matplotlib", "numba")
+HEAVY = ("torch", "sklearn", "scipy", "matplotlib", "numba", "numpy", "PIL")  # only commands that work need them
 
 
 def _fresh_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
