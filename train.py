@@ -156,8 +156,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
         if ctx.enabled:
             cfg = dataclasses.replace(cfg, device=init_distributed(ctx, cfg.device, cfg.dist_timeout))
         if not ctx.is_main:
-            console = Console(stderr=True, quiet=True)  # rank 0 speaks for the group
-        result = _train(cfg, ctx, resume=resume, force=force, console=console or Console(stderr=True),
+            console = Console(stderr=True, quiet=True, markup=False)  # rank 0 speaks for the group
+        result = _train(cfg, ctx, resume=resume, force=force, console=console or Console(stderr=True, markup=False),
                         verbose=verbose, allow_new_shards=allow_new_shards)
     except Exception as exc:
         name_failure(ctx, exc)
@@ -191,8 +191,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, force: bool, con
         change = check_resumed_shards(checkpoint["data"], data, run, cfg.shards, allow_new_shards)
         if change is not None:
             data["shard_changes"].append({**change, "at_epoch": checkpoint["epoch"]})
-            console.print(f"[bold yellow]resuming on another shard set ({change['summary']}): "
-                          f"--allow-new-shards; the report says so")
+            console.print(f"resuming on another shard set ({change['summary']}): "
+                          f"--allow-new-shards; the report says so", style="bold yellow")
     if not resume:
         prepare_run_dir(run, force, dry_run=True)  # refuse a used --out before any slow work
     if cfg.verify and ctx.is_main:  # flipped bytes or an edited label must not train silently
@@ -350,8 +350,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, force: bool, con
                 if verbose:  # the team's full table, every epoch
                     progress.console.print(format_epoch_table(record, previous))
                     if val_m["never_predicted"]:
-                        progress.console.print(f"[bold red]WARNING: position class(es) never predicted on val "
-                                               f"in epoch {epoch + 1}: {', '.join(val_m['never_predicted'])}")
+                        progress.console.print(f"WARNING: position class(es) never predicted on val "
+                                               f"in epoch {epoch + 1}: {', '.join(val_m['never_predicted'])}",
+                                               style="bold red")
                 else:  # one line an epoch; the table comes once, at the end, and in report.md
                     progress.console.print(format_epoch_line(record, cfg.epochs), markup=False, highlight=False,
                                            soft_wrap=True)  # one line, even in a narrow log

@@ -5,15 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 from cornpipe.bench.machine import describe
 
 DASH = "—"
 
 
-def _rate(entry: dict[str, Any]) -> str:
+def _rate(entry: dict[str, Any]) -> str | Text:
     if entry.get("images_per_s") is None:
-        return "[red]failed[/red]" if entry.get("error") else DASH
+        return Text("failed", style="red") if entry.get("error") else DASH  # the tables print with markup off
     low, high = entry.get("images_per_s_min"), entry.get("images_per_s_max")
     spread = f" [{low:,.0f}–{high:,.0f}]" if low is not None and high is not None else ""
     return f"{entry['images_per_s']:,.1f}{spread}"

@@ -14,7 +14,7 @@ import click
 
 from cornpipe.cli.handler import CornpipeGroup
 from cornpipe.errors import CornpipeError
-from cornpipe.loaders.base import DEFAULT_IMAGE_SIZE, OVERSAMPLE_STRATEGIES
+from cornpipe.runs.choices import DEFAULT_IMAGE_SIZE, OVERSAMPLE_STRATEGIES
 
 _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 _OUT_FILE = click.Path(dir_okay=False, path_type=Path)
@@ -44,7 +44,7 @@ def _writer(json_path: Path | None) -> Callable[[dict[str, Any]], None] | None:
 def _finish(summary: dict[str, Any], table: Any, json_path: Path | None) -> None:
     from rich.console import Console
 
-    Console(width=None if sys.stdout.isatty() else 160).print(table)  # a log or pipe: no squeezed columns
+    Console(markup=False, width=None if sys.stdout.isatty() else 160).print(table)  # a log or pipe: no squeezed columns
     write = _writer(json_path)
     if write is not None:
         write(summary)

@@ -16,10 +16,8 @@ import click
 
 from cornpipe.cli.handler import CornpipeCommand
 from cornpipe.errors import CornpipeError
-from cornpipe.shards.fields import DEFAULT_GRADE_SCALE
-from cornpipe.shards.imageio import DEFAULT_MAX_PIXELS
+from cornpipe.shards.fields import DEFAULT_GRADE_SCALE, DEFAULT_MAX_PIXELS, WRITE_MODES
 from cornpipe.shards.synth import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, parse_grade_scale, parse_position_weights
-from cornpipe.shards.writers import WRITE_MODES
 
 __all__ = ["convert", "inspect_command", "synth", "verify"]
 
@@ -36,6 +34,10 @@ def parsed_option(parse: Callable[[str], Any]) -> Callable[[click.Context, click
             raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
 
     return callback
+
+
+def _echo_err(line: str) -> None:
+    click.echo(line, err=True)
 
 
 grade_scale_option = parsed_option(parse_grade_scale)  # `0,3,5,7,9` or `0-25` -> tuple of grades
@@ -107,6 +109,7 @@ def convert(paths: tuple[Path, ...], manifest_csv: Path | None, grade_scale: Seq
     into OUT: train/val .beton (unless --formats wds), webdataset tar shards with DALI index files,
     manifest.json and rejected.csv. Every input is either converted or listed in rejected.csv with its
     reason."""
+    from cornpipe.cli.progress import ProgressLines, convert_reporter
     from cornpipe.shards.convert import convert_dataset
 
     if manifest_csv is not None:
@@ -121,11 +124,13 @@ def convert(paths: tuple[Path, ...], manifest_csv: Path | None, grade_scale: Seq
             raise click.ClickException(f"{src} is not a folder")
     if workers is not None and workers < 1:
         raise click.BadParameter("must be at least 1", param_hint="--workers")
+    tty = sys.stderr.isatty()  # a terminal gets rich's bar, a log plain lines
+    on_progress = None if tty else convert_reporter(ProgressLines("convert", "images", "img", _echo_err))
     summary = convert_dataset(
         src, out, manifest_csv=manifest_csv, grade_scale=grade_scale, val_fraction=val_fraction,
         max_resolution=max_resolution, write_mode=write_mode, jpeg_quality=jpeg_quality,
         workers=workers, seed=seed, force=force, shard_size=shard_size, max_pixels=max_pixels,
-        formats=formats, progress=sys.stderr.isatty(),
+        formats=formats, progress=tty, on_progress=on_progress,
     )
     for name in summary.cleaned:
         click.echo(f"removed {name}, left by an interrupted convert")
@@ -150,7 +155,7 @@ def inspect_command(out: Path, as_json: bool) -> None:
         return
     from rich.console import Console
 
-    render_inspect(info, Console(width=120) if not sys.stdout.isatty() else Console())
+    render_inspect(info, Console(markup=False, width=None if sys.stdout.isatty() else 120))
 
 
 @click.command(cls=CornpipeCommand, short_help="Check every file and image of a shard set.")

@@ -7,7 +7,9 @@ their defaults and help from `TrainConfig` (cornpipe.runs.config), so a default 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Collection
+import sys
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +18,10 @@ from click.core import ParameterSource
 
 from cornpipe.cli.handler import CornpipeCommand
 from cornpipe.errors import ConfigError
-from cornpipe.loaders.base import BACKENDS, OVERSAMPLE_STRATEGIES
+from cornpipe.runs.choices import BACKENDS, GRADE_HEADS, OVERSAMPLE_STRATEGIES
 from cornpipe.runs.config import (
     AMP_MODES,
     FOLD_GROUPS,
-    GRADE_HEADS,
     MONITORS,
     OPTIMIZERS,
     RESUME_OVERRIDABLE,
@@ -28,7 +29,6 @@ from cornpipe.runs.config import (
     TrainConfig,
     config_from_sources,
 )
-from cornpipe.runs.report import write_report
 
 FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
@@ -215,8 +215,41 @@ def _run_folds(cfg: TrainConfig, seeds: list[int], nproc: int | None, config_fil
         train_fn = _torchrun_train(nproc, config_file)
     else:
         from cornpipe.train import train as train_fn
-    run_folds(cfg, Path(cfg.out), ShardSet(cfg.shards).manifest["samples"], seeds, train_fn, click.echo)
+    samples = ShardSet(cfg.shards).manifest["samples"]
+    with _progress_lines(train_fn, cfg, samples, seeds) as tracked:
+        run_folds(cfg, Path(cfg.out), samples, seeds, tracked, click.echo)
     click.echo(f"summary: {Path(cfg.out) / CV_MD}")
+
+
+@contextmanager
+def _progress_lines(train_fn: Callable[..., None], cfg: TrainConfig, samples: list[dict],
+                    seeds: list[int]) -> Iterator[Callable[..., None]]:
+    """train_fn, its runs' epochs counted into `cv: done/total epochs (p %), ...` lines every 10 s or 10 %
+    when stderr is a log; on a terminal train's own bars show the progress."""
+    if sys.stderr.isatty():
+        yield train_fn
+        return
+    from cornpipe.cli.progress import EpochWatch, ProgressLines
+    from cornpipe.runs.cv import RESULT_FILE, number_of_folds, run_name, uses_folds
+    from cornpipe.runs.report import METRICS_FILE
+
+    folds = list(range(number_of_folds(samples, cfg))) if uses_folds(cfg) else [None]
+    runs = {Path(cfg.out) / run_name(fold, seed): cfg.epochs for fold in folds for seed in seeds}
+    earlier = {run for run in runs if (run / RESULT_FILE).is_file()}
+    lines = ProgressLines("cv" if uses_folds(cfg) else "train", "epochs", "epochs", _echo_err)
+
+    with EpochWatch(lines, runs, earlier, METRICS_FILE) as watch:
+
+        def train_one(run_cfg: TrainConfig, **kwargs: Any) -> None:
+            watch.begin(Path(run_cfg.out))
+            train_fn(run_cfg, **kwargs)
+            watch.end(Path(run_cfg.out))
+
+        yield train_one
+
+
+def _echo_err(line: str) -> None:
+    click.echo(line, err=True)
 
 
 def _torchrun_train(nproc: int, config_file: str | None) -> Callable[..., None]:
@@ -301,6 +334,8 @@ def models_command(pattern: str | None, only_pretrained: bool) -> None:
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 def report_command(run: str) -> None:
     """Rebuild RUN/report.md, curves.png and confusion_matrix.png from RUN/metrics.jsonl."""
+    from cornpipe.runs.report import write_report
+
     write_report(Path(run))
     click.echo(f"wrote {Path(run) / 'report.md'}, curves.png, confusion_matrix.png")
 

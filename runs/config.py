@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cornpipe.errors import ConfigError
-from cornpipe.loaders.base import BACKENDS, DEFAULT_IMAGE_SIZE, OVERSAMPLE_STRATEGIES
-from cornpipe.models.heads import GRADE_HEADS
+from cornpipe.runs.choices import BACKENDS, DEFAULT_IMAGE_SIZE, GRADE_HEADS, OVERSAMPLE_STRATEGIES
 
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 OPTIMIZER_DEFAULTS: dict[str, tuple[float, float]] = {"adamw": (1e-3, 0.05), "sgd": (0.05, 5e-4)}  # lr, wd

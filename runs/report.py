@@ -269,8 +269,14 @@ def assess(records: Sequence[dict[str, Any]], best: dict[str, Any] | None) -> li
                 break
             rising += 1
         if rising >= 2:
+            if best is None:  # no monitor recorded: nothing to restore
+                advice = "."
+            elif best["epoch"] == last["epoch"]:  # restoring "the best" would change nothing
+                advice = f", yet the monitored metric still improved: epoch {last['epoch']} is the best so far."
+            else:
+                advice = f"; early stopping should restore the best checkpoint (epoch {best['epoch']})."
             notes.append(f"**Overfitting:** validation loss has risen for {rising} epochs in a row while train "
-                         "loss kept falling; early stopping should restore the best checkpoint.")
+                         f"loss kept falling{advice}")
     ci = (val.get("ci") or {}).get("position_accuracy")
     n = val.get("n_samples")
     size = f" ({n} images)" if n else ""

@@ -31,7 +31,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -186,6 +186,7 @@ def convert_dataset(
     force: bool = False,
     shard_size: int = F.SHARD_SIZE,
     progress: bool = False,
+    on_progress: Callable[[str, int, int | None], None] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     smart_threshold: int = SMART_THRESHOLD,
     formats: str | Sequence[str] = "beton,wds",
@@ -194,6 +195,8 @@ def convert_dataset(
 
     With a .beton to write, the reported time starts after FFCV is imported (numba makes that take
     seconds): it measures the conversion, and a missing FFCV fails before any image is decoded.
+    `progress` draws a rich bar on stderr (for a TTY); `on_progress(step, done, total)` hears each step
+    as it starts (done 0; total None when uncounted) and each decoded image (for a log).
     """
     params = ConvertParams(write_mode=write_mode, max_resolution=int(max_resolution),
                            jpeg_quality=int(jpeg_quality), val_fraction=float(val_fraction), seed=int(seed),
@@ -218,7 +221,7 @@ def convert_dataset(
     tmp.mkdir()
     lock_fd = lock_folder(tmp)
     try:
-        with _sigterm_as_ctrl_c(), _Progress(progress) as bar:
+        with _sigterm_as_ctrl_c(), _Progress(progress, on_progress) as bar:
             summary = _convert_into(tmp, found, params, workers, bar, src_p, csv_p, lock_fd)
             fsync_tree(tmp)
             publish(tmp, out, force)  # the lock travels with the folder until the rename is done
@@ -366,20 +369,23 @@ def _source_key(name: str) -> tuple:
 
 
 class _Progress:
-    """A rich progress bar on stderr when asked for (a TTY); otherwise silent."""
+    """A rich progress bar on stderr when asked for (a TTY), and/or counts for `report(step, done, total)`."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, report: Callable[[str, int, int | None], None] | None = None) -> None:
         self.enabled = enabled
+        self.report = report
         self._progress = None
         self._task = None
+        self._step, self._done, self._total = "", 0, None
 
     def __enter__(self) -> _Progress:
         if self.enabled:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+            self._progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(),
+                                      MofNCompleteColumn(), TimeElapsedColumn(),
+                                      console=Console(stderr=True, markup=False), transient=True)
             self._progress.__enter__()
         return self
 
@@ -388,6 +394,9 @@ class _Progress:
             self._progress.__exit__(*exc)
 
     def start(self, description: str, total: int | None) -> None:
+        if self.report is not None:
+            self._step, self._done, self._total = description, 0, total
+            self.report(description, 0, total)
         if self._progress is None:
             return
         if self._task is not None:
@@ -395,6 +404,9 @@ class _Progress:
         self._task = self._progress.add_task(description, total=total)
 
     def advance(self, n: int = 1) -> None:
+        if self.report is not None:
+            self._done += n
+            self.report(self._step, self._done, self._total)
         if self._progress is not None and self._task is not None:
             self._progress.advance(self._task, n)
 

@@ -74,6 +74,8 @@ MANIFEST_HASH = "manifest.sha256"  # `sha256sum` line of manifest.json, written 
 REJECTED = "rejected.csv"
 REJECTED_COLUMNS: tuple[str, ...] = ("path", "reason")
 SHARD_SIZE = 1000  # samples per tar shard
+WRITE_MODES: tuple[str, ...] = ("jpg", "raw", "smart")  # how a .beton stores pixels (shards.writers)
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default decompression-bomb limit (pixels; shards.imageio)
 
 # what convert can write: "beton" (the ffcv backend reads it) and "wds" (tar shards + DALI index:
 # the torch, resident and dali backends, inspect and verify read them)

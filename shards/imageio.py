@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from cornpipe.shards.fields import DEFAULT_MAX_PIXELS  # there, so the CLI's --help needs no numpy or PIL
+
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
 )
-DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default decompression-bomb limit (pixels)
 WHITE = (255, 255, 255)
 
 

@@ -100,10 +100,11 @@ def _human(n: float) -> str:
 def render_inspect(info: dict, console) -> None:
     """Print the inspect summary as rich tables."""
     from rich.table import Table
+    from rich.text import Text
 
     p = info["params"]
-    console.print(f"[bold]{info['root']}[/bold]: found {info['found']}, converted {info['converted']}, "
-                  f"rejected {info['rejected']}; " + ", ".join(f"{k} {v}" for k, v in info["splits"].items()))
+    console.print(Text.assemble((info["root"], "bold"), f": found {info['found']}, converted {info['converted']}, "
+                  f"rejected {info['rejected']}; " + ", ".join(f"{k} {v}" for k, v in info["splits"].items())))
     formats = "tar shards only (no .beton)" if "beton" not in info["formats"] else f"write mode {p['write_mode']}"
     console.print(f"grade scale {','.join(format_number(g) for g in info['grade_scale'])}; formats "
                   f"{','.join(info['formats'])}; {formats}, max resolution {p['max_resolution']} px, "

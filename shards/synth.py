@@ -36,7 +36,6 @@ from pathlib import Path
 from cornpipe.errors import CornpipeError, SynthError
 from cornpipe.shards.atomic import check_can_create
 from cornpipe.shards.fields import DEFAULT_GRADE_SCALE, POSITION_CODES, POSITION_NAMES, SOURCES
-from cornpipe.shards.synth_draw import render_image
 
 LABELS_FILE = "labels.csv"
 LABELS_COLUMNS: tuple[str, str] = ("file", "grade")
@@ -143,6 +142,8 @@ class _Job:
 
 def _render_job(job: _Job) -> tuple[str, int, int]:
     """Worker: draw one image, write it; returns (file name, grade, bytes written)."""
+    from cornpipe.shards.synth_draw import render_image  # numpy and PIL: not for `cornpipe --help`
+
     source = SOURCES[job.source_index]
     grade, data = render_image(job.seed, source, job.index, job.image_size, job.grade_scale)
     name = f"{source}_{job.index:05d}.jpg"

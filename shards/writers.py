@@ -24,7 +24,7 @@ from cornpipe.shards import fields as F
 from cornpipe.shards.staging import StagedSample, Staging
 
 DALI_INDEX_VERSION = "v1.2"  # the format DALI's wds2idx writes and fn.readers.webdataset reads
-WRITE_MODES: tuple[str, ...] = ("jpg", "raw", "smart")
+WRITE_MODES: tuple[str, ...] = F.WRITE_MODES  # in fields, so the CLI's --help needs no numpy
 SMART_THRESHOLD = 256 * 256 * 3  # smart mode: JPEG when raw pixels exceed this many bytes, else raw
 MIN_PAGE_SIZE = 1 << 21  # FFCV's minimum page size (2 MiB)
 
