@@ -17,7 +17,9 @@ BACKEND_MODULES: dict[str, str] = {
 BACKENDS: tuple[str, ...] = tuple(BACKEND_MODULES)
 FOLDER_BACKEND = "torch-folder"  # the torch backend over the original images (the "before" baseline)
 DEFAULT_IMAGE_SIZE = 224  # px, side of the square images a loader yields and the model sees
+MIN_IMAGE_SIZE = 8  # px: the one lower bound, checked by the run config and by every loader request
 OVERSAMPLE_STRATEGIES: tuple[str, ...] = ("none", "balanced", "sqrt", "joint")
+DEFAULT_OVERSAMPLE = "balanced"  # a training run's draw of train rows (rare position classes come up as often)
 
 # ImageNet statistics on the 0-255 scale; the trunk is trained from scratch but these keep
 # activations in a sane range and match what the team's earlier runs used.

@@ -3,8 +3,10 @@
     cli -> train / runs / predict -> loaders, models -> shards (format) -> errors
 
 Parsed with `ast`, so an import inside a function counts as much as one at the top. The one exception
-is a module's `if __name__ == "__main__":` block: an entry point (`python -m cornpipe.train`) may hand
-over to the CLI.
+is a module's `if __name__ == "__main__":` block: an entry point (`python -m cornpipe.bench.train_bench`
+as a benchmark's child process) runs as `__main__`, a module of its own.
+
+Within a part too, no two files import each other (directly or round a longer loop): `test_no_module_imports_itself_back`.
 """
 
 from __future__ import annotations
@@ -36,10 +38,17 @@ SHARDS_READ_SIDE = {"fields", "shard_set", "discover", "split", "imageio"}
 
 
 def modules() -> list[Path]:
+    """Every product module: the top-level files and each part's files, inner rooms (loaders/backends/) too."""
     found = [p for p in ROOT.glob("*.py")]
     for part in PARTS:
-        found += sorted((ROOT / part).glob("*.py"))
+        found += sorted((ROOT / part).rglob("*.py"))
     return sorted(found)
+
+
+def module_name(path: Path) -> str:
+    """cornpipe.runs.cv for runs/cv.py; cornpipe.loaders for loaders/__init__.py."""
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(("cornpipe", *(parts[:-1] if parts[-1] == "__init__" else parts)))
 
 
 def part_of(path: Path) -> str:
@@ -123,3 +132,83 @@ def test_the_checker_catches_a_wrong_import(tmp_path: Path) -> None:
         finally:
             globals()["ROOT"] = Path(__file__).resolve().parents[1]
             bad.unlink()
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the cornpipe modules it imports (`from cornpipe.loaders import make_loader` names the
+    package cornpipe.loaders; `from cornpipe.shards import fields` the module cornpipe.shards.fields)."""
+    known = {module_name(p): p for p in modules()}
+    graph: dict[str, set[str]] = {}
+    for name, path in known.items():
+        graph[name] = set()
+        for _line, imported in imports(path):
+            while imported and imported not in known:  # a name inside a module: the module
+                imported = imported.rpartition(".")[0]
+            if imported and imported != name:
+                graph[name].add(imported)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One import chain per cycle found (depth-first search over the graph)."""
+    found: list[list[str]] = []
+    state: dict[str, int] = {}  # 1: on the current chain, 2: done
+
+    def visit(node: str, chain: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                found.append([*chain[chain.index(nxt):], node, nxt] if nxt in chain else [node, nxt])
+            elif nxt not in state:
+                visit(nxt, [*chain, node])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    return found
+
+
+# Cycles in files the loaders/ restructuring (issue 21 item 4) rewrites: removed there, then delete the entry.
+KNOWN_CYCLES: set[frozenset[str]] = {
+    frozenset({"cornpipe.loaders.fused", "cornpipe.loaders.pixel_kernels"}),
+    frozenset({"cornpipe.bench.loader_bench", "cornpipe.bench.loader_summary"}),
+}
+
+
+def test_no_module_imports_itself_back() -> None:
+    """No file-level import cycles, within a part as much as between parts: a cycle means neither file
+    can be read (or loaded) without the other. Package __init__ files count as modules."""
+    assert [c for c in cycles(import_graph()) if frozenset(c) not in KNOWN_CYCLES] == []
+
+
+def test_the_cycle_check_finds_a_cycle() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_only_the_run_builder_makes_models() -> None:
+    """One place builds a run (cornpipe.runs.build): outside models/, nothing else calls create_model."""
+    callers = []
+    for path in modules():
+        if part_of(path) == "models":
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "create_model":
+                callers.append(str(path.relative_to(ROOT)))
+    assert sorted(set(callers)) == ["runs/build.py"]
+
+
+def test_no_entry_point_hands_over_to_the_cli_but_the_package_s() -> None:
+    """`python -m cornpipe.train` goes through `python -m cornpipe` (cornpipe/__main__.py): no module below the
+    CLI names it, not even in its `__main__` block."""
+    for path in modules():
+        if part_of(path) in ("cli", "package"):
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in tree.body:
+            if _is_main_guard(node):
+                names = [n.module or "" for n in ast.walk(node) if isinstance(n, ast.ImportFrom)]
+                names += [a.name for n in ast.walk(node) if isinstance(n, ast.Import) for a in n.names]
+                assert not [n for n in names if n.startswith("cornpipe.cli")], path

@@ -18,7 +18,8 @@ from cornpipe.cli import cli
 from cornpipe.errors import ConfigError
 from cornpipe.loaders import make_loader
 from cornpipe.runs.config import TrainConfig
-from cornpipe.runs.cv import fold_ids, stratified_folds, summarize_runs
+from cornpipe.runs.cv import summarize_runs
+from cornpipe.runs.folds import fold_ids, stratified_folds
 from cornpipe.shards.shard_set import ShardSet
 
 
