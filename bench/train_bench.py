@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from cornpipe.bench.isolate import run_isolated
 from cornpipe.errors import BenchError, LoaderError
+from cornpipe.grades import DEFAULT_GRADE_SCALE
 from cornpipe.loaders.base import DEFAULT_IMAGE_SIZE
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ VARIANTS: dict[str, tuple[bool, bool, bool]] = {  # name -> (channels_last, amp,
 BASELINE = "eager-fp32"
 SYNTHETIC = "synthetic"
 DEFAULT_POSITIONS = 3
-DEFAULT_SCALE: tuple[float, ...] = (0.0, 3.0, 5.0, 7.0, 9.0)
+DEFAULT_SCALE: tuple[float, ...] = tuple(float(g) for g in DEFAULT_GRADE_SCALE)
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,45 @@ def variant_run(variant: str, cfg: TrainBenchConfig, positions: int, scale: list
     return build_run(train_cfg, [str(i) for i in range(positions)], scale)
 
 
+def _timed_windows(step: Callable[[], float], cfg: TrainBenchConfig,
+                   device: Any) -> tuple[float, list[float], list[float]]:
+    """(seconds of the first warmup_steps steps, images/s of each timed window, data-wait share of each).
+    `step()` runs one training step and returns its seconds waiting for data."""
+    import torch
+
+    cuda = device.type == "cuda"
+    start = time.perf_counter()
+    for _ in range(cfg.warmup_steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize(device)
+    first_steps_s = time.perf_counter() - start
+    windows, waits = [], []
+    for _ in range(cfg.repeats):
+        steps, wait = 0, 0.0
+        if cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+        t0 = time.perf_counter()
+        while True:
+            wait += step()
+            steps += 1
+            if cfg.steps is not None:
+                if steps >= cfg.steps:
+                    break
+            elif time.perf_counter() - t0 >= (cfg.seconds or 0.0):
+                break
+        if cuda:
+            end.record()
+            end.synchronize()
+            elapsed = begin.elapsed_time(end) / 1000.0
+        else:
+            elapsed = time.perf_counter() - t0
+        windows.append(steps * cfg.batch_size / elapsed)
+        waits.append(wait / elapsed)
+    return first_steps_s, windows, waits
+
+
 def measure_variant(variant: str, cfg: TrainBenchConfig) -> dict[str, Any]:
     """Steady-state images/s of one variant (runs in the calling process)."""
     import torch
@@ -185,39 +225,8 @@ def measure_variant(variant: str, cfg: TrainBenchConfig) -> dict[str, Any]:
             raise BenchError(f"{variant}: non-finite loss in the benchmark step") from None
         return wait
 
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(device)
-
     try:
-        start = time.perf_counter()
-        for _ in range(cfg.warmup_steps):
-            step()
-        sync()
-        first_steps_s = time.perf_counter() - start
-        windows, waits = [], []
-        for _ in range(cfg.repeats):
-            steps, wait = 0, 0.0
-            if cuda:
-                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                begin.record()
-            t0 = time.perf_counter()
-            while True:
-                wait += step()
-                steps += 1
-                if cfg.steps is not None:
-                    if steps >= cfg.steps:
-                        break
-                elif time.perf_counter() - t0 >= (cfg.seconds or 0.0):
-                    break
-            if cuda:
-                end.record()
-                end.synchronize()
-                elapsed = begin.elapsed_time(end) / 1000.0
-            else:
-                elapsed = time.perf_counter() - t0
-            windows.append(steps * cfg.batch_size / elapsed)
-            waits.append(wait / elapsed)
+        first_steps_s, windows, waits = _timed_windows(step, cfg, device)
     finally:
         if loader is not None:
             loader.close()
