@@ -4,10 +4,10 @@ train a two-task (leaf position, disease grade) model.
 The parts, from the edge inwards (imports point only this way; `tests/test_layout.py` holds them):
 
     cornpipe.cli        every click command; the one place a CornpipeError becomes `Error: <cause>`
-    cornpipe.train      the training loop (`python -m cornpipe.train` == `cornpipe train`)
+    cornpipe.train      the training loop (`python -m cornpipe train` == `cornpipe train`)
     cornpipe.predict    a checkpoint + images -> predictions
-    cornpipe.runs       what a run is made of: config, checkpoint, EMA, early stopping, optimiser step,
-                        metrics log, report, plots
+    cornpipe.runs       what a run is made of: the run builder (runs.build), config, folds, checkpoint, EMA,
+                        early stopping, optimiser step, metrics log, report, plots
     cornpipe.loaders    the read side: make_loader, sampling, augmentation, one module per backend
     cornpipe.models     trunks, heads, losses, metrics: plain torch, knows no data source
     cornpipe.shards     the on-disk format and what makes or checks it (discover, convert, synth,

@@ -13,7 +13,6 @@ read; then the prediction columns are empty). An unreadable image never stops th
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,11 +24,10 @@ from PIL import Image
 
 from cornpipe.errors import CornpipeError
 from cornpipe.loaders.augment import val_preprocess
-from cornpipe.loaders.base import IMAGENET, AugmentConfig, Normalization
-from cornpipe.models import create_model
+from cornpipe.loaders.base import AugmentConfig, Normalization
 from cornpipe.models.metrics import snap_to_scale
-from cornpipe.runs.checkpoint import inference_weights, load_checkpoint
-from cornpipe.runs.config import TrainConfig, resolve_runtime
+from cornpipe.runs.build import run_from_checkpoint
+from cornpipe.runs.checkpoint import load_checkpoint
 from cornpipe.shards.atomic import check_can_create
 from cornpipe.shards.imageio import IMAGE_EXTENSIONS, ImageRejected, encode_jpeg, prepare_image
 
@@ -53,8 +51,7 @@ def image_files(inputs: Sequence[Path]) -> list[Path]:
     return files
 
 
-def load_for_inference(path: Path, convert_params: dict, image_size: int,
-                       norm: Normalization = IMAGENET) -> torch.Tensor:
+def load_for_inference(path: Path, convert_params: dict, image_size: int, norm: Normalization) -> torch.Tensor:
     """One image file -> (3, S, S) float32, normalised as in training; ImageRejected/OSError when unreadable."""
     prepared = prepare_image(path.read_bytes(), max_resolution=int(convert_params["max_resolution"]))
     jpeg = encode_jpeg(prepared.pixels, int(convert_params["jpeg_quality"]))  # what the shards hold
@@ -74,21 +71,10 @@ def predict(checkpoint: Path, inputs: Sequence[Path], out: Path, *, tta: bool = 
         raise CornpipeError(f"--out {out} is a folder; give the CSV file to write")
     check_can_create(out)  # before the checkpoint and the model load
     state = load_checkpoint(checkpoint)
-    saved = TrainConfig.from_dict(state["config"], source=str(checkpoint))
-    cfg = resolve_runtime(dataclasses.replace(saved, device=device, amp="auto", compile=False, channels_last=None),
-                          torch.cuda.is_available())
-    data = state["data"]
-    positions, grade_scale = list(data["positions"]), list(data["grade_scale"])
-    saved = data.get("normalization")  # a pretrained trunk's own statistics (runs before it: ImageNet's)
-    norm = Normalization(tuple(saved["mean"]), tuple(saved["std"])) if saved else IMAGENET
-    model = create_model(cfg.model, num_positions=len(positions), grade_scale=grade_scale,
-                         grade_head=cfg.grade_head)
-    model.load_state_dict(inference_weights(state))
-    dev = torch.device(cfg.device)
-    model = model.to(dev).eval()
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    dtype = torch.float16 if cfg.amp == "fp16" else None
+    run = run_from_checkpoint(state, str(checkpoint), device=device, amp="auto", compile=False, channels_last=None)
+    cfg, data, dev, dtype = run.cfg, state["data"], run.device, run.amp_dtype
+    positions, grade_scale = list(run.positions), list(run.grade_scale)
+    model = run.model.eval()
 
     files = image_files(inputs)
     if not files:
@@ -102,7 +88,7 @@ def predict(checkpoint: Path, inputs: Sequence[Path], out: Path, *, tta: bool = 
             tensors, ok, errors = [], [], {}
             for path in chunk:
                 try:
-                    tensors.append(load_for_inference(path, data["convert"], cfg.image_size, norm))
+                    tensors.append(load_for_inference(path, data["convert"], cfg.image_size, run.normalization))
                     ok.append(path)
                 except (ImageRejected, OSError) as exc:
                     errors[path] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -1,6 +1,7 @@
-"""Train ResNet-Plus on a cornpipe shard set: position (classification) + grade (regression).
+"""Train a model (a ResNet-Plus or a timm trunk, with the two heads) on a cornpipe shard set: position
+(classification) + grade (regression).
 
-    cornpipe train SHARDS --out RUN [options]     (same as: python -m cornpipe.train SHARDS --out RUN ...)
+    cornpipe train SHARDS --out RUN [options]     (same as: python -m cornpipe train SHARDS --out RUN ...)
     cornpipe train --resume RUN [--epochs N]      continue RUN from RUN/last.pt
 
 The options, their help and their TOML form are the CLI's (cornpipe/cli/runs.py); every default lives
@@ -18,8 +19,9 @@ logged metrics equal one process's over the whole split. Only rank 0 writes RUN 
 Cross-validation: with TrainConfig.folds / fold_group the run trains and validates on one fold of ALL
 samples, whichever split holds them (cornpipe.runs.cv; `cornpipe cv` runs every fold).
 
-Read top to bottom: train_one_epoch (its step is cornpipe.runs.optim.optimizer_step), then train() with
-the one loop; validation (evaluate, evaluate_checkpoint, the predictions file) is cornpipe.runs.evaluation.
+Read top to bottom: train_one_epoch (its step is cornpipe.runs.optim.optimizer_step), train(), setup()
+(the run itself comes from cornpipe.runs.build), then fit() with the one loop; validation (evaluate,
+evaluate_checkpoint, the predictions file) is cornpipe.runs.evaluation.
 
 Reproducibility: every random draw is a function of (seed, epoch): the loader's sample order and
 augmentation via set_epoch, dropout/drop-path via the torch seed set at the start of each epoch. So
@@ -33,6 +35,7 @@ import dataclasses
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +46,11 @@ from torch import nn
 
 from cornpipe.errors import ConfigError, NonFiniteLoss
 from cornpipe.loaders import make_loader
-from cornpipe.loaders.base import IMAGENET, Normalization
-from cornpipe.models import create_model, input_stats
+from cornpipe.loaders.base import IMAGENET
+from cornpipe.models import input_stats
 from cornpipe.models.finetune import set_trunk_frozen, trunk_norms_eval
 from cornpipe.models.init_weights import load_init_weights
-from cornpipe.models.losses import MultiTaskLoss
+from cornpipe.runs.build import Fold, Run, amp_dtype, build_run, run_fold, runtime
 from cornpipe.runs.checkpoint import (
     BEST,
     CHECKPOINT_FORMAT,
@@ -56,8 +59,7 @@ from cornpipe.runs.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from cornpipe.runs.config import TrainConfig, resolve_runtime, write_config_json
-from cornpipe.runs.cv import fold_ids
+from cornpipe.runs.config import TrainConfig, write_config_json
 from cornpipe.runs.distributed import (
     DistContext,
     barrier,
@@ -72,8 +74,8 @@ from cornpipe.runs.distributed import (
 from cornpipe.runs.distributed import init as init_distributed
 from cornpipe.runs.early_stopping import EarlyStopping, monitor_value
 from cornpipe.runs.ema import ModelEma
-from cornpipe.runs.epoch_metrics import Collector, summarize
-from cornpipe.runs.evaluation import amp_dtype, evaluate, prediction_tensors, write_predictions
+from cornpipe.runs.epoch_metrics import Collector, TimedBatches, summarize
+from cornpipe.runs.evaluation import evaluate, prediction_tensors, write_predictions
 from cornpipe.runs.optim import NonFiniteStep, base_lr, make_optimizer, optimizer_step, scheduled_lr, set_lr
 from cornpipe.runs.report import (
     CONFIG_FILE,
@@ -107,18 +109,11 @@ def train_one_epoch(model: nn.Module, loader: Any, loss_fn: nn.Module, optimizer
     if cfg.freeze_bn or epoch < cfg.freeze_epochs:
         trunk_norms_eval(model)  # a frozen (or --freeze-bn) trunk keeps its BatchNorm statistics
     device = torch.device(cfg.device)
-    dtype = amp_dtype(cfg)
+    dtype = amp_dtype(cfg.amp)
     raw_model = unwrap(model)  # EMA and grad clipping see the plain module (under compile and DDP)
     collected = Collector(device)
-    data_wait = 0.0
-    start = time.perf_counter()
-    batches = iter(loader)
-    for step in range(steps):
-        t0 = time.perf_counter()
-        batch = next(batches, None)
-        data_wait += time.perf_counter() - t0
-        if batch is None:
-            break
+    timed = TimedBatches(loader, steps, device)
+    for step, batch in enumerate(timed):
         lr = scheduled_lr(cfg, epoch * steps + step, steps)
         if lr is not None:
             set_lr(optimizer, lr)  # the trunk's groups at lr * trunk_lr_scale
@@ -131,11 +126,8 @@ def train_one_epoch(model: nn.Module, loader: Any, loss_fn: nn.Module, optimizer
         if ema is not None:
             ema.update(raw_model)
         collected.add(outputs, batch.position, batch.grade, batch.sample_id, loss, parts)
-        progress.update(task, advance=1, ips=collected.images / (time.perf_counter() - start))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # sync point: the clock below must include queued GPU work
-    seconds = time.perf_counter() - start
-    return {**collected.arrays(), "seconds": seconds, "images": collected.images, "data_wait_s": data_wait}
+        progress.update(task, advance=1, ips=collected.images / timed.elapsed())
+    return {**collected.arrays(), **timed.finish(), "images": collected.images}
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
@@ -152,7 +144,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
     then stops the others (see cornpipe.runs.distributed)."""
     ctx = env_context()
     try:
-        cfg = resolve_runtime(cfg, torch.cuda.is_available())
+        cfg = runtime(cfg)
         if ctx.enabled:
             cfg = dataclasses.replace(cfg, device=init_distributed(ctx, cfg.device, cfg.dist_timeout))
         if not ctx.is_main:
@@ -166,35 +158,116 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
     return result
 
 
+@dataclass
+class Session:
+    """One training process's run, built by `setup` and read by `fit`: what a checkpoint carries, and the loaders."""
+
+    cfg: TrainConfig  # resolved; device: this rank's
+    ctx: DistContext
+    out: Path  # the run directory
+    shards: ShardSet
+    data: dict[str, Any]  # positions, grade scale, counts, fold, normalisation...: config.json's and every checkpoint's
+    run: Run
+    model: nn.Module  # the plain module: checkpoints hold no `module.` prefix
+    ema: ModelEma | None
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    plateau: torch.optim.lr_scheduler.ReduceLROnPlateau | None
+    stopper: EarlyStopping
+    train_loader: Any
+    val_loader: Any
+    checkpoint: dict[str, Any] | None  # last.pt when resuming
+
+    def state(self, epoch: int, val: dict[str, Any], val_out: dict[str, Any]) -> dict[str, Any]:
+        """The checkpoint after `epoch` epochs."""
+        return {"format": CHECKPOINT_FORMAT, "epoch": epoch, "config": self.cfg.to_dict(), "data": self.data,
+                "model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "scheduler": self.plateau.state_dict() if self.plateau else None,
+                "early_stopping": self.stopper.state_dict(), "rng": rng_state(), "val": val,
+                "val_predictions": prediction_tensors(val_out)}  # best.pt's: RUN/val_predictions.csv
+
+    def restore(self) -> int:
+        """Load a resumed run's state from last.pt; the epoch to start from."""
+        checkpoint = self.checkpoint
+        if not checkpoint:
+            return 0
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint["scaler"] and self.scaler.is_enabled():
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        if self.plateau and checkpoint["scheduler"]:
+            self.plateau.load_state_dict(checkpoint["scheduler"])
+        if self.ema and checkpoint["ema"]:
+            self.ema.load_state_dict(checkpoint["ema"])
+        self.stopper.load_state_dict(checkpoint["early_stopping"])
+        if self.ctx.is_main:
+            keep_metrics_until(self.out / METRICS_FILE, checkpoint["epoch"])  # drop lines of an epoch after last.pt
+        return checkpoint["epoch"]
+
+
 def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, force: bool, console: Console, verbose: bool,
            allow_new_shards: bool) -> TrainResult:
-    device = torch.device(cfg.device)  # resolved by train(): for this rank under DDP
-    run = Path(cfg.out)
-    checkpoint = load_checkpoint(run / LAST) if resume else None
-    if not Path(cfg.shards).is_dir():
-        raise ConfigError(f"shard set directory not found: {cfg.shards}")
-    shards = ShardSet(cfg.shards)
+    s = setup(cfg, ctx, resume=resume, force=force, console=console, allow_new_shards=allow_new_shards)
+    try:
+        epochs_run = fit(s, console, verbose)
+    except NonFiniteLoss:
+        if ctx.is_main and (s.out / METRICS_FILE).is_file() and (s.out / METRICS_FILE).stat().st_size:
+            write_report(s.out)
+        raise
+    finally:
+        for loader in (s.train_loader, s.val_loader):
+            loader.close()
+    barrier(ctx)  # rank 0's last checkpoint is on disk before any rank reads best.pt
+    result = restore_best_and_report(s.out, cfg, s.model, s.ema, s.stopper, console, epochs_run=epochs_run,
+                                     report=ctx.is_main)
+    if ctx.is_main:  # the best epoch's per-sample predictions, gathered from every rank, kept in best.pt
+        write_predictions(s.out, s.shards.manifest["samples"])
+    return result
+
+
+def run_data(cfg: TrainConfig, shards: ShardSet, fold: Fold | None) -> dict[str, Any]:
+    """What config.json and every checkpoint say about the data: classes, scale, counts, fold, identity."""
     data = {"positions": list(shards.positions), "grade_scale": [float(g) for g in shards.grade_scale],
             "shards": str(cfg.shards), "counts": {s: shards.count(s) for s in ("train", "val")},
             "convert": {k: shards.params.get(k) for k in ("write_mode", "max_resolution", "jpeg_quality")}}
-    fold = fold_ids(shards.manifest["samples"], cfg)  # None: the convert-time train/val split
     if fold is not None:  # a cross-validation fold over all samples, whichever split holds them
-        data["counts"] = {"train": len(fold[0]), "val": len(fold[1])}
-        data["fold"] = {"name": fold[2], "folds": cfg.folds, "fold": cfg.fold, "group": cfg.fold_group,
+        data["counts"] = {"train": len(fold.train_ids), "val": len(fold.val_ids)}
+        data["fold"] = {"name": fold.name, "folds": cfg.folds, "fold": cfg.fold, "group": cfg.fold_group,
                         "seed": cfg.fold_seed}
     data["identity"] = shard_identity(cfg.shards, data["counts"])  # what --resume must find again
-    if checkpoint and (checkpoint["data"]["positions"] != data["positions"]
-                       or checkpoint["data"]["grade_scale"] != data["grade_scale"]):
+    return data
+
+
+def check_resumed(checkpoint: dict[str, Any], data: dict[str, Any], cfg: TrainConfig, allow_new_shards: bool,
+                  console: Console) -> None:
+    """A resumed run keeps its classes and scale; another shard set only with --allow-new-shards, logged."""
+    run = Path(cfg.out)
+    if checkpoint["data"]["positions"] != data["positions"] or checkpoint["data"]["grade_scale"] != data["grade_scale"]:
         raise ConfigError(f"{cfg.shards} has other position classes or grade scale than the run in {run}")
+    data["shard_changes"] = list(checkpoint["data"].get("shard_changes", []))
+    change = check_resumed_shards(checkpoint["data"], data, run, cfg.shards, allow_new_shards)
+    if change is not None:
+        data["shard_changes"].append({**change, "at_epoch": checkpoint["epoch"]})
+        console.print(f"resuming on another shard set ({change['summary']}): "
+                      f"--allow-new-shards; the report says so", style="bold yellow")
+
+
+def setup(cfg: TrainConfig, ctx: DistContext, *, resume: bool, force: bool, console: Console,
+          allow_new_shards: bool) -> Session:
+    """Everything before the first epoch, cheap checks first: the shard set, --out, the run (runs.build), the
+    optimiser and the rest of the state a checkpoint carries, the loaders; then the run directory."""
+    out = Path(cfg.out)
+    checkpoint = load_checkpoint(out / LAST) if resume else None
+    if not Path(cfg.shards).is_dir():
+        raise ConfigError(f"shard set directory not found: {cfg.shards}")
+    shards = ShardSet(cfg.shards)
+    fold = run_fold(cfg, shards.manifest["samples"])  # None: the convert-time train/val split
+    data = run_data(cfg, shards, fold)
     if checkpoint:
-        data["shard_changes"] = list(checkpoint["data"].get("shard_changes", []))
-        change = check_resumed_shards(checkpoint["data"], data, run, cfg.shards, allow_new_shards)
-        if change is not None:
-            data["shard_changes"].append({**change, "at_epoch": checkpoint["epoch"]})
-            console.print(f"resuming on another shard set ({change['summary']}): "
-                          f"--allow-new-shards; the report says so", style="bold yellow")
+        check_resumed(checkpoint, data, cfg, allow_new_shards, console)
     if not resume:
-        prepare_run_dir(run, force, dry_run=True)  # refuse a used --out before any slow work
+        prepare_run_dir(out, force, dry_run=True)  # refuse a used --out before any slow work
     if cfg.verify and ctx.is_main:  # flipped bytes or an edited label must not train silently
         # (`--no-verify` skips; one rank reads the files: a failure there ends the group like any other)
         checked = check_shards(cfg.shards)
@@ -202,189 +275,159 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, force: bool, con
                       f"{' and sha256' if checked['hashed'] else ' (over 2 GB: sha256 left to cornpipe verify)'}"
                       f" in {checked['seconds']:.1f} s", soft_wrap=True)
 
-    # model, loss, optimiser and the rest of the state a checkpoint carries
     torch.manual_seed(cfg.seed)  # initial weights
-    model = create_model(cfg.model, num_positions=len(data["positions"]), grade_scale=data["grade_scale"],
-                         grade_head=cfg.grade_head, drop_path=cfg.drop_path,
-                         pretrained=cfg.pretrained and not resume)  # a resumed run's weights are in last.pt
+    run = build_run(cfg, data["positions"], data["grade_scale"], fold=fold,
+                    pretrained=cfg.pretrained and not resume)  # a resumed run's weights are in last.pt
     if cfg.init_weights and not resume:
-        init = load_init_weights(model, cfg.init_weights, allow_partial=cfg.allow_partial_init)
+        init = load_init_weights(run.model, cfg.init_weights, allow_partial=cfg.allow_partial_init)
         console.print(init.line())
         data["init"] = init.to_dict()  # config.json and every checkpoint say what the run started from
     elif checkpoint and "init" in checkpoint["data"]:
         data["init"] = checkpoint["data"]["init"]
-    model = model.to(device)
     if cfg.sync_bn and ctx.enabled:
-        if device.type != "cuda":
+        if run.device.type != "cuda":
             raise ConfigError("--sync-bn needs CUDA (torch's SyncBatchNorm is GPU-only); on the CPU each "
                               "rank keeps its own BatchNorm statistics")
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # before DDP, as torch's docs say
-    norm = IMAGENET
-    stats = input_stats(model)
-    if stats is not None:  # a pretrained trunk: normalise as its weights expect
-        norm = Normalization.from_unit(*stats)
-        if norm != IMAGENET:
-            console.print(f"{cfg.model} expects inputs normalised with mean {stats[0]} and std {stats[1]} "
-                          f"(0-1 scale), not ImageNet's: the loaders use the trunk's")
-    data["normalization"] = norm.to_dict()  # predict normalises the same way
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ema = ModelEma(model, cfg.ema_decay) if cfg.ema else None
-    loss_fn = MultiTaskLoss(weights=cfg.loss_weights, label_smoothing=cfg.label_smoothing,
-                            grade_scale=data["grade_scale"], grade_head=cfg.grade_head)
+        run = dataclasses.replace(run, model=nn.SyncBatchNorm.convert_sync_batchnorm(run.model))  # before DDP
+    if run.normalization != IMAGENET:  # a pretrained trunk: normalise as its weights expect
+        mean, std = input_stats(run.model)
+        console.print(f"{cfg.model} expects inputs normalised with mean {mean} and std {std} "
+                      f"(0-1 scale), not ImageNet's: the loaders use the trunk's")
+    data["normalization"] = run.normalization.to_dict()  # predict normalises the same way
+    model = run.model
     optimizer = make_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience,
         threshold=cfg.min_delta, threshold_mode="abs", min_lr=cfg.min_lr)
         if cfg.schedule == "plateau" else None)
-    stopper = EarlyStopping(cfg.patience, cfg.min_delta)
 
-    # data: the train split drawn per epoch (oversampling, augmentation), val in fixed order
-    # device, dtype and memory format are the run's (resolve_runtime), not re-derived by the loader
-    # under DDP each rank reads its own slice of every epoch: the train draw truncated to a multiple of
-    # the world size (`even`) so every rank runs the same number of steps, val split into disjoint,
-    # unpadded shards (every image evaluated exactly once; predictions gathered below)
+    # data: the train split drawn per epoch, val in fixed order (runs.build); under DDP each rank reads its
+    # own slice of every epoch, val in disjoint, unpadded shards (every image once; predictions gathered)
     if ctx.enabled and data["counts"]["val"] < ctx.world_size:
         raise ConfigError(f"the val split has {data['counts']['val']} image(s), fewer than the "
                           f"{ctx.world_size} ranks: use fewer processes")
-    loader_args = dict(backend=cfg.loader, batch_size=cfg.batch_size, image_size=cfg.image_size,
-                       device=cfg.device, seed=cfg.seed, workers=cfg.workers, channels_last=cfg.channels_last,
-                       normalization=norm, rank=ctx.rank, world_size=ctx.world_size,
-                       dtype=torch.float32 if cfg.amp == "off" else None)
-    train_loader = make_loader(shards, "train", oversample=cfg.oversample, even=True,
-                               sample_ids=fold[0] if fold else None,
-                               drop_last=data["counts"]["train"] // ctx.world_size > cfg.batch_size, **loader_args)
-    val_loader = make_loader(shards, "val", oversample="none", shuffle=False, sample_ids=fold[1] if fold else None,
-                             **loader_args)
-    cap = cfg.max_batches or math.inf
-    train_steps, val_steps = int(min(len(train_loader), cap)), int(min(len(val_loader), cap))
+    ranks = dict(rank=ctx.rank, world_size=ctx.world_size)
+    train_loader = make_loader(shards, "train", **run.train_request(data["counts"]["train"], **ranks))
+    val_loader = make_loader(shards, "val", **run.val_request(**ranks))
     barrier(ctx)  # every rank has checked --out before rank 0 touches it
     if not resume and ctx.is_main:
-        prepare_run_dir(run, force)
+        prepare_run_dir(out, force)
+    return Session(cfg=cfg, ctx=ctx, out=out, shards=shards, data=data, run=run, model=model,
+                   ema=ModelEma(model, cfg.ema_decay) if cfg.ema else None, optimizer=optimizer,
+                   scaler=torch.amp.GradScaler(run.device.type, enabled=cfg.amp == "fp16"), plateau=plateau,
+                   stopper=EarlyStopping(cfg.patience, cfg.min_delta), train_loader=train_loader,
+                   val_loader=val_loader, checkpoint=checkpoint)
 
-    try:
-        start_epoch = 0
-        if checkpoint:
-            model.load_state_dict(checkpoint["model"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            if checkpoint["scaler"] and scaler.is_enabled():
-                scaler.load_state_dict(checkpoint["scaler"])
-            if plateau and checkpoint["scheduler"]:
-                plateau.load_state_dict(checkpoint["scheduler"])
-            if ema and checkpoint["ema"]:
-                ema.load_state_dict(checkpoint["ema"])
-            stopper.load_state_dict(checkpoint["early_stopping"])
-            start_epoch = checkpoint["epoch"]
+
+def step_and_eval_models(s: Session) -> tuple[nn.Module, nn.Module]:
+    """(the model the optimiser steps: DDP and/or compiled; the model validation runs: the EMA's when kept)."""
+    cfg, ctx, model = s.cfg, s.ctx, s.model
+    ddp_model: nn.Module = model
+    if ctx.enabled:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[s.run.device.index] if s.run.device.type == "cuda" else None,
+            find_unused_parameters=cfg.freeze_epochs > 0)  # a frozen trunk sends no gradients
+    step_model = torch.compile(ddp_model) if cfg.compile else ddp_model  # torch's docs: compile the DDP model
+    # validation runs on each rank's own shard, outside DDP (whose forward may run collectives)
+    eval_model = step_model if not ctx.enabled else torch.compile(model) if cfg.compile else model
+    if s.ema is not None:  # the EMA weights when kept: they are what best.pt and predict use
+        eval_model = torch.compile(s.ema.module) if cfg.compile else s.ema.module
+    return step_model, eval_model
+
+
+def fit(s: Session, console: Console, verbose: bool) -> int:
+    """The epochs, from last.pt's (or 0) to cfg.epochs or early stopping; returns the epochs run."""
+    cfg, ctx, out = s.cfg, s.ctx, s.out
+    start_epoch = s.restore()
+    if ctx.is_main:
+        write_config_json(cfg, out / CONFIG_FILE, {"data": {**s.data, "world_size": ctx.world_size}})
+    if s.run.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
+    step_model, eval_model = step_and_eval_models(s)
+    cap = cfg.max_batches or math.inf
+    train_steps, val_steps = int(min(len(s.train_loader), cap)), int(min(len(s.val_loader), cap))
+    ranks = (f", {ctx.world_size} ranks x batch {cfg.batch_size} = global batch "
+             f"{ctx.world_size * cfg.batch_size}" if ctx.enabled else "")
+    console.print(f"training {cfg.model} on {cfg.shards} ({s.data['counts']['train']} train / "
+                  f"{s.data['counts']['val']} val) -> {out}  [device {cfg.device}, amp {cfg.amp}, "
+                  f"compile {cfg.compile}, loader {cfg.loader}, oversample {cfg.oversample}{ranks}]")
+    previous = ([None] + read_metrics(out / METRICS_FILE))[-1] if ctx.is_main else None
+    previous_record = None  # the epoch before `previous`, for the closing table
+    epoch = start_epoch
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[ips]:>7.1f} img/s"), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
+        epochs_task = progress.add_task("epochs", total=cfg.epochs, completed=start_epoch, ips=0.0)
+        batch_task = progress.add_task("train", total=train_steps, ips=0.0)
+        for epoch in range(start_epoch, cfg.epochs):
+            if s.stopper.should_stop:
+                break
+            torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout, drop-path, on-device augmentation
+            set_trunk_frozen(s.model, epoch < cfg.freeze_epochs)  # heads only for the first freeze_epochs
+            s.train_loader.set_epoch(epoch)
+            epoch_start = time.perf_counter()
+            progress.reset(batch_task, total=train_steps, description=f"train {epoch + 1}", ips=0.0)
+            train_out = train_one_epoch(step_model, s.train_loader, s.run.loss_fn, s.optimizer, s.scaler, s.ema,
+                                        cfg, epoch=epoch, steps=train_steps, progress=progress, task=batch_task,
+                                        last_good=str(out / LAST) if epoch > 0 else "none")
+            progress.reset(batch_task, total=val_steps, description=f"val {epoch + 1}", ips=0.0)
+            broadcast_buffers(ctx, unwrap(eval_model))  # every rank validates rank 0's model
+            val_out = evaluate(eval_model, s.val_loader, s.run.loss_fn, cfg, steps=val_steps,
+                               progress=progress, task=batch_task)
+            record, val_out = epoch_record(s, epoch, train_out, val_out, epoch_start)
             if ctx.is_main:
-                keep_metrics_until(run / METRICS_FILE, start_epoch)  # drop lines of an epoch after last.pt
-        if ctx.is_main:
-            write_config_json(cfg, run / CONFIG_FILE, {"data": {**data, "world_size": ctx.world_size}})
-
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
-        ddp_model: nn.Module = model  # `model` stays the plain module: checkpoints hold no `module.` prefix
-        if ctx.enabled:
-            ddp_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=cfg.freeze_epochs > 0)  # a frozen trunk sends no gradients
-        step_model = torch.compile(ddp_model) if cfg.compile else ddp_model  # torch's docs: compile the DDP model
-        # validation runs on each rank's own shard, outside DDP (whose forward may run collectives)
-        eval_model = step_model if not ctx.enabled else torch.compile(model) if cfg.compile else model
-        if ema is not None:  # the EMA weights when kept: they are what best.pt and predict use
-            eval_model = torch.compile(ema.module) if cfg.compile else ema.module
-
-        def state(epoch: int, val: dict[str, Any], val_out: dict[str, Any]) -> dict[str, Any]:
-            return {"format": CHECKPOINT_FORMAT, "epoch": epoch, "config": cfg.to_dict(), "data": data,
-                    "model": model.state_dict(), "ema": ema.state_dict() if ema else None,
-                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                    "scheduler": plateau.state_dict() if plateau else None,
-                    "early_stopping": stopper.state_dict(), "rng": rng_state(), "val": val,
-                    "val_predictions": prediction_tensors(val_out)}  # best.pt's: RUN/val_predictions.csv
-
-        ranks = (f", {ctx.world_size} ranks x batch {cfg.batch_size} = global batch "
-                 f"{ctx.world_size * cfg.batch_size}" if ctx.enabled else "")
-        console.print(f"training {cfg.model} on {cfg.shards} ({data['counts']['train']} train / "
-                      f"{data['counts']['val']} val) -> {run}  [device {cfg.device}, amp {cfg.amp}, "
-                      f"compile {cfg.compile}, loader {cfg.loader}, oversample {cfg.oversample}{ranks}]")
-        previous = ([None] + read_metrics(run / METRICS_FILE))[-1] if ctx.is_main else None
-        previous_record = None  # the epoch before `previous`, for the closing table
-        epoch = start_epoch
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[ips]:>7.1f} img/s"), TimeRemainingColumn())
-        with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
-            epochs_task = progress.add_task("epochs", total=cfg.epochs, completed=start_epoch, ips=0.0)
-            batch_task = progress.add_task("train", total=train_steps, ips=0.0)
-            for epoch in range(start_epoch, cfg.epochs):
-                if stopper.should_stop:
-                    break
-                torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout, drop-path, on-device augmentation
-                set_trunk_frozen(model, epoch < cfg.freeze_epochs)  # heads only for the first freeze_epochs
-                train_loader.set_epoch(epoch)
-                epoch_start = time.perf_counter()
-                progress.reset(batch_task, total=train_steps, description=f"train {epoch + 1}", ips=0.0)
-                last_good = str(run / LAST) if epoch > 0 else "none"
-                train_out = train_one_epoch(step_model, train_loader, loss_fn, optimizer, scaler, ema, cfg,
-                                            epoch=epoch, steps=train_steps, last_good=last_good,
-                                            progress=progress, task=batch_task)
-                progress.reset(batch_task, total=val_steps, description=f"val {epoch + 1}", ips=0.0)
-                broadcast_buffers(ctx, unwrap(eval_model))  # every rank validates rank 0's model
-                val_out = evaluate(eval_model, val_loader, loss_fn, cfg, steps=val_steps,
-                                   progress=progress, task=batch_task)
-                # every rank gets every rank's predictions (val back in row order): same metrics everywhere
-                train_out = gather_outputs(ctx, train_out)
-                val_out = gather_outputs(ctx, val_out, rows=val_loader.indices())
-                train_m = summarize(train_out, cfg, data, bootstrap=0)
-                val_m = summarize(val_out, cfg, data, bootstrap=cfg.bootstrap)
-                # rank 0's number decides best.pt, the plateau and early stopping for the whole group
-                value = broadcast_value(ctx, monitor_value(val_m, cfg.monitor, data["grade_scale"]))
-                improved = stopper.step(value, epoch + 1)
-                record = {"epoch": epoch + 1, "lr": base_lr(optimizer),
-                          "time_s": time.perf_counter() - epoch_start, "train": train_m, "val": val_m,
-                          "monitor": value if math.isfinite(value) else None, "best": improved}
-                if plateau is not None and epoch >= cfg.warmup_epochs:
-                    plateau.step(value)  # warm-up owns the lr until it ends
-                if ctx.is_main:
-                    with (run / METRICS_FILE).open("a") as f:
-                        f.write(json.dumps(record) + "\n")
-                if verbose:  # the team's full table, every epoch
-                    progress.console.print(format_epoch_table(record, previous))
-                    if val_m["never_predicted"]:
-                        progress.console.print(f"WARNING: position class(es) never predicted on val "
-                                               f"in epoch {epoch + 1}: {', '.join(val_m['never_predicted'])}",
-                                               style="bold red")
-                else:  # one line an epoch; the table comes once, at the end, and in report.md
-                    progress.console.print(format_epoch_line(record, cfg.epochs), markup=False, highlight=False,
-                                           soft_wrap=True)  # one line, even in a narrow log
-                previous_record, previous = previous, record
-                if ctx.is_main:
-                    checkpoint_state = state(epoch + 1, val_m, val_out)
-                    if improved:
-                        save_checkpoint(checkpoint_state, run / BEST)
-                    save_checkpoint(checkpoint_state, run / LAST)
-                progress.update(epochs_task, advance=1, ips=train_m["images_per_s"])
-            else:
-                epoch = cfg.epochs
-        if not verbose and previous is not None and epoch > start_epoch:
-            console.print(format_epoch_table(previous, previous_record))  # the last epoch, against the one before
-    except NonFiniteLoss:
-        if ctx.is_main and (run / METRICS_FILE).is_file() and (run / METRICS_FILE).stat().st_size:
-            write_report(run)
-        raise
-    finally:
-        for loader in (train_loader, val_loader):
-            loader.close()
-
-    barrier(ctx)  # rank 0's last checkpoint is on disk before any rank reads best.pt
-    result = restore_best_and_report(run, cfg, model, ema, stopper, console, epochs_run=epoch, report=ctx.is_main)
-    if ctx.is_main:  # the best epoch's per-sample predictions, gathered from every rank, kept in best.pt
-        write_predictions(run, shards.manifest["samples"])
-    return result
+                with (out / METRICS_FILE).open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            print_epoch(progress.console, record, previous, verbose, cfg.epochs)
+            previous_record, previous = previous, record
+            if ctx.is_main:
+                checkpoint_state = s.state(epoch + 1, record["val"], val_out)
+                if record["best"]:
+                    save_checkpoint(checkpoint_state, out / BEST)
+                save_checkpoint(checkpoint_state, out / LAST)
+            progress.update(epochs_task, advance=1, ips=record["train"]["images_per_s"])
+        else:
+            epoch = cfg.epochs
+    if not verbose and previous is not None and epoch > start_epoch:
+        console.print(format_epoch_table(previous, previous_record))  # the last epoch, against the one before
+    return epoch
 
 
-if __name__ == "__main__":  # `python -m cornpipe.train ...` is `cornpipe train ...` (options live in the CLI)
+def epoch_record(s: Session, epoch: int, train_out: dict[str, Any], val_out: dict[str, Any],
+                 epoch_start: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metrics.jsonl's line for the epoch, the gathered val predictions); steps early stopping and the plateau."""
+    cfg, ctx = s.cfg, s.ctx
+    # every rank gets every rank's predictions (val back in row order): same metrics everywhere
+    train_out = gather_outputs(ctx, train_out)
+    val_out = gather_outputs(ctx, val_out, rows=s.val_loader.indices())
+    train_m = summarize(train_out, cfg, s.data, bootstrap=0)
+    val_m = summarize(val_out, cfg, s.data, bootstrap=cfg.bootstrap)
+    # rank 0's number decides best.pt, the plateau and early stopping for the whole group
+    value = broadcast_value(ctx, monitor_value(val_m, cfg.monitor, s.data["grade_scale"]))
+    improved = s.stopper.step(value, epoch + 1)
+    record = {"epoch": epoch + 1, "lr": base_lr(s.optimizer), "time_s": time.perf_counter() - epoch_start, "train": train_m, "val": val_m,
+              "monitor": value if math.isfinite(value) else None, "best": improved}
+    if s.plateau is not None and epoch >= cfg.warmup_epochs:
+        s.plateau.step(value)  # warm-up owns the lr until it ends
+    return record, val_out
+
+
+def print_epoch(console: Console, record: dict[str, Any], previous: dict[str, Any] | None, verbose: bool,
+                epochs: int) -> None:
+    if verbose:  # the team's full table, every epoch
+        console.print(format_epoch_table(record, previous))
+        if record["val"]["never_predicted"]:
+            console.print(f"WARNING: position class(es) never predicted on val "
+                          f"in epoch {record['epoch']}: {', '.join(record['val']['never_predicted'])}",
+                          style="bold red")
+    else:  # one line an epoch; the table comes once, at the end, and in report.md
+        console.print(format_epoch_line(record, epochs), markup=False, highlight=False,
+                      soft_wrap=True)  # one line, even in a narrow log
+
+
+if __name__ == "__main__":  # `python -m cornpipe.train ARGS` is `python -m cornpipe train ARGS`: the package's entry
+    import runpy
     import sys
 
-    from cornpipe.cli.runs import train_command
-
-    train_command.main(sys.argv[1:], prog_name="python -m cornpipe.train")
+    sys.argv[1:1] = ["train"]
+    runpy.run_module("cornpipe", run_name="__main__", alter_sys=True)

@@ -24,11 +24,15 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from statistics import median
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cornpipe.bench.isolate import run_isolated
 from cornpipe.errors import BenchError, LoaderError
+from cornpipe.grades import DEFAULT_GRADE_SCALE
 from cornpipe.loaders.base import DEFAULT_IMAGE_SIZE
+
+if TYPE_CHECKING:
+    from cornpipe.runs.build import Run
 
 VARIANTS: dict[str, tuple[bool, bool, bool]] = {  # name -> (channels_last, amp, compile)
     "eager-fp32": (False, False, False),
@@ -40,7 +44,7 @@ VARIANTS: dict[str, tuple[bool, bool, bool]] = {  # name -> (channels_last, amp,
 BASELINE = "eager-fp32"
 SYNTHETIC = "synthetic"
 DEFAULT_POSITIONS = 3
-DEFAULT_SCALE: tuple[float, ...] = (0.0, 3.0, 5.0, 7.0, 9.0)
+DEFAULT_SCALE: tuple[float, ...] = tuple(float(g) for g in DEFAULT_GRADE_SCALE)
 
 
 @dataclass(frozen=True)
@@ -64,9 +68,11 @@ class TrainBenchConfig:
 
 def resolve(cfg: TrainBenchConfig) -> TrainBenchConfig:
     """Fill in device, model and batch size for this machine."""
-    from cornpipe.bench.loader_bench import resolve_device
+    import torch
 
-    device = resolve_device(cfg.device)
+    from cornpipe.runs.config import resolve_device
+
+    device = resolve_device(cfg.device, torch.cuda.is_available())  # the trainer's "auto" rule
     cuda = device.startswith("cuda")
     return replace(cfg, device=device,
                    model=cfg.model or ("resnet_plus50" if cuda else "resnet_plus18"),
@@ -100,68 +106,111 @@ def _synthetic_batches(cfg: TrainBenchConfig, positions: int, scale: list[float]
         yield images, position, grade
 
 
-def _loader_batches(loader: Any, channels_last: bool) -> Iterator[tuple[Any, Any, Any]]:
-    import torch
-
+def _loader_batches(loader: Any) -> Iterator[tuple[Any, Any, Any]]:
     epoch = 0
     while True:
         loader.set_epoch(epoch)
         for batch in loader:
-            images = batch.images
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            yield images, batch.position, batch.grade
+            yield batch.images, batch.position, batch.grade  # in the memory format the run asked for
         epoch += 1
+
+
+def variant_run(variant: str, cfg: TrainBenchConfig, positions: int, scale: list[float]) -> Run:
+    """The variant as a training run (cornpipe.runs.build): model, loss, memory format and AMP dtype
+    decided as `cornpipe train` decides them. `amp`: FP16 on CUDA, BF16 on the CPU."""
+    from cornpipe.runs.build import build_run
+    from cornpipe.runs.config import TrainConfig
+
+    channels_last, amp, compile_ = VARIANTS[variant]
+    cuda = cfg.device.startswith("cuda")
+    train_cfg = TrainConfig(model=cfg.model, image_size=cfg.image_size, batch_size=cfg.batch_size, device=cfg.device,
+                            amp=("fp16" if cuda else "bf16") if amp else "off", compile=compile_,
+                            channels_last=channels_last, loader=cfg.loader, workers=cfg.workers, seed=cfg.seed,
+                            lr=cfg.lr, oversample="none")
+    return build_run(train_cfg, [str(i) for i in range(positions)], scale)
+
+
+def _timed_windows(step: Callable[[], float], cfg: TrainBenchConfig,
+                   device: Any) -> tuple[float, list[float], list[float]]:
+    """(seconds of the first warmup_steps steps, images/s of each timed window, data-wait share of each).
+    `step()` runs one training step and returns its seconds waiting for data."""
+    import torch
+
+    cuda = device.type == "cuda"
+    start = time.perf_counter()
+    for _ in range(cfg.warmup_steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize(device)
+    first_steps_s = time.perf_counter() - start
+    windows, waits = [], []
+    for _ in range(cfg.repeats):
+        steps, wait = 0, 0.0
+        if cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+        t0 = time.perf_counter()
+        while True:
+            wait += step()
+            steps += 1
+            if cfg.steps is not None:
+                if steps >= cfg.steps:
+                    break
+            elif time.perf_counter() - t0 >= (cfg.seconds or 0.0):
+                break
+        if cuda:
+            end.record()
+            end.synchronize()
+            elapsed = begin.elapsed_time(end) / 1000.0
+        else:
+            elapsed = time.perf_counter() - t0
+        windows.append(steps * cfg.batch_size / elapsed)
+        waits.append(wait / elapsed)
+    return first_steps_s, windows, waits
 
 
 def measure_variant(variant: str, cfg: TrainBenchConfig) -> dict[str, Any]:
     """Steady-state images/s of one variant (runs in the calling process)."""
     import torch
 
-    from cornpipe.models import create_model
-    from cornpipe.models.losses import MultiTaskLoss
-    from cornpipe.runs.config import TrainConfig
     from cornpipe.runs.optim import NonFiniteStep, make_optimizer, optimizer_step
 
     cfg = resolve(cfg)
-    channels_last, amp, compile_ = VARIANTS[variant]
-    device = torch.device(cfg.device)
-    cuda = device.type == "cuda"
-    amp_dtype = (torch.float16 if cuda else torch.bfloat16) if amp else None
     torch.manual_seed(cfg.seed)
-    if cuda:
-        torch.backends.cudnn.benchmark = True  # as the trainer: fixed input size
-
-    loader = None
-    if cfg.data == SYNTHETIC:
-        positions, scale = DEFAULT_POSITIONS, list(DEFAULT_SCALE)
-    else:
-        from cornpipe.loaders import make_loader
+    shards = None
+    positions, scale = DEFAULT_POSITIONS, list(DEFAULT_SCALE)
+    if cfg.data != SYNTHETIC:
         from cornpipe.shards.shard_set import ShardSet
 
         shards = ShardSet(cfg.shards)
         positions, scale = len(shards.positions), [float(g) for g in shards.grade_scale]
-        # as the trainer: float32 batches when amp is off, the loader's default (fp16 on CUDA) else
-        loader = make_loader(shards, "train", backend=cfg.loader, batch_size=cfg.batch_size,
-                             image_size=cfg.image_size, device=cfg.device, workers=cfg.workers,
-                             seed=cfg.seed, drop_last=shards.count("train") > cfg.batch_size,
-                             dtype=None if amp else torch.float32)
+    run = variant_run(variant, cfg, positions, scale)
+    channels_last, compile_, amp_dtype = run.cfg.channels_last, run.cfg.compile, run.amp_dtype
+    device = run.device
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # as the trainer: fixed input size
+
+    loader = None
+    if shards is not None:
+        from cornpipe.loaders import make_loader
+
+        # the trainer's loader request: its device, memory format, normalisation, float32 batches when amp is off
+        loader = make_loader(shards, "train", **run.loader_fields(), oversample=run.cfg.oversample,
+                             drop_last=shards.count("train") > cfg.batch_size)
         if len(loader) == 0:
             raise LoaderError(f"{cfg.shards}: no batch of {cfg.batch_size} in the train split")
 
-    model = create_model(cfg.model, num_positions=positions, grade_scale=scale).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = run.model
     step_model = torch.compile(model) if compile_ else model
-    loss_fn = MultiTaskLoss(grade_scale=scale)
-    train_cfg = TrainConfig(lr=cfg.lr)
-    optimizer = make_optimizer(model, train_cfg)
+    loss_fn = run.loss_fn
+    optimizer = make_optimizer(model, run.cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     if loader is None:
-        in_dtype = torch.float16 if (cuda and amp) else torch.float32  # what the loader would deliver
+        in_dtype = torch.float16 if (cuda and amp_dtype is not None) else torch.float32  # what the loader would deliver
         batches = _synthetic_batches(cfg, positions, scale, in_dtype, channels_last)
     else:
-        batches = _loader_batches(loader, channels_last)
+        batches = _loader_batches(loader)
     model.train()
 
     def step() -> float:
@@ -171,44 +220,13 @@ def measure_variant(variant: str, cfg: TrainBenchConfig) -> dict[str, Any]:
         wait = time.perf_counter() - t0
         try:
             optimizer_step(step_model, model, images, position, grade, loss_fn, optimizer, scaler, amp_dtype,
-                           train_cfg.grad_clip)
+                           run.cfg.grad_clip)
         except NonFiniteStep:
             raise BenchError(f"{variant}: non-finite loss in the benchmark step") from None
         return wait
 
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(device)
-
     try:
-        start = time.perf_counter()
-        for _ in range(cfg.warmup_steps):
-            step()
-        sync()
-        first_steps_s = time.perf_counter() - start
-        windows, waits = [], []
-        for _ in range(cfg.repeats):
-            steps, wait = 0, 0.0
-            if cuda:
-                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                begin.record()
-            t0 = time.perf_counter()
-            while True:
-                wait += step()
-                steps += 1
-                if cfg.steps is not None:
-                    if steps >= cfg.steps:
-                        break
-                elif time.perf_counter() - t0 >= (cfg.seconds or 0.0):
-                    break
-            if cuda:
-                end.record()
-                end.synchronize()
-                elapsed = begin.elapsed_time(end) / 1000.0
-            else:
-                elapsed = time.perf_counter() - t0
-            windows.append(steps * cfg.batch_size / elapsed)
-            waits.append(wait / elapsed)
+        first_steps_s, windows, waits = _timed_windows(step, cfg, device)
     finally:
         if loader is not None:
             loader.close()

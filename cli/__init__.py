@@ -40,7 +40,7 @@ _register()
 
 
 def main(args: Sequence[str] | None = None, prog_name: str = "cornpipe") -> None:
-    """The `cornpipe` console script (and `python -m cornpipe`, `python -m cornpipe.train`)."""
+    """The `cornpipe` console script (and `python -m cornpipe`; `python -m cornpipe.train` hands over to it)."""
     cli.main(args=list(args) if args is not None else None, prog_name=prog_name)
 
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import click
 
+from cornpipe.choices import DEFAULT_IMAGE_SIZE, MIN_IMAGE_SIZE, OVERSAMPLE_STRATEGIES
 from cornpipe.cli.handler import CornpipeGroup
 from cornpipe.errors import CornpipeError
-from cornpipe.runs.choices import DEFAULT_IMAGE_SIZE, OVERSAMPLE_STRATEGIES
 
 _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 _OUT_FILE = click.Path(dir_okay=False, path_type=Path)
@@ -71,7 +71,7 @@ def bench() -> None:
 @click.option("--backends", default=None, help="Comma-separated (ffcv,dali,torch,resident); default: all installed.")
 @click.option("--split", default="train", show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--image-size", type=click.IntRange(8), default=DEFAULT_IMAGE_SIZE, show_default=True, help="Output side, px.")
+@click.option("--image-size", type=click.IntRange(MIN_IMAGE_SIZE), default=DEFAULT_IMAGE_SIZE, show_default=True, help="Output side, px.")
 @click.option("--workers", type=click.IntRange(1), default=None, help="Loader workers [default: all cores].")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--oversample", type=click.Choice(OVERSAMPLE_STRATEGIES), default="none", show_default=True,
@@ -139,7 +139,7 @@ def loaders_command(shards: tuple[Path, ...], raw_shards: tuple[Path, ...], sour
 
 @bench.command("train")
 @click.option("--model", default=None, help="A built-in name or timm:NAME [default: resnet_plus50 on CUDA, resnet_plus18 on CPU]")
-@click.option("--image-size", type=click.IntRange(8), default=DEFAULT_IMAGE_SIZE, show_default=True)
+@click.option("--image-size", type=click.IntRange(MIN_IMAGE_SIZE), default=DEFAULT_IMAGE_SIZE, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="[default: 256 on CUDA, 16 on CPU]")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--variants", default="eager-fp32,channels_last,amp,compile,all", show_default=True,

@@ -2,7 +2,7 @@
 
 Library code raises `cornpipe.errors.CornpipeError` with a one-line message; these classes turn it into
 click's `Error: <cause>` with exit code 1, for every command and sub-command, whether it runs under the
-`cornpipe` group or alone (`python -m cornpipe.train`). Anything else is a bug and keeps its traceback.
+`cornpipe` group (`cornpipe`, `python -m cornpipe`) or alone (a command's own `main()`). Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations

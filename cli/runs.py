@@ -16,9 +16,9 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from cornpipe.choices import BACKENDS, GRADE_HEADS, OVERSAMPLE_STRATEGIES
 from cornpipe.cli.handler import CornpipeCommand
 from cornpipe.errors import ConfigError
-from cornpipe.runs.choices import BACKENDS, GRADE_HEADS, OVERSAMPLE_STRATEGIES
 from cornpipe.runs.config import (
     AMP_MODES,
     FOLD_GROUPS,
@@ -119,7 +119,7 @@ def _opt(*decls: str, help: str, **kwargs: Any) -> Any:
 @click.option("--nproc", type=click.IntRange(min=1), default=None,
               help="Train on N processes of this machine (DDP: one GPU each, or gloo on the CPU) by launching "
                    "torchrun. For several machines run torchrun yourself: torchrun --nnodes M --nproc-per-node N "
-                   "--rdzv-backend c10d --rdzv-endpoint HOST:PORT -m cornpipe.train SHARDS --out RUN ...")
+                   "--rdzv-backend c10d --rdzv-endpoint HOST:PORT -m cornpipe train SHARDS --out RUN ...")
 @click.pass_context
 def train_command(ctx: click.Context, shards: str | None, out: str | None, config_file: str | None,
                   resume: str | None, force: bool, verbose: bool, allow_new_shards: bool, nproc: int | None,
@@ -128,7 +128,7 @@ def train_command(ctx: click.Context, shards: str | None, out: str | None, confi
 
     \b
     Distributed data parallel (torchrun + DDP): `--nproc N`, or
-      torchrun --nproc-per-node N -m cornpipe.train SHARDS --out RUN ...
+      torchrun --nproc-per-node N -m cornpipe train SHARDS --out RUN ...
     Each process reads its own slice of every epoch; --batch-size is per process (global batch =
     batch-size x processes); --lr is not rescaled (see --lr); validation covers the whole val split
     once, gathered on every rank; only rank 0 writes RUN.
@@ -253,7 +253,7 @@ def _echo_err(line: str) -> None:
 
 
 def _torchrun_train(nproc: int, config_file: str | None) -> Callable[..., None]:
-    """run_folds' train_fn for --nproc N: each run is `python -m cornpipe.train ...` on N torchrun processes
+    """run_folds' train_fn for --nproc N: each run is `python -m cornpipe train ...` on N torchrun processes
     (the launch `train --nproc` uses), its options written out from the run's config."""
     from cornpipe.runs.distributed import launch
 

@@ -7,6 +7,14 @@ from typing import NamedTuple
 
 import torch
 
+from cornpipe.choices import (  # noqa: F401  (re-exported: the loaders' names and defaults)
+    BACKENDS,
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_OVERSAMPLE,
+    MIN_IMAGE_SIZE,
+    OVERSAMPLE_STRATEGIES,
+)
+
 # backend name -> the module that builds it (imported only when asked for; see cornpipe.loaders)
 BACKEND_MODULES: dict[str, str] = {
     "ffcv": "cornpipe.loaders.ffcv_loader",
@@ -14,10 +22,7 @@ BACKEND_MODULES: dict[str, str] = {
     "torch": "cornpipe.loaders.torch_loader",
     "resident": "cornpipe.loaders.resident_loader",
 }
-BACKENDS: tuple[str, ...] = tuple(BACKEND_MODULES)
 FOLDER_BACKEND = "torch-folder"  # the torch backend over the original images (the "before" baseline)
-DEFAULT_IMAGE_SIZE = 224  # px, side of the square images a loader yields and the model sees
-OVERSAMPLE_STRATEGIES: tuple[str, ...] = ("none", "balanced", "sqrt", "joint")
 
 # ImageNet statistics on the 0-255 scale; the trunk is trained from scratch but these keep
 # activations in a sane range and match what the team's earlier runs used.

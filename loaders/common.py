@@ -24,6 +24,7 @@ from cornpipe.loaders.base import (
     DEFAULT_IMAGE_SIZE,
     HOST_DTYPE,
     IMAGENET,
+    MIN_IMAGE_SIZE,
     AugmentConfig,
     Batch,
     Normalization,
@@ -88,8 +89,8 @@ class LoaderSpec:
         check_strategy(self.oversample)
         if self.batch_size < 1:
             raise LoaderError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.image_size < 8:
-            raise LoaderError(f"image_size must be >= 8 px, got {self.image_size}")
+        if self.image_size < MIN_IMAGE_SIZE:
+            raise LoaderError(f"image_size must be >= {MIN_IMAGE_SIZE} px, got {self.image_size}")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise LoaderError(f"rank {self.rank} is not in 0..world_size-1 (world_size={self.world_size})")
         if self.workers is not None and self.workers < 0:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from cornpipe.grades import DEFAULT_GRADE_SCALE
 from cornpipe.models import create_model
 
-_SCALE = (0.0, 3.0, 5.0, 7.0, 9.0)
+_SCALE = DEFAULT_GRADE_SCALE
 
 
 def count_parameters(name: str, num_positions: int = 3) -> int:

@@ -20,10 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cornpipe.choices import GRADE_HEADS  # noqa: F401  (re-exported)
 from cornpipe.errors import ModelConfigError
 from cornpipe.models.metrics import validate_grade_scale
-
-GRADE_HEADS: tuple[str, ...] = ("regression", "corn")
 
 
 class PositionHead(nn.Module):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cornpipe.errors import ModelConfigError
+from cornpipe.grades import DEFAULT_GRADE_SCALE
 from cornpipe.models.heads import GRADE_HEADS, corn_loss
 from cornpipe.models.metrics import validate_grade_scale
 
@@ -36,7 +37,7 @@ class MultiTaskLoss(nn.Module):
         self,
         weights: Sequence[float] = (0.7, 0.3),
         label_smoothing: float = 0.0,
-        grade_scale: Sequence[float] = (0, 3, 5, 7, 9),
+        grade_scale: Sequence[float] = DEFAULT_GRADE_SCALE,
         grade_head: str = "regression",
         grade_loss: str = "smooth_l1",
     ) -> None:

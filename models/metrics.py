@@ -32,6 +32,7 @@ from sklearn.metrics import (
 )
 
 from cornpipe.errors import ModelConfigError
+from cornpipe.grades import check_grade_scale
 
 # Metrics that get a bootstrap interval; all are scalar and "per sample" resamplable.
 CI_METRICS: tuple[str, ...] = (
@@ -46,13 +47,8 @@ CI_METRICS: tuple[str, ...] = (
 
 
 def validate_grade_scale(grade_scale: Sequence[float]) -> np.ndarray:
-    """The scale as float64 levels; it must hold >= 2 finite, strictly ascending values."""
-    levels = np.asarray(list(grade_scale), dtype=np.float64)
-    if levels.ndim != 1 or levels.size < 2:
-        raise ModelConfigError(f"grade scale needs at least 2 levels, got {list(grade_scale)}")
-    if not np.all(np.isfinite(levels)) or np.any(np.diff(levels) <= 0):
-        raise ModelConfigError(f"grade scale must be finite and strictly ascending, got {list(grade_scale)}")
-    return levels
+    """The scale as float64 levels, checked with cornpipe.grades' one rule (shards/ checks it the same way)."""
+    return np.asarray(check_grade_scale(grade_scale, error=ModelConfigError), dtype=np.float64)
 
 
 def scale_indices(values: Any, grade_scale: Sequence[float]) -> np.ndarray:

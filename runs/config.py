@@ -26,8 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cornpipe.choices import (
+    BACKENDS,
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_OVERSAMPLE,
+    GRADE_HEADS,
+    MIN_IMAGE_SIZE,
+    OVERSAMPLE_STRATEGIES,
+)
 from cornpipe.errors import ConfigError
-from cornpipe.runs.choices import BACKENDS, DEFAULT_IMAGE_SIZE, GRADE_HEADS, OVERSAMPLE_STRATEGIES
 
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 OPTIMIZER_DEFAULTS: dict[str, tuple[float, float]] = {"adamw": (1e-3, 0.05), "sgd": (0.05, 5e-4)}  # lr, wd
@@ -49,7 +56,7 @@ class TrainConfig:
     shards: str = ""  # shard set directory written by `cornpipe convert`
     out: str = ""  # run directory (config.json, metrics.jsonl, best.pt, last.pt, report.md, plots)
     loader: str = "torch"  # backend: ffcv | dali | torch | resident
-    oversample: str = "balanced"  # per-epoch draw of train rows: none | balanced | sqrt | joint
+    oversample: str = DEFAULT_OVERSAMPLE  # per-epoch draw of train rows: none | balanced | sqrt | joint
     image_size: int = DEFAULT_IMAGE_SIZE  # pixels, side of the square crop the model sees
     batch_size: int = 64  # images per optimiser step PER PROCESS; under torchrun the global batch is x world size
     workers: int | None = None  # loader worker processes; None = the backend's default
@@ -130,7 +137,9 @@ class TrainConfig:
         check(self.folds == 0 or self.folds >= 2, f"folds must be 0 (no folds) or >= 2 (got {self.folds})")
         check(self.fold >= 0 and (self.folds == 0 or self.fold < self.folds),
               f"fold must be in 0..folds-1 (got fold {self.fold} of {self.folds})")
-        for name in ("image_size", "batch_size", "epochs"):
+        # the loaders' own bound, so a size no loader takes is refused here, before the shard check and the model
+        check(self.image_size >= MIN_IMAGE_SIZE, f"image_size must be >= {MIN_IMAGE_SIZE} px (got {self.image_size})")
+        for name in ("batch_size", "epochs"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1 (got {getattr(self, name)})")
         for name in ("lr", "weight_decay", "momentum", "min_lr", "grad_clip", "min_delta", "tolerance",
                      "drop_path", "label_smoothing", "warmup_epochs", "patience", "plateau_patience", "freeze_epochs",
@@ -242,13 +251,18 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def resolve_runtime(cfg: TrainConfig, cuda_available: bool) -> TrainConfig:
-    """Fill in device, amp, compile and channels_last for this machine."""
-    device = cfg.device
+def resolve_device(device: str, cuda_available: bool) -> str:
+    """The one "auto" rule: CUDA when available, else the CPU; a CUDA device without CUDA is a ConfigError."""
     if device == "auto":
-        device = "cuda" if cuda_available else "cpu"
+        return "cuda" if cuda_available else "cpu"
     if device.startswith("cuda") and not cuda_available:
-        raise ConfigError(f"device {cfg.device} requested but CUDA is not available")
+        raise ConfigError(f"device {device} requested but CUDA is not available")
+    return device
+
+
+def resolve_runtime(cfg: TrainConfig, cuda_available: bool) -> TrainConfig:
+    """Fill in device, amp, compile and channels_last for this machine (a resolved config stays as it is)."""
+    device = resolve_device(cfg.device, cuda_available)
     on_cuda = device.startswith("cuda")
     amp = cfg.amp
     if amp == "auto":

@@ -1,15 +1,10 @@
-"""Cross-validation: which samples a fold trains and validates on, the runs of `cornpipe cv`, and their summary.
+"""Cross-validation: the runs of `cornpipe cv` and their summary (which samples a fold holds: runs/folds.py).
 
 On a small, imbalanced survey one validation split is not evidence. `cornpipe cv` trains the same config
 once per fold (and per seed) over ALL converted samples, reading each fold's samples from whichever split
 holds them (LoaderSpec.sample_ids): no re-conversion.
 
-Folds (a pure function of the shard set, `folds`, `fold_group` and `fold_seed`):
-- stratified K-fold: samples are grouped into position x grade cells, each cell shuffled (fold_seed) and
-  dealt round-robin over the folds, the deal continuing from cell to cell; so every fold holds each cell's
-  share to within one sample and fold sizes differ by at most one.
-- leave-one-group-out (`fold_group` stage | source): fold i validates on the i-th group (sorted) and trains
-  on the others; no group is ever on both sides.
+Folds (a pure function of the shard set, `folds`, `fold_group` and `fold_seed`) are cornpipe.runs.folds.
 
 Summary (cv.json, cv.md, cv_confusion.png, oof_predictions.csv): one row per fold x seed with its best
 epoch's validation metrics; per metric, across folds (each fold's mean over seeds first): mean, sd (n - 1)
@@ -34,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from cornpipe.errors import ConfigError
-from cornpipe.runs.config import FOLD_GROUPS, TrainConfig
+from cornpipe.runs.config import TrainConfig
+from cornpipe.runs.folds import number_of_folds, uses_folds
 
 SUMMARY_METRICS: tuple[tuple[str, str], ...] = (
     ("position_accuracy", "position accuracy"), ("position_macro_f1", "position macro-F1"),
@@ -43,63 +39,6 @@ SUMMARY_METRICS: tuple[tuple[str, str], ...] = (
 OOF_METRICS = tuple(key for key, _ in SUMMARY_METRICS if key != "loss")  # from the pooled predictions
 RESULT_FILE = "cv_result.json"  # written into a run folder when its training finished
 CV_JSON, CV_MD, CV_CONFUSION, OOF_CSV = "cv.json", "cv.md", "cv_confusion.png", "oof_predictions.csv"
-
-
-def stratified_folds(cells: Sequence[Any], k: int, seed: int) -> np.ndarray:
-    """Fold index int64[N] for each sample, stratified on `cells` (e.g. (position, grade) pairs)."""
-    n = len(cells)
-    if k < 2 or k > n:
-        raise ConfigError(f"folds must be between 2 and the number of samples ({n}), got {k}")
-    cells = [tuple(c) if isinstance(c, (tuple, list)) else (c,) for c in cells]
-    index = {c: i for i, c in enumerate(sorted(set(cells)))}
-    keys = np.array([index[c] for c in cells], dtype=np.int64)
-    rng = np.random.default_rng([int(seed), 0xF01D])
-    fold = np.empty(n, dtype=np.int64)
-    dealt = 0
-    for key in range(len(index)):
-        members = rng.permutation(np.flatnonzero(keys == key))
-        fold[members] = (dealt + np.arange(len(members))) % k
-        dealt += len(members)
-    return fold
-
-
-def group_folds(groups: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
-    """(fold index int64[N], the group each fold holds out): one fold per distinct group, sorted."""
-    names = sorted(set(groups), key=lambda g: (str(type(g)), g))
-    if len(names) < 2:
-        raise ConfigError(f"leave-one-group-out needs at least 2 groups, found {len(names)}")
-    index = {g: i for i, g in enumerate(names)}
-    return np.array([index[g] for g in groups], dtype=np.int64), names
-
-
-def fold_assignment(samples: Sequence[dict], cfg: TrainConfig) -> tuple[np.ndarray, list[str]]:
-    """(fold of each manifest sample, a name per fold) for the config's folds/fold_group/fold_seed."""
-    if cfg.fold_group not in FOLD_GROUPS:
-        raise ConfigError(f"fold_group must be one of {', '.join(FOLD_GROUPS)} (got {cfg.fold_group!r})")
-    if cfg.fold_group != "none":
-        fold, names = group_folds([s[cfg.fold_group] for s in samples])
-        return fold, [f"{cfg.fold_group} {g}" for g in names]
-    fold = stratified_folds([(s["position"], float(s["grade"])) for s in samples], cfg.folds, cfg.fold_seed)
-    return fold, [f"fold {i + 1}/{cfg.folds}" for i in range(cfg.folds)]
-
-
-def uses_folds(cfg: TrainConfig) -> bool:
-    return cfg.folds > 0 or cfg.fold_group != "none"
-
-
-def fold_ids(samples: Sequence[dict], cfg: TrainConfig) -> tuple[list[int], list[int], str] | None:
-    """(train sample ids, val sample ids, fold name) of the config's fold; None: the convert-time split."""
-    if not uses_folds(cfg):
-        return None
-    fold, names = fold_assignment(samples, cfg)
-    if not 0 <= cfg.fold < len(names):
-        raise ConfigError(f"fold {cfg.fold} does not exist: there are {len(names)} folds (0..{len(names) - 1})")
-    ids = np.array([int(s["id"]) for s in samples], dtype=np.int64)
-    return ids[fold != cfg.fold].tolist(), ids[fold == cfg.fold].tolist(), names[cfg.fold]
-
-
-def number_of_folds(samples: Sequence[dict], cfg: TrainConfig) -> int:
-    return len(fold_assignment(samples, cfg)[1])
 
 
 # ---- running the folds ---------------------------------------------------------------------------------
@@ -193,7 +132,8 @@ def pool_predictions(out: Path, rows: Sequence[dict[str, Any]], positions: Seque
     """out/oof_predictions.csv (every run's val_predictions.csv, with its seed, fold and run in front)
     and, per seed, the metrics of its pooled out-of-fold predictions (every sample once)."""
     from cornpipe.models.metrics import compute_metrics
-    from cornpipe.runs.evaluation import PREDICTIONS_FILE, prediction_columns
+    from cornpipe.runs.evaluation import prediction_columns
+    from cornpipe.runs.run_dir import PREDICTIONS_FILE
 
     missing = [r["run"] for r in rows if not (out / r["run"] / PREDICTIONS_FILE).is_file()]
     if missing:  # runs trained before cornpipe wrote predictions

@@ -1,6 +1,6 @@
 """Data-parallel training on torchrun + DistributedDataParallel: the process group and its few collectives.
 
-Started by torchrun (`torchrun --nproc_per_node N -m cornpipe.train ...`, or `cornpipe train --nproc N`
+Started by torchrun (`torchrun --nproc_per_node N -m cornpipe train ...`, or `cornpipe train --nproc N`
 which launches it), every process reads its place from torchrun's environment (RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR/PORT) and joins one process group: NCCL on GPUs (one GPU per process,
 cuda:LOCAL_RANK), gloo on the CPU. Without those variables (or with WORLD_SIZE=1) nothing is
@@ -191,7 +191,7 @@ TORCHRUN = ("from torch.distributed import run\n"
 
 
 def launch(nproc: int, train_args: list[str]) -> None:
-    """`cornpipe train --nproc N`: run `python -m cornpipe.train TRAIN_ARGS` on N processes of this machine
+    """`cornpipe train --nproc N`: run `python -m cornpipe train TRAIN_ARGS` on N processes of this machine
     with torchrun (`torch.distributed.run --standalone`: a free local rendezvous port). `cornpipe cv
     --nproc N` and `train --seeds --nproc N` call it once per run.
 
@@ -207,7 +207,7 @@ def launch(nproc: int, train_args: list[str]) -> None:
         raise ConfigError("--nproc launches torchrun; under torchrun already, leave --nproc out")
     with tempfile.TemporaryDirectory(prefix="cornpipe-ranks-") as failures:
         cmd = [sys.executable, "-c", TORCHRUN, "--standalone", "--nnodes", "1",
-               "--nproc-per-node", str(nproc), "-m", "cornpipe.train", *train_args]
+               "--nproc-per-node", str(nproc), "-m", "cornpipe", "train", *train_args]
         code = subprocess.run(cmd, env={**os.environ, FAILURE_DIR_ENV: failures}, check=False).returncode
         if code == 0:
             return

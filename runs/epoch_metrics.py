@@ -1,7 +1,10 @@
-"""One epoch's predictions and losses, collected on the device and summarised as metrics.jsonl's "M" objects."""
+"""One epoch's batches (timed), predictions and losses, collected on the device and summarised as
+metrics.jsonl's "M" objects."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -9,6 +12,36 @@ import torch
 from cornpipe.errors import CornpipeError
 from cornpipe.models.metrics import compute_metrics
 from cornpipe.runs.config import TrainConfig
+
+
+class TimedBatches:
+    """At most `steps` batches of `loader`, timed: the epoch's wall time and the share of it spent waiting
+    for the next batch (data wait). Train and validation epochs both read their batches through it."""
+
+    def __init__(self, loader: Any, steps: int, device: torch.device) -> None:
+        self.loader, self.steps, self.device = loader, steps, device
+        self.data_wait = 0.0  # seconds spent in the loader's next()
+        self.start = time.perf_counter()
+
+    def __iter__(self) -> Iterator[Any]:
+        self.start = time.perf_counter()
+        batches = iter(self.loader)
+        for _ in range(self.steps):
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            self.data_wait += time.perf_counter() - t0
+            if batch is None:
+                return
+            yield batch
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def finish(self) -> dict[str, float]:
+        """{"seconds", "data_wait_s"} of the epoch, its queued GPU work included."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # sync point: the clock must include queued GPU work
+        return {"seconds": self.elapsed(), "data_wait_s": self.data_wait}
 
 
 class Collector:

@@ -19,9 +19,7 @@ with the run's logged best-epoch metrics (argmax exactly; means to float32 round
 from __future__ import annotations
 
 import csv
-import dataclasses
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,23 +30,16 @@ from rich.progress import Progress
 from torch import nn
 
 from cornpipe.loaders import make_loader
-from cornpipe.loaders.base import IMAGENET, Normalization
-from cornpipe.models import create_model
-from cornpipe.models.losses import MultiTaskLoss
 from cornpipe.models.metrics import snap_to_scale
-from cornpipe.runs.checkpoint import BEST, inference_weights, load_checkpoint
-from cornpipe.runs.config import TrainConfig, resolve_runtime
-from cornpipe.runs.cv import fold_ids
-from cornpipe.runs.epoch_metrics import Collector, summarize
+from cornpipe.runs.build import amp_dtype, run_from_checkpoint
+from cornpipe.runs.checkpoint import BEST, load_checkpoint
+from cornpipe.runs.config import TrainConfig
+from cornpipe.runs.epoch_metrics import Collector, TimedBatches, summarize
 from cornpipe.runs.run_dir import PREDICTIONS_FILE
 from cornpipe.shards.shard_set import ShardSet
 
 PREDICTION_KEYS = ("sample_id", "position_true", "position_prob", "grade_true", "grade_pred")
 SAMPLE_COLUMNS = ("sample_id", "path", "source", "stage", "split")
-
-
-def amp_dtype(cfg: TrainConfig) -> torch.dtype | None:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.amp)
 
 
 @torch.inference_mode()
@@ -57,28 +48,18 @@ def evaluate(model: nn.Module, loader: Any, loss_fn: nn.Module, cfg: TrainConfig
     """Predictions and losses over the validation loader (deterministic transform, no dropout)."""
     model.eval()
     device = torch.device(cfg.device)
-    dtype = amp_dtype(cfg)
+    dtype = amp_dtype(cfg.amp)
     collected = Collector(device)
-    data_wait = 0.0
-    start = time.perf_counter()
-    batches = iter(loader)
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        batch = next(batches, None)
-        data_wait += time.perf_counter() - t0
-        if batch is None:
-            break
+    timed = TimedBatches(loader, steps, device)
+    for batch in timed:
         images = batch.images  # (B, 3, H, W)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             outputs = model(images)
         outputs = {k: v.float() for k, v in outputs.items()}
         loss, parts = loss_fn(outputs, batch.position, batch.grade)
         collected.add(outputs, batch.position, batch.grade, batch.sample_id, loss, parts)
-        progress.update(task, advance=1, ips=collected.images / (time.perf_counter() - start))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # sync point: timing
-    seconds = time.perf_counter() - start
-    return {**collected.arrays(), "seconds": seconds, "images": collected.images, "data_wait_s": data_wait}
+        progress.update(task, advance=1, ips=collected.images / timed.elapsed())
+    return {**collected.arrays(), **timed.finish(), "images": collected.images}
 
 
 def evaluate_checkpoint(checkpoint: Path | str, shards: Path | str | None = None, split: str = "val", *,
@@ -87,32 +68,20 @@ def evaluate_checkpoint(checkpoint: Path | str, shards: Path | str | None = None
     val split by default), computed exactly as the trainer computes them (same transform, same bootstrap
     seed, predictions in row order): what a DDP run's gathered validation must equal."""
     state = load_checkpoint(Path(checkpoint))
-    cfg = TrainConfig.from_dict(state["config"], source=str(checkpoint))
-    cfg = resolve_runtime(dataclasses.replace(cfg, device=device, amp="off", compile=False, workers=workers,
-                                              max_batches=0), torch.cuda.is_available())
-    data = state["data"]
-    saved = data.get("normalization")
-    norm = Normalization(tuple(saved["mean"]), tuple(saved["std"])) if saved else IMAGENET
-    model = create_model(cfg.model, num_positions=len(data["positions"]), grade_scale=data["grade_scale"],
-                         grade_head=cfg.grade_head)
-    model.load_state_dict(inference_weights(state))
-    model = model.to(torch.device(cfg.device))
-    loss_fn = MultiTaskLoss(weights=cfg.loss_weights, label_smoothing=cfg.label_smoothing,
-                            grade_scale=data["grade_scale"], grade_head=cfg.grade_head)
-    shard_set = ShardSet(shards or cfg.shards)
-    fold = fold_ids(shard_set.manifest["samples"], cfg) if split == "val" else None  # the run's own val fold
-    loader = make_loader(shard_set, split, backend=cfg.loader, batch_size=cfg.batch_size,
-                         sample_ids=fold[1] if fold else None,
-                         image_size=cfg.image_size, device=cfg.device, seed=cfg.seed, workers=cfg.workers,
-                         channels_last=False, normalization=norm, oversample="none", shuffle=False,
-                         augment=False, dtype=torch.float32)
+    saved = TrainConfig.from_dict(state["config"], source=str(checkpoint))
+    shard_set = ShardSet(shards or saved.shards)
+    run = run_from_checkpoint(state, str(checkpoint), device=device, amp="off", compile=False, channels_last=False,
+                              workers=workers, max_batches=0,
+                              samples=shard_set.manifest["samples"] if split == "val" else None)  # its val fold
+    request = run.val_request() if split == "val" else dict(run.loader_fields(), oversample="none", shuffle=False)
+    loader = make_loader(shard_set, split, augment=False, **request)
     try:
         with Progress(disable=True) as progress:
-            out = evaluate(model, loader, loss_fn, cfg, steps=len(loader), progress=progress,
+            out = evaluate(run.model, loader, run.loss_fn, run.cfg, steps=len(loader), progress=progress,
                            task=progress.add_task("eval", total=len(loader), ips=0.0))
     finally:
         loader.close()
-    return summarize(out, cfg, data, bootstrap=cfg.bootstrap)
+    return summarize(out, run.cfg, state["data"], bootstrap=run.cfg.bootstrap)
 
 
 # ---- the best epoch's predictions ---------------------------------------------------------------------

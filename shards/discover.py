@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cornpipe.errors import DatasetError
+from cornpipe.grades import check_grade_scale
 from cornpipe.shards.fields import DEFAULT_GRADE_SCALE, POSITION_CODES, POSITION_NAMES
 from cornpipe.shards.imageio import IMAGE_EXTENSIONS
 
@@ -84,14 +85,8 @@ def format_scale(scale: Sequence[float]) -> str:
 
 
 def normalise_scale(grade_scale: Sequence[float] | None) -> tuple[float, ...]:
-    scale = tuple(float(g) for g in (DEFAULT_GRADE_SCALE if grade_scale is None else grade_scale))
-    if not scale:
-        raise DatasetError("the grade scale is empty")
-    if any(not math.isfinite(g) for g in scale):
-        raise DatasetError(f"the grade scale {format_scale(scale)} has a non-finite value")
-    if len(set(scale)) != len(scale):
-        raise DatasetError(f"the grade scale {format_scale(scale)} repeats a value")
-    return tuple(sorted(scale))
+    """The scale as floats (DEFAULT_GRADE_SCALE when None), checked with cornpipe.grades' one rule."""
+    return check_grade_scale(DEFAULT_GRADE_SCALE if grade_scale is None else grade_scale, error=DatasetError)
 
 
 def parse_grade(text: str | None, scale: tuple[float, ...]) -> float | str:

@@ -52,6 +52,8 @@ manifest.json keys:
 
 from __future__ import annotations
 
+from cornpipe.grades import DEFAULT_GRADE_SCALE as DEFAULT_GRADE_SCALE  # the contract's default scale
+
 FORMAT_VERSION = 2  # 2: .sample_id (was .id), .cls and .grade.txt in the tar shards
 READ_FORMAT_VERSIONS: tuple[int, ...] = (1, 2)  # what ShardSet reads: every backend reads version 1 sets too
 
@@ -66,7 +68,6 @@ POSITION_NAMES: tuple[str, ...] = ("lower", "middle", "upper")
 POSITION_CODES: tuple[str, ...] = ("l", "m", "t")  # folder suffix: 9l = stage 9, lower leaf
 STAGES: tuple[int, ...] = (9, 14, 19)
 SOURCES: tuple[str, ...] = tuple(f"{s}{c}" for s in STAGES for c in POSITION_CODES)
-DEFAULT_GRADE_SCALE: tuple[int, ...] = (0, 3, 5, 7, 9)
 
 SPLITS: tuple[str, ...] = ("train", "val")
 MANIFEST = "manifest.json"

@@ -34,6 +34,7 @@ from multiprocessing.context import BaseContext
 from pathlib import Path
 
 from cornpipe.errors import CornpipeError, SynthError
+from cornpipe.grades import check_grade_scale
 from cornpipe.shards.atomic import check_can_create
 from cornpipe.shards.fields import DEFAULT_GRADE_SCALE, POSITION_CODES, POSITION_NAMES, SOURCES
 
@@ -73,24 +74,12 @@ def parse_grade_scale(text: str) -> tuple[int, ...]:
 
 
 def validate_grade_scale(values: Sequence[int], *, text: str | None = None) -> tuple[int, ...]:
-    """Check a grade scale: at least two whole, non-negative, strictly ascending grades."""
+    """Check a grade scale: whole grades (synthetic labels are integers), then cornpipe.grades' one rule."""
     shown = text if text is not None else ",".join(str(v) for v in values)
-    scale = []
     for value in values:
         if isinstance(value, bool) or int(value) != value:
             raise CornpipeError(f"grade scale {shown!r}: {value!r} is not a whole number")
-        scale.append(int(value))
-    if len(scale) < 2:
-        raise CornpipeError(f"grade scale {shown!r} needs at least two grades")
-    negative = [v for v in scale if v < 0]
-    if negative:
-        raise CornpipeError(f"grade scale {shown!r}: grade {negative[0]} is negative")
-    repeated = [v for v, n in Counter(scale).items() if n > 1]
-    if repeated:
-        raise CornpipeError(f"grade scale {shown!r}: grade {repeated[0]} appears twice")
-    if scale != sorted(scale):
-        raise CornpipeError(f"grade scale {shown!r} must be in ascending order")
-    return tuple(scale)
+    return tuple(int(v) for v in check_grade_scale(values, shown=shown))
 
 
 def parse_position_weights(text: str) -> tuple[float, float, float]:

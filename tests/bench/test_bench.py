@@ -377,6 +377,27 @@ def test_bench_train_on_cuda_times_fp16_steps_with_events(tmp_path):
         assert row["images_per_s"] > 0 and len(row["repeats"]) == 2
 
 
+def test_bench_train_asks_the_loader_for_the_variant_s_memory_format(tiny_shards, monkeypatch):
+    """Loader rows are built as `cornpipe train` builds them (cornpipe.runs.build): the loader delivers the
+    memory format the variant names (NCHW for eager-fp32 and amp), never one the row does not claim."""
+    import cornpipe.loaders as loaders
+    from cornpipe.bench.train_bench import TrainBenchConfig, measure_variant
+
+    seen = []
+    real = loaders.make_loader
+
+    def recording(shards, split, **kwargs):
+        loader = real(shards, split, **kwargs)
+        seen.append(loader.spec.channels_last)
+        return loader
+
+    monkeypatch.setattr(loaders, "make_loader", recording)
+    cfg = TrainBenchConfig(model="resnet_plus_tiny", image_size=32, batch_size=4, device="cpu", warmup_steps=1,
+                           steps=1, repeats=1, shards=str(tiny_shards), loader="torch", workers=0, data="loader")
+    rows = [measure_variant(variant, cfg) for variant in ("eager-fp32", "channels_last")]
+    assert [row["channels_last"] for row in rows] == seen == [False, True]
+
+
 def test_bench_train_rejects_unknown_variants_and_models():
     result = invoke("bench", "train", "--variants", "eager-fp32,turbo")
     assert result.exit_code == 1

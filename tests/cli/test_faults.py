@@ -70,7 +70,7 @@ def test_train_to_an_impossible_out(kind: str, tiny_shards: Path, tmp_path: Path
     def no_model(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was built before --out was checked")
 
-    monkeypatch.setattr("cornpipe.train.create_model", no_model)
+    monkeypatch.setattr("cornpipe.runs.build.create_model", no_model)
     out, expected = _bad_out(kind, tmp_path, "run")
     result = run("train", tiny_shards, "--out", out, "--device", "cpu", "--model", "resnet_plus_tiny")
     assert result.exit_code == 1
@@ -149,7 +149,7 @@ def test_train_force_refuses_a_folder_that_is_not_a_run(tiny_shards: Path, tmp_p
     def no_model(*args: object, **kwargs: object) -> None:
         raise AssertionError("training started in a folder that is not a run directory")
 
-    monkeypatch.setattr("cornpipe.train.create_model", no_model)
+    monkeypatch.setattr("cornpipe.runs.build.create_model", no_model)
     out = tmp_path / "docs"
     out.mkdir()
     (out / "thesis.txt").write_text("four years of work")

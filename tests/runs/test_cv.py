@@ -18,7 +18,8 @@ from cornpipe.cli import cli
 from cornpipe.errors import ConfigError
 from cornpipe.loaders import make_loader
 from cornpipe.runs.config import TrainConfig
-from cornpipe.runs.cv import fold_ids, stratified_folds, summarize_runs
+from cornpipe.runs.cv import summarize_runs
+from cornpipe.runs.folds import fold_ids, stratified_folds
 from cornpipe.shards.shard_set import ShardSet
 
 
@@ -258,7 +259,7 @@ def test_cv_nproc_gives_each_torchrun_run_the_config_a_single_process_run_gets(
         raise Trained
 
     monkeypatch.setattr("cornpipe.train.train", fake_train)
-    # torchrun's ranks run `python -m cornpipe.train ARGS`: here, the same command in this process
+    # torchrun's ranks run `python -m cornpipe train ARGS`: here, the same command in this process
     monkeypatch.setattr("cornpipe.runs.distributed.launch",
                         lambda nproc, args: train_command.main(args, standalone_mode=False))
     toml = tmp_path / "run.toml"

@@ -199,6 +199,21 @@ def test_cli_errors_are_one_line(tiny_shards: Path, tmp_path: Path) -> None:
     assert fp16.output.strip() == "Error: amp fp16 needs CUDA; on CPU use --amp bf16 or --amp off"
 
 
+def test_a_too_small_image_size_is_refused_before_any_work(tiny_shards: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The config holds the loaders' own bound (MIN_IMAGE_SIZE): a size no loader takes fails at once, not
+    after the shard check and the model build."""
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("work started on a config with an impossible image size")
+
+    monkeypatch.setattr("cornpipe.train.setup", no_work)
+    result = CliRunner().invoke(cli, ["train", str(tiny_shards), "--out", str(tmp_path / "run"), "--device", "cpu",
+                                      "--image-size", "4"])
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: image_size must be >= 8 px (got 4)"
+    assert not (tmp_path / "run").exists()
+
+
 def test_toml_config_with_flag_overrides(tiny_shards: Path, tmp_path: Path) -> None:
     toml = tmp_path / "run.toml"
     toml.write_text(f'shards = "{tiny_shards}"\nmodel = "resnet_plus_tiny"\nimage-size = 32\nbatch_size = 16\n'
@@ -229,17 +244,19 @@ def test_resume_refuses_changes_that_would_void_the_saved_state(tiny_run: Path) 
 
 
 def test_python_m_cornpipe_train_is_cornpipe_train(tmp_path: Path) -> None:
+    """`python -m cornpipe train` (torchrun's form) and the older `python -m cornpipe.train` are `cornpipe train`."""
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "COLUMNS": "80"}  # the width CliRunner renders at: the same line breaks
-    direct = subprocess.run([sys.executable, "-m", "cornpipe.train", "--help"], cwd=tmp_path, capture_output=True,
-                            text=True, check=True, env=env).stdout
     via_cli = CliRunner().invoke(cli, ["train", "--help"]).output
-    assert direct.startswith("Usage: python -m cornpipe.train [OPTIONS] [SHARDS]")
-    assert re.findall(r"--[a-z-]+", direct) == re.findall(r"--[a-z-]+", via_cli)
-    assert len(re.findall(r"--[a-z-]+", direct)) > 40
+    for module in (["cornpipe", "train"], ["cornpipe.train"]):
+        direct = subprocess.run([sys.executable, "-m", *module, "--help"], cwd=tmp_path, capture_output=True,
+                                text=True, check=True, env=env).stdout
+        assert direct.startswith("Usage: cornpipe train [OPTIONS] [SHARDS]")
+        assert re.findall(r"--[a-z-]+", direct) == re.findall(r"--[a-z-]+", via_cli)
+        assert len(re.findall(r"--[a-z-]+", direct)) > 40
 
 
 def test_optimizer_defaults_and_lr_schedule() -> None:
