@@ -267,8 +267,6 @@ def resolve_runtime(cfg: TrainConfig, cuda_available: bool) -> TrainConfig:
     amp = cfg.amp
     if amp == "auto":
         amp = "fp16" if on_cuda else "off"
-    if amp == "fp16" and not on_cuda:
-        raise ConfigError("amp fp16 needs CUDA; on CPU use --amp bf16 or --amp off")
     return dataclasses.replace(
         cfg, device=device, amp=amp,
         compile=on_cuda if cfg.compile is None else cfg.compile,

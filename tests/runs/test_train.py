@@ -193,11 +193,6 @@ def test_cli_errors_are_one_line(tiny_shards: Path, tmp_path: Path) -> None:
     assert no_ckpt.exit_code == 1
     assert no_ckpt.output.strip() == f"Error: checkpoint not found: {tmp_path / 'used' / 'last.pt'}"
 
-    fp16 = runner.invoke(cli, ["train", str(tiny_shards), "--out", str(tmp_path / "r2"), "--device", "cpu",
-                               "--amp", "fp16"])
-    assert fp16.exit_code == 1
-    assert fp16.output.strip() == "Error: amp fp16 needs CUDA; on CPU use --amp bf16 or --amp off"
-
 
 def test_a_too_small_image_size_is_refused_before_any_work(tiny_shards: Path, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
