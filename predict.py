@@ -28,9 +28,9 @@ from cornpipe.loaders.augment import val_preprocess
 from cornpipe.loaders.base import IMAGENET, AugmentConfig, Normalization
 from cornpipe.models import create_model
 from cornpipe.models.metrics import snap_to_scale
-from cornpipe.runs.checkpoint import inference_weights, load_checkpoint
+from cornpipe.runs.checkpoint import inference_weights, load_checkpoint, load_weights
 from cornpipe.runs.config import TrainConfig, resolve_runtime
-from cornpipe.shards.atomic import check_can_create
+from cornpipe.shards.atomic import check_can_create, check_not_an_input, check_own_file, write_atomically
 from cornpipe.shards.imageio import IMAGE_EXTENSIONS, ImageRejected, encode_jpeg, prepare_image
 
 
@@ -73,7 +73,9 @@ def predict(checkpoint: Path, inputs: Sequence[Path], out: Path, *, tta: bool = 
     if out.is_dir():
         raise CornpipeError(f"--out {out} is a folder; give the CSV file to write")
     check_can_create(out)  # before the checkpoint and the model load
-    state = load_checkpoint(checkpoint)
+    check_not_an_input([out], [checkpoint, *inputs])  # `--out run/best.pt` must not replace the checkpoint
+    check_own_file(out, b"path,position,", "a predictions CSV")
+    state = load_checkpoint(checkpoint, purpose="predict")
     saved = TrainConfig.from_dict(state["config"], source=str(checkpoint))
     cfg = resolve_runtime(dataclasses.replace(saved, device=device, amp="auto", compile=False, channels_last=None),
                           torch.cuda.is_available())
@@ -83,7 +85,7 @@ def predict(checkpoint: Path, inputs: Sequence[Path], out: Path, *, tta: bool = 
     norm = Normalization(tuple(saved["mean"]), tuple(saved["std"])) if saved else IMAGENET
     model = create_model(cfg.model, num_positions=len(positions), grade_scale=grade_scale,
                          grade_head=cfg.grade_head)
-    model.load_state_dict(inference_weights(state))
+    load_weights(model, inference_weights(state), checkpoint, cfg.model)
     dev = torch.device(cfg.device)
     model = model.to(dev).eval()
     if cfg.channels_last:
@@ -93,9 +95,10 @@ def predict(checkpoint: Path, inputs: Sequence[Path], out: Path, *, tta: bool = 
     files = image_files(inputs)
     if not files:
         raise CornpipeError("no image files found in the given inputs")
+    check_not_an_input([out], files)  # `--out victim.jpg` must not truncate an image it reads
     out.parent.mkdir(parents=True, exist_ok=True)
     predicted = failed = 0
-    with out.open("w", newline="") as f:
+    with write_atomically(out, newline="") as f:  # a full disk leaves a previous CSV as it was
         writer = csv.writer(f)
         writer.writerow(["path", "position", *(f"p_{name}" for name in positions), "grade_raw", "grade", "error"])
         for chunk in _batches(files, batch_size):

@@ -33,6 +33,7 @@ import dataclasses
 import json
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,8 @@ from cornpipe.runs.checkpoint import (
     BEST,
     CHECKPOINT_FORMAT,
     LAST,
-    load_checkpoint,
+    load_weights,
+    resume_state,
     rng_state,
     save_checkpoint,
 )
@@ -84,7 +86,10 @@ from cornpipe.runs.report import (
 )
 from cornpipe.runs.run_dir import (
     TrainResult,
+    check_epochs,
+    check_resumed_config,
     check_resumed_shards,
+    hold_run_dir,
     keep_metrics_until,
     prepare_run_dir,
     read_metrics,
@@ -157,8 +162,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
             cfg = dataclasses.replace(cfg, device=init_distributed(ctx, cfg.device, cfg.dist_timeout))
         if not ctx.is_main:
             console = Console(stderr=True, quiet=True)  # rank 0 speaks for the group
-        result = _train(cfg, ctx, resume=resume, force=force, console=console or Console(stderr=True),
-                        verbose=verbose, allow_new_shards=allow_new_shards)
+        console = console or Console(stderr=True)
+        # one writer per run folder (rank 0 writes it): a second `train --resume RUN` is refused
+        held = hold_run_dir(Path(cfg.out), resume=resume, force=force, log=console.print,
+                            inputs=(cfg.shards, cfg.init_weights)) if ctx.is_main else nullcontext()
+        with held:
+            result = _train(cfg, ctx, resume=resume, force=force, console=console, verbose=verbose,
+                            allow_new_shards=allow_new_shards)
     except Exception as exc:
         name_failure(ctx, exc)
         raise
@@ -170,7 +180,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, force: bool, con
            allow_new_shards: bool) -> TrainResult:
     device = torch.device(cfg.device)  # resolved by train(): for this rank under DDP
     run = Path(cfg.out)
-    checkpoint = load_checkpoint(run / LAST) if resume else None
+    checkpoint = resume_state(run, log=console.print if ctx.is_main else None) if resume else None
+    if checkpoint:
+        check_resumed_config(checkpoint["config"], cfg, run)
+        check_epochs(cfg, checkpoint["epoch"], run)
     if not Path(cfg.shards).is_dir():
         raise ConfigError(f"shard set directory not found: {cfg.shards}")
     shards = ShardSet(cfg.shards)
@@ -266,7 +279,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, force: bool, con
     try:
         start_epoch = 0
         if checkpoint:
-            model.load_state_dict(checkpoint["model"])
+            load_weights(model, checkpoint["model"], run / LAST, cfg.model)
             optimizer.load_state_dict(checkpoint["optimizer"])
             if checkpoint["scaler"] and scaler.is_enabled():
                 scaler.load_state_dict(checkpoint["scaler"])
