@@ -31,7 +31,7 @@ def _writer(json_path: Path | None, inputs: tuple[Path | str | None, ...] = ()) 
         return None
     from cornpipe.shards.atomic import check_not_an_input, check_own_file
 
-    check_not_an_input([json_path], inputs)
+    check_not_an_input([json_path], inputs, inside_too=True)  # never over a shard set's manifest.json
     check_own_file(json_path, b"{", "a JSON summary")
 
     def write(summary: dict[str, Any]) -> None:

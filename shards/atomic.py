@@ -60,9 +60,11 @@ def check_can_create(path: Path | str) -> None:
         raise OutputError(f"cannot write {path}: the file is read-only")
 
 
-def check_not_an_input(outputs: Iterable[Path | str], inputs: Iterable[Path | str | None]) -> None:
+def check_not_an_input(outputs: Iterable[Path | str], inputs: Iterable[Path | str | None],
+                       inside_too: bool = False) -> None:
     """Raise OutputError when an output path that exists is one of the inputs: the same file by
-    device and inode, so a link or another spelling of the path is caught too."""
+    device and inode, so a link or another spelling of the path is caught too. With `inside_too`, an
+    output anywhere inside an input folder (a shard set) is refused as well."""
     taken = {}
     for item in inputs:
         if item is None:
@@ -72,6 +74,13 @@ def check_not_an_input(outputs: Iterable[Path | str], inputs: Iterable[Path | st
         except (OSError, ValueError):
             continue
         taken.setdefault((st.st_dev, st.st_ino), item)
+    outputs = list(outputs)
+    if inside_too:
+        for out in outputs:
+            for folder in (Path(item) for item in taken.values() if Path(item).is_dir()):
+                if Path(os.path.realpath(out)).is_relative_to(os.path.realpath(folder)):
+                    raise OutputError(f"{out} is inside the input {folder}: cornpipe never writes into its "
+                                      "inputs; give another output path")
     for out in outputs:
         try:
             st = os.stat(out)

@@ -334,3 +334,22 @@ def test_report_on_a_read_only_run_folder_is_one_line(a_run: Path, monkeypatch: 
     assert error_line(result) == (f"Error: cannot create {a_run / 'report.md'}: {a_run} does not accept new "
                                   "files or folders (Read-only file system): the report was not written")
     assert (a_run / "report.md").read_text() == before
+
+
+# --------------------------------------------------------------------------- bench --json
+
+def test_bench_json_never_lands_on_an_input_or_a_foreign_file(tiny_shards: Path, tmp_path: Path) -> None:
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    manifest = (shards / "manifest.json").read_bytes()
+    result = run("bench", "loaders", shards, "--backends", "torch", "--json", shards / "manifest.json")
+    assert result.exit_code == 1
+    assert error_line(result) == (f"Error: {shards / 'manifest.json'} is inside the input {shards}: cornpipe "
+                                  "never writes into its inputs; give another output path")
+    assert (shards / "manifest.json").read_bytes() == manifest
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    result = run("bench", "train", "--json", notes, "--device", "cpu", "--steps", 1)
+    assert result.exit_code == 1
+    assert error_line(result).startswith(f"Error: {notes} exists and is not a JSON summary cornpipe wrote")
+    assert notes.read_text() == "mine"
