@@ -40,6 +40,7 @@ from cornpipe.errors import CheckpointError
 CHECKPOINT_FORMAT = 1
 BEST = "best.pt"
 LAST = "last.pt"
+FULL_BELOW = 1 << 20  # bytes free under which a failed write is taken for a full disk
 _ZIP_MAGIC = b"PK\x03\x04"  # the first bytes of every file torch.save writes
 
 
@@ -61,18 +62,29 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
+        full = _disk_full(path.parent, exc)  # before the temp file goes and frees its space
         tmp.unlink(missing_ok=True)
         if isinstance(exc, (OSError, RuntimeError)):
-            raise CheckpointError(_save_failure(path, exc)) from exc
+            raise CheckpointError(_save_failure(path, exc, full)) from exc
         raise
 
 
-def _save_failure(path: Path, exc: BaseException) -> str:
-    errno_ = getattr(exc, "errno", None)
+def _disk_full(folder: Path, exc: BaseException) -> bool:
+    """torch words a full disk in its zip writer's terms ("file write failed", "unexpected pos ..."),
+    not as ENOSPC: a file system with (next to) nothing free says it."""
+    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or "No space left" in str(exc):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < FULL_BELOW
+    except OSError:
+        return False
+
+
+def _save_failure(path: Path, exc: BaseException, full: bool) -> str:
     text = str(exc)
-    if errno_ in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or "No space left" in text or "file write failed" in text:
+    if full:
         free = shutil.disk_usage(path.parent).free / 1e6
-        why = f"no space left on {path.parent} ({free:.1f} MB free)"
+        why = f"no space left on {path.parent} ({free:.1f} MB free with the partial file removed)"
     else:
         why = (getattr(exc, "strerror", None) or text.strip().splitlines()[0]) if text.strip() else type(exc).__name__
     kept = f"the previous {path.name} is intact" if path.is_file() else f"no {path.name} was written"
