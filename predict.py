@@ -28,7 +28,7 @@ from cornpipe.loaders.base import AugmentConfig, Normalization
 from cornpipe.models.metrics import snap_to_scale
 from cornpipe.runs.build import run_from_checkpoint
 from cornpipe.runs.checkpoint import load_checkpoint
-from cornpipe.shards.atomic import check_can_create
+from cornpipe.shards.atomic import check_can_create, check_not_an_input, check_own_file, write_atomically
 from cornpipe.shards.imageio import IMAGE_EXTENSIONS, ImageRejected, encode_jpeg, prepare_image
 
 
@@ -70,7 +70,9 @@ def predict(checkpoint: Path, inputs: Sequence[Path], out: Path, *, tta: bool = 
     if out.is_dir():
         raise CornpipeError(f"--out {out} is a folder; give the CSV file to write")
     check_can_create(out)  # before the checkpoint and the model load
-    state = load_checkpoint(checkpoint)
+    check_not_an_input([out], [checkpoint, *inputs])  # `--out run/best.pt` must not replace the checkpoint
+    check_own_file(out, b"path,position,", "a predictions CSV")
+    state = load_checkpoint(checkpoint, purpose="predict")
     run = run_from_checkpoint(state, str(checkpoint), device=device, amp="auto", compile=False, channels_last=None)
     cfg, data, dev, dtype = run.cfg, state["data"], run.device, run.amp_dtype
     positions, grade_scale = list(run.positions), list(run.grade_scale)
@@ -79,9 +81,10 @@ def predict(checkpoint: Path, inputs: Sequence[Path], out: Path, *, tta: bool = 
     files = image_files(inputs)
     if not files:
         raise CornpipeError("no image files found in the given inputs")
+    check_not_an_input([out], files)  # `--out victim.jpg` must not truncate an image it reads
     out.parent.mkdir(parents=True, exist_ok=True)
     predicted = failed = 0
-    with out.open("w", newline="") as f:
+    with write_atomically(out, newline="") as f:  # a full disk leaves a previous CSV as it was
         writer = csv.writer(f)
         writer.writerow(["path", "position", *(f"p_{name}" for name in positions), "grade_raw", "grade", "error"])
         for chunk in _batches(files, batch_size):

@@ -35,6 +35,7 @@ import dataclasses
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,8 @@ from cornpipe.runs.checkpoint import (
     BEST,
     CHECKPOINT_FORMAT,
     LAST,
-    load_checkpoint,
+    load_weights,
+    resume_state,
     rng_state,
     save_checkpoint,
 )
@@ -86,7 +88,10 @@ from cornpipe.runs.report import (
 )
 from cornpipe.runs.run_dir import (
     TrainResult,
+    check_epochs,
+    check_resumed_config,
     check_resumed_shards,
+    hold_run_dir,
     keep_metrics_until,
     prepare_run_dir,
     read_metrics,
@@ -149,8 +154,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
             cfg = dataclasses.replace(cfg, device=init_distributed(ctx, cfg.device, cfg.dist_timeout))
         if not ctx.is_main:
             console = Console(stderr=True, quiet=True, markup=False)  # rank 0 speaks for the group
-        result = _train(cfg, ctx, resume=resume, force=force, console=console or Console(stderr=True, markup=False),
-                        verbose=verbose, allow_new_shards=allow_new_shards)
+        console = console or Console(stderr=True, markup=False)
+        # one writer per run folder (rank 0 writes it): a second `train --resume RUN` is refused
+        held = hold_run_dir(Path(cfg.out), resume=resume, force=force, log=console.print,
+                            inputs=(cfg.shards, cfg.init_weights)) if ctx.is_main else nullcontext()
+        with held:
+            result = _train(cfg, ctx, resume=resume, force=force, console=console, verbose=verbose,
+                            allow_new_shards=allow_new_shards)
     except Exception as exc:
         name_failure(ctx, exc)
         raise
@@ -192,7 +202,7 @@ class Session:
         checkpoint = self.checkpoint
         if not checkpoint:
             return 0
-        self.model.load_state_dict(checkpoint["model"])
+        load_weights(self.model, checkpoint["model"], self.out / LAST, self.cfg.model)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if checkpoint["scaler"] and self.scaler.is_enabled():
             self.scaler.load_state_dict(checkpoint["scaler"])
@@ -258,7 +268,10 @@ def setup(cfg: TrainConfig, ctx: DistContext, *, resume: bool, force: bool, cons
     """Everything before the first epoch, cheap checks first: the shard set, --out, the run (runs.build), the
     optimiser and the rest of the state a checkpoint carries, the loaders; then the run directory."""
     out = Path(cfg.out)
-    checkpoint = load_checkpoint(out / LAST) if resume else None
+    checkpoint = resume_state(out, log=console.print if ctx.is_main else None) if resume else None
+    if checkpoint:
+        check_resumed_config(checkpoint["config"], cfg, out)
+        check_epochs(cfg, checkpoint["epoch"], out)
     if not Path(cfg.shards).is_dir():
         raise ConfigError(f"shard set directory not found: {cfg.shards}")
     shards = ShardSet(cfg.shards)

@@ -24,10 +24,15 @@ def _echo(line: str) -> None:
     click.echo(line, err=True)
 
 
-def _writer(json_path: Path | None) -> Callable[[dict[str, Any]], None] | None:
-    """Writes a summary (partial while the benchmark runs, then complete) to --json, atomically."""
+def _writer(json_path: Path | None, inputs: tuple[Path | str | None, ...] = ()) -> Callable[[dict[str, Any]], None] | None:
+    """Writes a summary (partial while the benchmark runs, then complete) to --json, atomically; an
+    input or a file that is not a JSON summary is refused before the benchmark starts."""
     if json_path is None:
         return None
+    from cornpipe.shards.atomic import check_not_an_input, check_own_file
+
+    check_not_an_input([json_path], inputs, inside_too=True)  # never over a shard set's manifest.json
+    check_own_file(json_path, b"{", "a JSON summary")
 
     def write(summary: dict[str, Any]) -> None:
         from cornpipe.bench.machine import machine_facts
@@ -132,7 +137,8 @@ def loaders_command(shards: tuple[Path, ...], raw_shards: tuple[Path, ...], sour
     if source is not None and manifest_csv is not None:
         raise click.UsageError("give --source FOLDER or --manifest CSV, not both")
     summary = run_loader_bench([*shards, *raw_shards], cfg, backends=names, source=source or manifest_csv, peers=peer_names,
-                               log_dir=log_dir, echo=_echo, partial=_writer(json_path))
+                               log_dir=log_dir, echo=_echo,
+                               partial=_writer(json_path, (*shards, *raw_shards, source, manifest_csv)))
     summary["machine"] = machine_facts()
     _finish(summary, loader_table(summary), json_path)
 
@@ -187,6 +193,6 @@ def train_command(model: str | None, image_size: int, batch_size: int | None, de
                            shards=str(shards) if shards else None, loader=loader, workers=workers,
                            seed=seed, timeout_s=timeout_s)
     summary = run_train_bench(cfg, names, datas=datas, log_dir=log_dir, echo=_echo,
-                              partial=_writer(json_path))
+                              partial=_writer(json_path, (shards,)))
     summary["machine"] = machine_facts()
     _finish(summary, train_table(summary), json_path)

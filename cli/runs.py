@@ -143,7 +143,7 @@ def train_command(ctx: click.Context, shards: str | None, out: str | None, confi
         if resume:
             raise ConfigError("--seeds trains one run per seed in turn: rerun the same command to resume it, "
                               "without --resume")
-        _run_folds(cfg, _parse_seeds(seeds), nproc, config_file)
+        _run_folds(cfg, _parse_seeds(seeds), nproc, config_file, force)
         return
     if nproc is not None and nproc > 1:
         from cornpipe.runs.distributed import launch
@@ -190,8 +190,9 @@ def cv_command(ctx: click.Context, shards: str, out: str, folds: int, group: str
 
     Any further option is a `cornpipe train` option (see `cornpipe train --help`); with --nproc N each
     run trains on N torchrun processes (DDP), one run after the other. Rerunning the same command after
-    a kill skips finished folds and resumes the interrupted one. CVDIR/cv.md reads: one row per run, then
-    per metric mean ± sd and a 95 % interval across folds beside the metric of the pooled out-of-fold
+    a kill skips finished folds and resumes the interrupted one; a rerun with another config is refused
+    (--force starts a new cv in CVDIR, removing only the runs and summary cornpipe wrote there).
+    CVDIR/cv.md reads: one row per run, then per metric mean ± sd and a 95 % interval across folds beside the metric of the pooled out-of-fold
     predictions (CVDIR/oof_predictions.csv: every sample once per seed), per-position recall across
     folds, and the pooled out-of-fold confusion matrix (each sample counted once).
     """
@@ -203,10 +204,12 @@ def cv_command(ctx: click.Context, shards: str, out: str, folds: int, group: str
     given.update(shards=shards, out=out, folds=0 if group else folds, fold_group=group or "none",
                  fold_seed=fold_seed)
     cfg = config_from_sources(given, config_file=sub.params.get("config_file"))
-    _run_folds(cfg, _parse_seeds(seeds), sub.params.get("nproc"), sub.params.get("config_file"))
+    _run_folds(cfg, _parse_seeds(seeds), sub.params.get("nproc"), sub.params.get("config_file"),
+               bool(sub.params.get("force")))
 
 
-def _run_folds(cfg: TrainConfig, seeds: list[int], nproc: int | None, config_file: str | None) -> None:
+def _run_folds(cfg: TrainConfig, seeds: list[int], nproc: int | None, config_file: str | None,
+               force: bool = False) -> None:
     """Every fold x seed of `cornpipe cv` / `train --seeds`: in this process, or each on torchrun (--nproc)."""
     from cornpipe.runs.cv import CV_MD, run_folds
     from cornpipe.shards.shard_set import ShardSet
@@ -217,7 +220,7 @@ def _run_folds(cfg: TrainConfig, seeds: list[int], nproc: int | None, config_fil
         from cornpipe.train import train as train_fn
     samples = ShardSet(cfg.shards).manifest["samples"]
     with _progress_lines(train_fn, cfg, samples, seeds) as tracked:
-        run_folds(cfg, Path(cfg.out), samples, seeds, tracked, click.echo)
+        run_folds(cfg, Path(cfg.out), samples, seeds, tracked, click.echo, force=force)
     click.echo(f"summary: {Path(cfg.out) / CV_MD}")
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -23,7 +24,7 @@ from torch import nn
 from cornpipe.loaders.base import IMAGENET, Normalization
 from cornpipe.models import create_model, input_stats
 from cornpipe.models.losses import MultiTaskLoss
-from cornpipe.runs.checkpoint import inference_weights
+from cornpipe.runs.checkpoint import inference_weights, load_weights
 from cornpipe.runs.config import TrainConfig, resolve_runtime
 from cornpipe.runs.folds import fold_ids
 
@@ -110,18 +111,19 @@ class Run:
 
 def build_run(cfg: TrainConfig, positions: Sequence[str], grade_scale: Sequence[float], *,
               fold: Fold | None = None, pretrained: bool = False,
-              weights: Mapping[str, torch.Tensor] | None = None,
+              weights: Mapping[str, torch.Tensor] | None = None, weights_from: str = "the checkpoint",
               normalization: Normalization | None = None) -> Run:
     """A run of `cfg` for a shard set's position classes and grade scale.
 
-    `pretrained`: start from timm's pretrained weights; `weights`: a state dict to load (a checkpoint's);
+    `pretrained`: start from timm's pretrained weights; `weights`: a state dict to load (a checkpoint's, read
+    from `weights_from`);
     `normalization`: None = the trunk's own (trunk_normalization)."""
     cfg = runtime(cfg)
     scale = [float(g) for g in grade_scale]
     model = create_model(cfg.model, num_positions=len(positions), grade_scale=scale, grade_head=cfg.grade_head,
                          drop_path=cfg.drop_path, pretrained=pretrained)
     if weights is not None:
-        model.load_state_dict(weights)
+        load_weights(model, weights, Path(weights_from), cfg.model)  # a misfit is one line, not torch's key list
     model = model.to(torch.device(cfg.device))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -141,4 +143,5 @@ def run_from_checkpoint(state: Mapping[str, Any], source: str, *, samples: Seque
     data = state["data"]
     return build_run(cfg, data["positions"], data["grade_scale"],
                      fold=None if samples is None else run_fold(cfg, samples),
-                     weights=inference_weights(state), normalization=saved_normalization(data))
+                     weights=inference_weights(state), weights_from=source,
+                     normalization=saved_normalization(data))

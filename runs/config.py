@@ -302,13 +302,13 @@ def config_from_sources(given: dict[str, Any], *, config_file: str | Path | None
     if isinstance(given.get("loss_weights"), str):
         given["loss_weights"] = parse_loss_weights(given["loss_weights"])
     if resume is not None:
-        from cornpipe.runs.checkpoint import LAST, load_checkpoint
+        from cornpipe.runs.checkpoint import resume_state
 
         if config_file:
             raise ConfigError("use either --config or --resume, not both")
         if given.get("out") and Path(given["out"]) != Path(resume):
             raise ConfigError("--out and --resume name different runs; --resume RUN continues RUN")
-        saved = load_checkpoint(Path(resume) / LAST)["config"]
+        saved = resume_state(Path(resume), purpose=None)["config"]  # last.pt, or best.pt when a kill cut last.pt
         return merge_for_resume(saved, {**given, "out": str(resume)}, str(resume))
     values = load_toml(config_file) if config_file else {}
     values.update(given)

@@ -48,15 +48,25 @@ def run_name(fold: int | None, seed: int) -> str:
 
 
 def run_folds(base: TrainConfig, out: Path, samples: Sequence[dict], seeds: Sequence[int],
-              train_fn: Callable[..., Any], log: Callable[[str], None]) -> dict[str, Any]:
+              train_fn: Callable[..., Any], log: Callable[[str], None], force: bool = False) -> dict[str, Any]:
     """Train every fold x seed into out/fold<i>-seed<s> (skipping finished runs, resuming killed ones),
     then write the summary. `train_fn(cfg, resume=, force=)` trains one run: cornpipe.train.train in this
     process, or the CLI's torchrun launcher (`--nproc N`); runs/ sits below train.py. What a run reached
-    is read back from its best.pt, whichever way it ran."""
-    from cornpipe.runs.checkpoint import BEST, LAST, load_checkpoint
+    is read back from its best.pt, whichever way it ran. A rerun with another config is refused, or
+    with `force` starts a new cv in `out` (cornpipe.runs.cv_dir)."""
+    from cornpipe.runs.cv_dir import open_cv_dir, warn_small_folds
 
     folds: list[int | None] = list(range(number_of_folds(samples, base))) if uses_folds(base) else [None]
-    out.mkdir(parents=True, exist_ok=True)
+    if uses_folds(base):
+        warn_small_folds(*fold_assignment(samples, base), samples, log)
+    with open_cv_dir(out, base, force=force, log=log):  # one cv per folder, under one config
+        return _run_all(base, out, folds, seeds, train_fn, log)
+
+
+def _run_all(base: TrainConfig, out: Path, folds: list[int | None], seeds: Sequence[int],
+             train_fn: Callable[..., Any], log: Callable[[str], None]) -> dict[str, Any]:
+    from cornpipe.runs.checkpoint import BEST, LAST, load_checkpoint
+
     for fold in folds:
         for seed in seeds:
             cfg = dataclasses.replace(base, out=str(out / run_name(fold, seed)), seed=int(seed),
@@ -65,7 +75,7 @@ def run_folds(base: TrainConfig, out: Path, samples: Sequence[dict], seeds: Sequ
             if (run / RESULT_FILE).is_file():
                 log(f"{run.name}: finished earlier, skipped")
                 continue
-            resume = (run / LAST).is_file()
+            resume = (run / LAST).is_file() or (run / BEST).is_file()  # best.pt alone: killed saving last.pt
             log(f"{run.name}: {'resuming' if resume else 'training'}")
             train_fn(cfg, resume=resume, force=run.exists() and not resume)
             best = load_checkpoint(run / BEST)
@@ -76,8 +86,16 @@ def run_folds(base: TrainConfig, out: Path, samples: Sequence[dict], seeds: Sequ
 
 # ---- the summary --------------------------------------------------------------------------------------
 
-def interval(values: Sequence[float]) -> dict[str, Any]:
-    """mean, sd (n - 1), and the 95 % t-interval of the mean of `values` (None where undefined)."""
+# the range each summarised metric can take: its interval is clipped to it (few folds and a large sd
+# would otherwise give an accuracy interval below 0)
+METRIC_RANGE: dict[str, tuple[float | None, float | None]] = {
+    "position_accuracy": (0.0, 1.0), "position_macro_f1": (0.0, 1.0), "grade_within_tol": (0.0, 1.0),
+    "position_recall": (0.0, 1.0), "grade_qwk": (-1.0, 1.0), "grade_mae": (0.0, None), "loss": (0.0, None)}
+
+
+def interval(values: Sequence[float], metric: str | None = None) -> dict[str, Any]:
+    """mean, sd (n - 1), and the 95 % t-interval of the mean of `values` (None where undefined),
+    clipped to the range of `metric` (METRIC_RANGE)."""
     v = np.array([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
     if v.size == 0:
         return {"n": 0, "mean": None, "sd": None, "ci95": None}
@@ -88,7 +106,9 @@ def interval(values: Sequence[float]) -> dict[str, Any]:
 
     sd = float(v.std(ddof=1))
     half = float(t.ppf(0.975, v.size - 1)) * sd / math.sqrt(v.size)
-    return {"n": int(v.size), "mean": mean, "sd": sd, "ci95": [mean - half, mean + half]}
+    lo, hi = METRIC_RANGE.get(metric or "", (None, None))
+    ci = [mean - half if lo is None else max(lo, mean - half), mean + half if hi is None else min(hi, mean + half)]
+    return {"n": int(v.size), "mean": mean, "sd": sd, "ci95": ci}
 
 
 def summarize_runs(rows: Sequence[dict[str, Any]], positions: Sequence[str]) -> dict[str, Any]:
@@ -109,11 +129,11 @@ def summarize_runs(rows: Sequence[dict[str, Any]], positions: Sequence[str]) -> 
     metrics = {}
     for key, _label in SUMMARY_METRICS:
         means, sds = fold_means(lambda m, key=key: m.get(key))
-        metrics[key] = {**interval(means), "per_fold": means, "seed_sd": float(np.mean(sds)) if sds else None}
+        metrics[key] = {**interval(means, key), "per_fold": means, "seed_sd": float(np.mean(sds)) if sds else None}
     recall = {}
     for name in positions:
         means, _ = fold_means(lambda m, name=name: (m.get("position_recall") or {}).get(name))
-        recall[name] = {**interval(means), "per_fold": means}
+        recall[name] = {**interval(means, "position_recall"), "per_fold": means}
     # a seed's runs hold out disjoint folds: their best-epoch matrices add up to that seed's pooled
     # out-of-fold matrix (every sample once); averaged over seeds, no sample counts twice
     per_seed: dict[int, np.ndarray] = {}
@@ -162,7 +182,7 @@ def pool_predictions(out: Path, rows: Sequence[dict[str, Any]], positions: Seque
         per_seed.append({"seed": seed, "n_samples": m["n_samples"], **{k: m[k] for k in OOF_METRICS},
                          "confusion": m["confusion"]})
     return {"file": OOF_CSV, "missing": [], "per_seed": per_seed,
-            "metrics": {k: interval([s[k] for s in per_seed]) for k in OOF_METRICS}}
+            "metrics": {k: interval([s[k] for s in per_seed], k) for k in OOF_METRICS}}
 
 
 def write_summary(out: Path, runs: Sequence[tuple[int | None, int]]) -> dict[str, Any]:

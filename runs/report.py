@@ -19,8 +19,9 @@ from typing import Any
 
 from rich.table import Table
 
-from cornpipe.errors import ReportError
+from cornpipe.errors import OutputError, ReportError
 from cornpipe.runs.plots import plot_confusion, plot_curves
+from cornpipe.shards.atomic import check_can_create
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -297,8 +298,19 @@ def assess(records: Sequence[dict[str, Any]], best: dict[str, Any] | None) -> li
 
 
 def write_report(run_dir: Path | str) -> Path:
-    """Write report.md, curves.png and confusion_matrix.png into `run_dir`; returns report.md's path."""
+    """Write report.md, curves.png and confusion_matrix.png into `run_dir`; returns report.md's path.
+    A run folder that takes no writes (read-only) is one ReportError line."""
     run_dir = Path(run_dir)
+    try:
+        check_can_create(run_dir / REPORT_FILE)
+        return _write_report(run_dir)
+    except OutputError as exc:  # a read-only folder or file system, found before any work
+        raise ReportError(f"{exc}: the report was not written") from exc
+    except OSError as exc:
+        raise ReportError(f"cannot write the report into {run_dir}: {exc.strerror or exc}") from exc
+
+
+def _write_report(run_dir: Path) -> Path:
     records = load_metrics(run_dir)
     config = load_config(run_dir)
     names = position_names(records, config)

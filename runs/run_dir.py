@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import time
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,9 +16,10 @@ from torch import nn
 
 from cornpipe.errors import ConfigError
 from cornpipe.runs.checkpoint import BEST, LAST, load_checkpoint
-from cornpipe.runs.config import TrainConfig
+from cornpipe.runs.config import RESUME_OVERRIDABLE, TrainConfig, merge_for_resume
 from cornpipe.runs.early_stopping import EarlyStopping
 from cornpipe.runs.ema import ModelEma
+from cornpipe.runs.lock import LOCK_NAME, FolderLock
 from cornpipe.runs.report import (
     CONFIG_FILE,
     CONFUSION_FILE,
@@ -23,45 +28,112 @@ from cornpipe.runs.report import (
     REPORT_FILE,
     write_report,
 )
-from cornpipe.shards.atomic import check_can_create
+from cornpipe.shards.atomic import check_can_create, check_not_an_input
 
 PREDICTIONS_FILE = "val_predictions.csv"  # the best epoch's per-sample validation predictions (runs.evaluation)
 RUN_FILES = (METRICS_FILE, CONFIG_FILE, BEST, LAST, REPORT_FILE, CURVES_FILE, CONFUSION_FILE, PREDICTIONS_FILE)
-RUN_MARKERS = (METRICS_FILE, CONFIG_FILE, BEST, LAST)  # what makes a folder a run directory
+RUN_MARKER = ".cornpipe-run"  # written by cornpipe into every run folder it makes: what --force may clear
+OWN_ENTRIES = (RUN_MARKER, LOCK_NAME)  # entries that do not make a folder "used"
+RESUME_FREE = RESUME_OVERRIDABLE | {"channels_last"}  # may differ on resume (channels_last: resolved per machine)
+# a config.json as cornpipe wrote it before the marker existed holds at least these keys
+LEGACY_CONFIG_KEYS = ("shards", "out", "model", "epochs", "seed", "data")
+
+
+def is_run_dir(run: Path) -> bool:
+    """A folder cornpipe made: its marker, or (runs made before the marker) a config.json as cornpipe
+    writes it next to a metrics.jsonl or checkpoint. A user's own config.json or metrics.jsonl is not one."""
+    if (run / RUN_MARKER).is_file():
+        return True
+    try:
+        config = json.loads((run / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(config, dict) and all(k in config for k in LEGACY_CONFIG_KEYS)
+            and isinstance(config["data"], dict) and any((run / n).is_file() for n in (METRICS_FILE, BEST, LAST)))
+
+
+def mark_run_dir(run: Path) -> None:
+    """Claim `run` as cornpipe's (the marker holds a run id: a later --force may clear it)."""
+    marker = run / RUN_MARKER
+    if not marker.is_file():
+        marker.write_text(json.dumps({"run_id": uuid.uuid4().hex,
+                                      "created": time.strftime("%Y-%m-%d %H:%M:%S %Z")}) + "\n")
+
+
+def _used(run: Path) -> bool:
+    return run.is_dir() and any(p.name not in OWN_ENTRIES for p in run.iterdir())
 
 
 def prepare_run_dir(run: Path, force: bool, dry_run: bool = False) -> None:
     """A fresh run directory: refuse a used one unless --force, then clear only the files a run writes.
 
-    --force takes only a folder that already holds a run (one of RUN_MARKERS); any other non-empty
-    folder is refused. An --out that cannot be created fails here, before any slow work.
+    --force takes only a folder cornpipe made (`is_run_dir`); any other non-empty folder is refused,
+    whatever files it holds. An --out that cannot be created fails here, before any slow work.
     """
     if run.exists() and not run.is_dir():
         raise ConfigError(f"run directory {run} is a file, not a folder")
     check_can_create(run)
-    if run.exists() and any(run.iterdir()):
+    if _used(run):
         if not force:
             raise ConfigError(f"run directory {run} already exists; use --force to overwrite it "
                               f"or --resume {run} to continue it")
-        if not any((run / name).exists() for name in RUN_MARKERS):
-            raise ConfigError(f"{run} is not a run directory (it has none of {', '.join(RUN_MARKERS)}) and "
-                              "is not empty; --force overwrites only a run directory's files")
+        if not is_run_dir(run):
+            raise ConfigError(f"{run} is not a run directory cornpipe made (no {RUN_MARKER}) and is not empty; "
+                              "--force overwrites only a run directory's files")
         if not dry_run:
             for name in RUN_FILES:  # only what a run writes: --force never deletes a user's other files
                 (run / name).unlink(missing_ok=True)
     if not dry_run:
         run.mkdir(parents=True, exist_ok=True)
+        mark_run_dir(run)
+
+
+def hold_run_dir(run: Path, *, resume: bool, force: bool, log: Callable[[str], None],
+                 inputs: Sequence[Path | str | None] = ()) -> FolderLock:
+    """The run folder's lock (`with` it for the whole run); a fresh --out is checked before it is made,
+    and no file a run writes may be one of its `inputs` (the shard set, --init-weights)."""
+    check_not_an_input([run, *(run / name for name in RUN_FILES)], inputs)
+    if not resume:
+        prepare_run_dir(run, force, dry_run=True)
+    elif not run.is_dir():
+        raise ConfigError(f"run directory not found: {run}")
+    return FolderLock(run, "run", log)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The epoch records of metrics.jsonl; a last line cut short (killed mid-write) is left out, as
+    `cornpipe report` does."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = [line for line in text.splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except ValueError as exc:
+            if number == len(lines) and not text.endswith("\n"):
+                break  # torn last line
+            raise ConfigError(f"{path}: line {number} is not an epoch record; fix or remove it") from exc
+    return records
 
 
 def keep_metrics_until(path: Path, epoch: int) -> None:
-    records = [r for r in read_metrics(path) if r["epoch"] <= epoch]
+    records = [r for r in read_metrics(path) if isinstance(r, dict) and r.get("epoch", 0) <= epoch]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def check_resumed_config(saved: dict[str, Any], cfg: TrainConfig, run: Path) -> None:
+    """Refuse to resume `run` under a config its checkpoint was not trained with (as `train --resume`
+    refuses such flags): a `cv` rerun resumes its killed fold with the cv's config, not the run's."""
+    current = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in RESUME_FREE}
+    merge_for_resume(saved, current, str(run))
+
+
+def check_epochs(cfg: TrainConfig, done: int, run: Path) -> None:
+    if cfg.epochs < done:
+        raise ConfigError(f"--epochs {cfg.epochs} is fewer than the {done} epochs {run} has done; "
+                          f"give --epochs {done} or more to continue it")
 
 
 @dataclass

@@ -13,10 +13,16 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import shutil
+import socket
 import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
 from cornpipe.errors import ConvertError, OutputError
 
@@ -54,18 +60,120 @@ def check_can_create(path: Path | str) -> None:
         raise OutputError(f"cannot write {path}: the file is read-only")
 
 
+def check_not_an_input(outputs: Iterable[Path | str], inputs: Iterable[Path | str | None],
+                       inside_too: bool = False) -> None:
+    """Raise OutputError when an output path that exists is one of the inputs: the same file by
+    device and inode, so a link or another spelling of the path is caught too. With `inside_too`, an
+    output anywhere inside an input folder (a shard set) is refused as well."""
+    taken = {}
+    for item in inputs:
+        if item is None:
+            continue
+        try:
+            st = os.stat(item)
+        except (OSError, ValueError):
+            continue
+        taken.setdefault((st.st_dev, st.st_ino), item)
+    outputs = list(outputs)
+    if inside_too:
+        for out in outputs:
+            for folder in (Path(item) for item in taken.values() if Path(item).is_dir()):
+                if Path(os.path.realpath(out)).is_relative_to(os.path.realpath(folder)):
+                    raise OutputError(f"{out} is inside the input {folder}: cornpipe never writes into its "
+                                      "inputs; give another output path")
+    for out in outputs:
+        try:
+            st = os.stat(out)
+        except (OSError, ValueError):
+            continue
+        hit = taken.get((st.st_dev, st.st_ino))
+        if hit is not None:
+            same = "" if os.path.abspath(out) == os.path.abspath(hit) else f" (the same file as {hit})"
+            raise OutputError(f"{out} is an input of this command{same}: cornpipe never writes over its inputs; "
+                              "give another output path")
+
+
+def check_own_file(out: Path, prefix: bytes, what: str) -> None:
+    """Raise OutputError when `out` exists, is not empty and does not start with `prefix`: a file that
+    cornpipe did not write (as `what`) is never replaced."""
+    try:
+        with open(out, "rb") as f:
+            head = f.read(len(prefix))
+    except (FileNotFoundError, IsADirectoryError):
+        return
+    except OSError as exc:
+        raise OutputError(f"cannot read {out} to check what it is: {exc.strerror or exc}") from exc
+    if head and head != prefix:
+        raise OutputError(f"{out} exists and is not {what} cornpipe wrote: it is left as it is; "
+                          "give another path or delete it yourself")
+
+
+@contextmanager
+def write_atomically(out: Path, newline: str | None = None) -> Iterator[TextIO]:
+    """A text file that becomes `out` only when complete: written beside it under a temp name, then
+    renamed over it. A failure (a full disk) or an interrupt removes the temp file and leaves a previous
+    `out` as it was; OSError is worded as one OutputError line."""
+    out = Path(out)
+    tmp = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}"
+    try:
+        with tmp.open("w", newline=newline, encoding="utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            kept = f"the previous {out.name} is intact" if out.exists() else f"no {out.name} was written"
+            if exc.errno in DISK_FULL:
+                raise OutputError(f"no space left on {out.parent} writing {out.name} "
+                                  f"({free_bytes(out.parent) / 1e6:.1f} MB free); {kept}") from exc
+            raise OutputError(f"cannot write {out}: {exc.strerror or exc}; {kept}") from exc
+        raise
+
+
 def temp_folder(out: Path) -> Path:
     return out.parent / f".{out.name}{TMP_MARK}{os.getpid()}"
 
 
 def lock_folder(tmp: Path) -> int:
-    fd = os.open(tmp / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    os.write(fd, str(os.getpid()).encode())
+    return take_lock(tmp / LOCK_FILE)
+
+
+def take_lock(path: Path) -> int:
+    """flock `path` (created if missing) and write who holds it; BlockingIOError when another process does.
+
+    The lock is the open file's, so it ends with the holder's process (kill -9 included). A lock file
+    unlinked and made anew by a reclaiming run between our open and our flock is not ours: retried.
+    """
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass  # unlinked by its releasing holder after our open: try the new file
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}).encode())
     return fd
 
 
-def _pid_alive(pid: int) -> bool:
+def read_holder(path: Path) -> dict | None:
+    """Who took the lock file `path` last ({"pid", "host", "started"}); None when absent or unreadable."""
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
+
+
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -80,7 +188,7 @@ def clean_stale_temp(out: Path) -> list[Path]:
     removed = []
     for old in sorted(out.parent.glob(f".{out.name}.old-*")):  # a run killed while replacing OUT
         pid = old.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             if old.is_dir() and not old.is_symlink():
                 shutil.rmtree(old, ignore_errors=True)
             else:
@@ -96,7 +204,7 @@ def clean_stale_temp(out: Path) -> list[Path]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError as exc:
                 pid = tmp.name.rsplit(TMP_MARK, 1)[-1]
-                if not (pid.isdigit() and not _pid_alive(int(pid))):
+                if not (pid.isdigit() and not pid_alive(int(pid))):
                     raise ConvertError(f"another convert is writing {out} "
                                        f"(its temporary folder {tmp.name} is in use)") from exc
                 # held, but its run is dead: orphaned workers hold it, and they write nothing here

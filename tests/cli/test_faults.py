@@ -155,21 +155,20 @@ def test_train_force_refuses_a_folder_that_is_not_a_run(tiny_shards: Path, tmp_p
     (out / "thesis.txt").write_text("four years of work")
     result = run("train", tiny_shards, "--out", out, "--force", "--device", "cpu")
     assert result.exit_code == 1
-    assert error_line(result) == (f"Error: {out} is not a run directory (it has none of metrics.jsonl, "
-                                  "config.json, best.pt, last.pt) and is not empty; --force overwrites only a "
-                                  "run directory's files")
+    assert error_line(result) == (f"Error: {out} is not a run directory cornpipe made (no .cornpipe-run) and is "
+                                  "not empty; --force overwrites only a run directory's files")
     assert (out / "thesis.txt").read_text() == "four years of work"
 
 
 def test_prepare_run_dir_force_clears_only_run_files(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
+    prepare_run_dir(run_dir, force=False)  # a run folder cornpipe made: it holds its marker
     (run_dir / "metrics.jsonl").write_text("{}\n")
     (run_dir / "thesis.txt").write_text("four years of work")
     with pytest.raises(ConfigError, match="already exists; use --force"):
         prepare_run_dir(run_dir, force=False)
     prepare_run_dir(run_dir, force=True)
-    assert sorted(p.name for p in run_dir.iterdir()) == ["thesis.txt"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".cornpipe-run", "thesis.txt"]
 
 
 # --------------------------------------------------------------------------- 6. odd files in discovery
