@@ -30,7 +30,7 @@ import numpy as np
 
 from cornpipe.errors import ConfigError
 from cornpipe.runs.config import TrainConfig
-from cornpipe.runs.folds import number_of_folds, uses_folds
+from cornpipe.runs.folds import fold_assignment, number_of_folds, uses_folds
 
 SUMMARY_METRICS: tuple[tuple[str, str], ...] = (
     ("position_accuracy", "position accuracy"), ("position_macro_f1", "position macro-F1"),
