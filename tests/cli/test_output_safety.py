@@ -48,7 +48,7 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was built before the output was checked")
 
-    monkeypatch.setattr("cornpipe.train.create_model", refuse)
+    monkeypatch.setattr("cornpipe.runs.build.create_model", refuse)
 
 
 # --------------------------------------------------------------------------- data lost 1-2: predict --out
