@@ -39,7 +39,7 @@ def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
     env.update(installed_versions())
     env["cuda"] = torch.version.cuda  # the CUDA torch was built for; None on a CPU-only build
     env["cudnn"] = _cudnn_version()
-    env["device"] = device_name(device)
+    env["device_name"] = device_name(device)
     env.update(git_revision())
     return env
 

@@ -21,7 +21,7 @@ def test_versions_device_and_cuda_are_recorded() -> None:
         assert env[key] == metadata.version(key)
     assert env["cuda"] == torch.version.cuda
     assert "cudnn" in env
-    assert env["device"].startswith("cpu")
+    assert env["device_name"].startswith("cpu")
 
 
 def test_absent_libraries_are_left_out_not_guessed(monkeypatch: pytest.MonkeyPatch) -> None:

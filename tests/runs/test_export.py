@@ -153,7 +153,7 @@ def test_run_records_its_environment(run: Path) -> None:
     for env in (config["environment"], load_checkpoint(run / "best.pt")["environment"],
                 load_checkpoint(run / "last.pt")["environment"]):
         assert env["torch"] == torch.__version__.split("+")[0]
-        assert env["device"].startswith("cpu")
+        assert env["device_name"].startswith("cpu")
 
 
 def test_one_format_only_and_a_used_out_needs_force(run: Path, tmp_path: Path) -> None:
