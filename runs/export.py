@@ -22,7 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,11 +122,11 @@ def _require_onnx() -> None:
         raise ExportError(f"ONNX export needs the onnx package: {EXPORT_EXTRA}") from None
 
 
-def write_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path, run: Run) -> None:
+def write_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path, run: Run | None = None) -> None:
     import onnx
 
     batch = {0: "batch"}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _cumprod_as_cumsum():
         # torch's TorchScript-based exporter: it needs no onnxscript and takes every timm trunk; torch calls
         # it legacy and warns (the torch.export-based one would add onnxscript to the extra)
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -136,7 +137,24 @@ def write_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path, run: Run) 
     onnx.checker.check_model(str(path))
 
 
-def write_torchscript(wrapper: nn.Module, example: torch.Tensor, path: Path, run: Run) -> None:
+@contextmanager
+def _cumprod_as_cumsum() -> Iterator[None]:
+    """ONNX has no CumProd: the CORN head's cumprod of sigmoids (all > 0) goes out as Exp(CumSum(Log(x)))."""
+    from torch.onnx import register_custom_op_symbolic, symbolic_helper, unregister_custom_op_symbolic
+
+    @symbolic_helper.parse_args("v", "i", "none")
+    def cumprod(g: Any, x: Any, dim: int, dtype: Any) -> Any:
+        axis = g.op("Constant", value_t=torch.tensor(dim, dtype=torch.long))
+        return g.op("Exp", g.op("CumSum", g.op("Log", x), axis))
+
+    register_custom_op_symbolic("aten::cumprod", cumprod, ONNX_OPSET)
+    try:
+        yield
+    finally:
+        unregister_custom_op_symbolic("aten::cumprod", ONNX_OPSET)
+
+
+def write_torchscript(wrapper: nn.Module, example: torch.Tensor, path: Path, run: Run | None = None) -> None:
     with warnings.catch_warnings():
         # torch 2.14 deprecates torch.jit for torch.export, but its files still load in every torch and libtorch
         warnings.simplefilter("ignore", DeprecationWarning)

@@ -174,3 +174,21 @@ def test_unknown_format_or_missing_onnx_is_one_error_line(run: Path, tmp_path: P
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert words in error_line(result)
     assert not (tmp_path / "d").exists()
+
+
+def test_a_corn_grade_head_exports_to_onnx(tmp_path: Path) -> None:
+    """The CORN head's cumprod has no ONNX op (torch refused the export); it goes out as exp(cumsum(log))."""
+    from cornpipe.runs.export import InferenceModel, write_onnx
+
+    torch.manual_seed(0)
+    scale = [0.0, 3.0, 5.0, 7.0, 9.0]
+    wrapper = InferenceModel(create_model("resnet_plus_tiny", num_positions=3, grade_scale=scale,
+                                          grade_head="corn")).eval()
+    write_onnx(wrapper, torch.zeros(2, 3, 32, 32), tmp_path / "corn.onnx", None)
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        probs, grades = wrapper(images)
+    got_probs, got_grades = ort.InferenceSession(str(tmp_path / "corn.onnx"),
+                                                 providers=["CPUExecutionProvider"]).run(None, {"image": images.numpy()})
+    assert np.abs(got_probs - probs.numpy()).max() <= TOLERANCE
+    assert got_grades.tolist() == grades.tolist() and set(got_grades.tolist()) <= set(scale)
