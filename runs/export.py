@@ -130,10 +130,15 @@ def write_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path, run: Run |
         # torch's TorchScript-based exporter: it needs no onnxscript and takes every timm trunk; torch calls
         # it legacy and warns (the torch.export-based one would add onnxscript to the extra)
         warnings.simplefilter("ignore", DeprecationWarning)
-        with torch.no_grad():
-            torch.onnx.export(wrapper, (example,), str(path), input_names=[INPUT_NAME],
-                              output_names=list(OUTPUT_NAMES), opset_version=ONNX_OPSET, dynamo=False,
-                              dynamic_axes={name: batch for name in (INPUT_NAME, *OUTPUT_NAMES)})
+        try:
+            with torch.no_grad():
+                torch.onnx.export(wrapper, (example,), str(path), input_names=[INPUT_NAME],
+                                  output_names=list(OUTPUT_NAMES), opset_version=ONNX_OPSET, dynamo=False,
+                                  dynamic_axes={name: batch for name in (INPUT_NAME, *OUTPUT_NAMES)})
+        except torch.onnx.errors.OnnxExporterError as exc:  # a trunk with an op ONNX lacks: say so, no traceback
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ExportError(f"cannot export this model to ONNX: {first}; --format torchscript,safetensors "
+                              "still work") from exc
     onnx.checker.check_model(str(path))
 
 

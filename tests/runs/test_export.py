@@ -192,3 +192,15 @@ def test_a_corn_grade_head_exports_to_onnx(tmp_path: Path) -> None:
                                                  providers=["CPUExecutionProvider"]).run(None, {"image": images.numpy()})
     assert np.abs(got_probs - probs.numpy()).max() <= TOLERANCE
     assert got_grades.tolist() == grades.tolist() and set(got_grades.tolist()) <= set(scale)
+
+
+def test_an_op_onnx_lacks_is_one_error_line(tmp_path: Path) -> None:
+    from cornpipe.errors import ExportError
+    from cornpipe.runs.export import InferenceModel, write_onnx
+
+    class Unexportable(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"position": x.mean((2, 3)), "grade": torch.special.zeta(x.mean((1, 2, 3)) + 2, x.new_tensor(1.5))}
+
+    with pytest.raises(ExportError, match="cannot export this model to ONNX: .*zeta"):
+        write_onnx(InferenceModel(Unexportable()), torch.zeros(2, 3, 8, 8), tmp_path / "m.onnx")
