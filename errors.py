@@ -81,3 +81,7 @@ class BenchError(CornpipeError):
 
 class DistributedError(CornpipeError):
     """A distributed (torchrun) run failed on some rank; the message names the rank and its cause."""
+
+
+class ExportError(CornpipeError):
+    """A model that cannot be exported as asked (a format, a missing library, an --out in use)."""

@@ -76,6 +76,7 @@ from cornpipe.runs.distributed import (
 from cornpipe.runs.distributed import init as init_distributed
 from cornpipe.runs.early_stopping import EarlyStopping, monitor_value
 from cornpipe.runs.ema import ModelEma
+from cornpipe.runs.environment import environment
 from cornpipe.runs.epoch_metrics import Collector, TimedBatches, summarize
 from cornpipe.runs.evaluation import evaluate, prediction_tensors, write_predictions
 from cornpipe.runs.optim import NonFiniteStep, base_lr, make_optimizer, optimizer_step, scheduled_lr, set_lr
@@ -194,6 +195,7 @@ class Session:
                 "model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "scheduler": self.plateau.state_dict() if self.plateau else None,
+                "environment": environment(self.run.device),  # what wrote it: versions, device, git revision
                 "early_stopping": self.stopper.state_dict(), "rng": rng_state(), "val": val,
                 "val_predictions": prediction_tensors(val_out)}  # best.pt's: RUN/val_predictions.csv
 
@@ -353,7 +355,8 @@ def fit(s: Session, console: Console, verbose: bool) -> int:
     cfg, ctx, out = s.cfg, s.ctx, s.out
     start_epoch = s.restore()
     if ctx.is_main:
-        write_config_json(cfg, out / CONFIG_FILE, {"data": {**s.data, "world_size": ctx.world_size}})
+        write_config_json(cfg, out / CONFIG_FILE, {"data": {**s.data, "world_size": ctx.world_size},
+                                                    "environment": environment(s.run.device)})
     if s.run.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
     step_model, eval_model = step_and_eval_models(s)

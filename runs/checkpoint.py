@@ -20,6 +20,7 @@ loading one can never run code:
     val           validation metrics of this epoch (as in metrics.jsonl)
     val_predictions this epoch's per-sample validation predictions (runs.evaluation), written out as
                   RUN/val_predictions.csv from best.pt at the end of a run
+    environment   runs.environment.environment(): versions, CUDA, device, git revision (config.json's too)
 """
 
 from __future__ import annotations
