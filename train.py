@@ -376,10 +376,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, force: bool, con
             loader.close()
 
     barrier(ctx)  # rank 0's last checkpoint is on disk before any rank reads best.pt
-    result = restore_best_and_report(run, cfg, model, ema, stopper, console, epochs_run=epoch, report=ctx.is_main)
-    if ctx.is_main:  # the best epoch's per-sample predictions, gathered from every rank, kept in best.pt
+    if ctx.is_main:  # the best epoch's per-sample predictions (kept in best.pt), before the report reads them
         write_predictions(run, shards.manifest["samples"])
-    return result
+    return restore_best_and_report(run, cfg, model, ema, stopper, console, epochs_run=epoch, report=ctx.is_main)
 
 
 if __name__ == "__main__":  # `python -m cornpipe.train ...` is `cornpipe train ...` (options live in the CLI)

@@ -26,6 +26,7 @@ BREAKDOWN_KEYS = ("source", "stage")
 UNKNOWN = "unknown"
 MIN_N_FOR_INTERVAL = 10  # fewer samples: a bootstrap interval would only repeat the handful seen
 RESAMPLES = 1000
+CV_GRADE_CONFUSION = "cv_grade_confusion.png"  # beside cv.md
 
 
 def read_predictions(path: Path) -> list[dict[str, str]]:
@@ -173,3 +174,18 @@ def predictions_section(rows: Sequence[dict[str, Any]], grade_scale: Sequence[fl
                   *confusion_table(confusion, names, "grade"), "", f"![grade confusion matrix]({png.name})", ""]
     lines += [f"## Breakdown by {' and '.join(keys)}, {what}", "", *breakdown_section(rows, keys)]
     return lines
+
+
+def cv_section(out: Path, oof_file: str | None, config: dict[str, Any]) -> str:
+    """cv.md's grade confusion and breakdown: the first seed's pooled out-of-fold predictions (every
+    sample once), joined with the manifest; empty when the runs left no predictions."""
+    if oof_file is None:
+        return ""
+    rows = read_predictions(out / oof_file)
+    if not rows:
+        return ""
+    seed = rows[0]["seed"]
+    rows = join_manifest([r for r in rows if r["seed"] == seed], config.get("shards"))
+    scale = (config.get("data") or {}).get("grade_scale")
+    lines = predictions_section(rows, scale, out / CV_GRADE_CONFUSION, f"out-of-fold, seed {seed}")
+    return "\n" + "\n".join(lines)

@@ -101,3 +101,25 @@ def test_manifest_metadata_joins_on_sample_id(tmp_path: Path) -> None:
     joined = join_manifest(rows, tmp_path)
     assert [g["value"] for g in breakdown(joined, "origin")] == ["field", "lab"]
     assert [g["n"] for g in breakdown(joined, "origin")] == [2, 1]
+
+
+def test_cv_md_breaks_the_out_of_fold_predictions_down_by_source(tmp_path: Path) -> None:
+    from test_cv import fake_cv_dir
+
+    from cornpipe.runs.cv import write_summary
+
+    n, folds, seeds = 30, 3, [0, 1]
+    fake_cv_dir(tmp_path, n, folds, seeds)
+    for path in tmp_path.glob("*/val_predictions.csv"):  # two sources: even ids 9l, odd ids 14m
+        rows = list(csv.DictReader(path.open(newline="")))
+        for row in rows:
+            row["source"] = "9l" if int(row["sample_id"]) % 2 == 0 else "14m"
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    write_summary(tmp_path, [(f, s) for f in range(folds) for s in seeds])
+    md = (tmp_path / "cv.md").read_text()
+    assert "| 9l | 15 |" in md and "| 14m | 15 |" in md  # every sample once: one seed, not both
+    assert "| true grade \\ predicted |" in md
+    assert (tmp_path / "cv_grade_confusion.png").stat().st_size > 0
