@@ -123,3 +123,20 @@ def test_cv_md_breaks_the_out_of_fold_predictions_down_by_source(tmp_path: Path)
     assert "| 9l | 15 |" in md and "| 14m | 15 |" in md  # every sample once: one seed, not both
     assert "| true grade \\ predicted |" in md
     assert (tmp_path / "cv_grade_confusion.png").stat().st_size > 0
+
+
+def test_a_trained_run_reports_every_validated_source(tiny_shards: Path, tmp_path: Path) -> None:
+    """train writes val_predictions.csv before the report reads it: the breakdown is there on the first write."""
+    from collections import Counter
+
+    from cornpipe.runs.config import TrainConfig
+    from cornpipe.train import train
+
+    run = tmp_path / "run"
+    train(TrainConfig(shards=str(tiny_shards), out=str(run), model="resnet_plus_tiny", image_size=32,
+                      batch_size=16, epochs=1, workers=0, device="cpu", bootstrap=50, loader="torch"))
+    counts = Counter(r["source"] for r in csv.DictReader((run / "val_predictions.csv").open(newline="")))
+    text = (run / "report.md").read_text()
+    for source, n in counts.items():
+        assert f"| {source} | {n} |" in text
+    assert (run / "grade_confusion.png").is_file()
