@@ -47,7 +47,7 @@ def curves_figure(records: Sequence[dict[str, Any]], best_epoch: int | None = No
     """Loss, position accuracy/macro-F1 and grade MAE against epoch: colour = metric, dashed = train,
     solid = validation, shaded = validation's 95 % bootstrap interval where recorded."""
     epochs = np.array([r["epoch"] for r in records])
-    fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(5.5 * len(CURVE_PANELS), 4.2), constrained_layout=True)
+    fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(5.5 * len(CURVE_PANELS), 5.2), constrained_layout=True)
     for ax, (keys, title) in zip(axes, CURVE_PANELS, strict=True):
         for key in keys:
             for split, (split_name, style) in SPLIT_STYLES.items():
@@ -66,7 +66,8 @@ def curves_figure(records: Sequence[dict[str, Any]], best_epoch: int | None = No
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, handlelength=3.5)  # long handles: dashed and solid stay tellable apart
+        # below the panel, never over the curves; long handles keep dashed and solid tellable apart
+        ax.legend(fontsize=7, handlelength=3.5, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     return fig
 
 
