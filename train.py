@@ -231,11 +231,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, force: bool, con
         for loader in (s.train_loader, s.val_loader):
             loader.close()
     barrier(ctx)  # rank 0's last checkpoint is on disk before any rank reads best.pt
-    result = restore_best_and_report(s.out, cfg, s.model, s.ema, s.stopper, console, epochs_run=epochs_run,
-                                     report=ctx.is_main)
-    if ctx.is_main:  # the best epoch's per-sample predictions, gathered from every rank, kept in best.pt
+    if ctx.is_main:  # the best epoch's per-sample predictions (kept in best.pt), before the report reads them
         write_predictions(s.out, s.shards.manifest["samples"])
-    return result
+    return restore_best_and_report(s.out, cfg, s.model, s.ema, s.stopper, console, epochs_run=epochs_run,
+                                   report=ctx.is_main)
 
 
 def run_data(cfg: TrainConfig, shards: ShardSet, fold: Fold | None) -> dict[str, Any]:

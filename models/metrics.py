@@ -11,9 +11,9 @@ Conventions (documented because reports and early stopping read them):
   absent from both truth and predictions still counts in the distances between the others, on
   purpose (scikit-learn's default, the levels present only, would shrink the scale and inflate kappa
   when e.g. no grade-9 leaf is in the split); reports and the README say so;
-- `grade_qwk` is None when kappa is undefined, i.e. when the true and the predicted grades all fall
-  on one and the same scale level (expected disagreement is zero); a bootstrap resample where it is
-  undefined is left out of the interval;
+- `grade_qwk` is None when kappa is undefined: the true grades all fall on one scale level (kappa is
+  then 0 by construction, whatever the model predicts) or expected disagreement is zero; a bootstrap
+  resample where it is undefined is left out of the interval;
 - every value is a plain Python int/float/str/list/dict/None, so `json.dumps(..., allow_nan=False)` works.
 """
 
@@ -78,8 +78,8 @@ def _qwk(true_idx: np.ndarray, pred_idx: np.ndarray, k: int) -> float | None:
     hist_t = np.bincount(true_idx, minlength=k)
     hist_p = np.bincount(pred_idx, minlength=k)
     weights = (np.arange(k)[:, None] - np.arange(k)[None, :]) ** 2
-    if float((weights * np.outer(hist_t, hist_p)).sum()) == 0.0:
-        return None  # sklearn would warn and return NaN
+    if np.count_nonzero(hist_t) < 2 or float((weights * np.outer(hist_t, hist_p)).sum()) == 0.0:
+        return None  # one true level: nothing to agree on (sklearn returns 0, or warns and returns NaN)
     return float(cohen_kappa_score(true_idx, pred_idx, labels=np.arange(k), weights="quadratic"))
 
 
@@ -126,7 +126,8 @@ def _bootstrap(
     num = (w * gcm).sum(axis=(1, 2))
     den = (w * expected).sum(axis=(1, 2))
     ratio = np.divide(num, den, out=np.zeros(den.shape), where=den > 0)
-    out["grade_qwk"] = np.where(den > 0, 1.0 - ratio, np.nan)  # undefined resamples are left out
+    defined = (den > 0) & (np.count_nonzero(gcm.sum(axis=2), axis=1) >= 2)  # >= 2 true levels
+    out["grade_qwk"] = np.where(defined, 1.0 - ratio, np.nan)  # undefined resamples are left out
     return {name: _percentile_ci(out[name]) for name in CI_METRICS}
 
 

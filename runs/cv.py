@@ -189,6 +189,7 @@ def write_summary(out: Path, runs: Sequence[tuple[int | None, int]]) -> dict[str
     """cv.json, cv.md and cv_confusion.png in `out` from its runs' cv_result.json and config.json.
 
     Runs without a fold (`cornpipe train --seeds`) are summarised across seeds: each seed is a "fold"."""
+    from cornpipe.runs.breakdown import cv_section
     from cornpipe.runs.plots import plot_confusion
 
     rows = []
@@ -215,7 +216,7 @@ def write_summary(out: Path, runs: Sequence[tuple[int | None, int]]) -> dict[str
     else:
         plot_confusion(summary["pooled_confusion"], positions, out / CV_CONFUSION,
                        "out-of-fold confusion, every sample once")
-    (out / CV_MD).write_text(format_summary(summary))
+    (out / CV_MD).write_text(format_summary(summary) + cv_section(out, oof["file"], config))
     return summary
 
 

@@ -1,11 +1,17 @@
-"""The run report, written like the team's training logs: each epoch against the previous one.
+"""The run report, written for the pathologist who reads it first: what best.pt holds, then where it fails.
 
-`write_report(run_dir)` reads `metrics.jsonl` (one JSON object per epoch, written by train.py) and
-`config.json` when present, and writes `report.md`, `curves.png` and `confusion_matrix.png`.
+`write_report(run_dir)` reads `metrics.jsonl` (one JSON object per epoch, written by train.py),
+`config.json` and `val_predictions.csv` when present, and writes `report.md`, `curves.png`,
+`confusion_matrix.png` and `grade_confusion.png`. report.md opens with the best epoch and its 95 %
+intervals in one sentence; the breakdown by source and stage comes from the per-sample predictions
+(runs/breakdown.py); the latest epoch against the one before comes last.
 `format_epoch_table(record, previous)` is the table the trainer prints after each epoch.
 
 Change % is (current - previous) / |previous| * 100, shown with an arrow (▲ up, ▼ down) and
 whether that direction is better or worse for the metric; n/a when the previous value is 0 or absent.
+In report.md a validation change is shown only when it exceeds half the width of the metric's 95 %
+interval ("within noise" otherwise; "not judged" without an interval), and the automatic advice
+("possible overfitting", "learning rate may be too high") needs macro-F1 or accuracy to move that far.
 The best epoch is the last record marked `"best": true`; failing that, the highest `"monitor"`
 value (lowest when config.json says `monitor_mode: "min"`); failing that, the highest val macro-F1.
 """
@@ -20,6 +26,14 @@ from typing import Any
 from rich.table import Table
 
 from cornpipe.errors import OutputError, ReportError
+from cornpipe.runs.assessment import assess, change_pct, half_width
+from cornpipe.runs.breakdown import (
+    confusion_table,
+    join_manifest,
+    md_table,
+    predictions_section,
+    read_predictions,
+)
 from cornpipe.runs.plots import plot_confusion, plot_curves
 from cornpipe.shards.atomic import check_can_create
 
@@ -28,6 +42,7 @@ CONFIG_FILE = "config.json"
 REPORT_FILE = "report.md"
 CURVES_FILE = "curves.png"
 CONFUSION_FILE = "confusion_matrix.png"
+GRADE_CONFUSION_FILE = "grade_confusion.png"
 
 # (key, label, higher is better) in table order
 TABLE_METRICS: tuple[tuple[str, str, bool], ...] = (
@@ -46,7 +61,9 @@ TABLE_METRICS: tuple[tuple[str, str, bool], ...] = (
 QWK_NOTE = ("Grade QWK weighs disagreements on the full declared grade scale, levels absent from this split "
             "included (scikit-learn's default would use only the levels present, shrinking the distances "
             "and flattering kappa when, say, no grade-9 leaf is in the validation split).")
-WIDE_CI = 0.20  # a 95% CI of position accuracy wider than this: the val set is too small to tell
+HEADLINE_METRICS = (("position_accuracy", "position accuracy"), ("position_macro_f1", "position macro-F1"),
+                    ("grade_mae", "grade MAE"), ("grade_qwk", "grade QWK"))
+UNDEFINED = {"grade_qwk": "undefined (one true grade level only)"}  # why compute_metrics returns None
 CONFIG_SUMMARY_KEYS = ("model", "grade_head", "loader", "epochs", "batch_size", "image_size", "lr",
                        "optimizer", "oversample", "loss_weights", "device", "amp", "monitor", "seed")
 
@@ -106,12 +123,6 @@ def config_get(config: dict[str, Any], *names: str) -> Any:
     return None
 
 
-def change_pct(current: float | None, previous: float | None) -> float | None:
-    if current is None or previous is None or previous == 0:
-        return None
-    return (current - previous) / abs(previous) * 100.0
-
-
 def format_change(current: float | None, previous: float | None, higher_is_better: bool) -> str:
     pct = change_pct(current, previous)
     if pct is None:
@@ -132,6 +143,41 @@ def format_value(key: str, value: Any) -> str:
 
 def format_ci(ci: Sequence[float] | None) -> str:
     return "—" if not ci else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def format_noise_change(current: float | None, previous: float | None, higher_is_better: bool,
+                        ci: Sequence[float] | None) -> str:
+    """The change only when it exceeds the half-width of the current 95% interval; else "within noise"."""
+    if current is None or previous is None:
+        return "n/a"
+    half = half_width(ci)
+    if half is None:
+        return "not judged (no interval)"
+    if abs(current - previous) <= half + 1e-9:  # float noise: 0.8 - 0.6 > 0.2
+        return f"within noise (±{half:.3f})"
+    return format_change(current, previous, higher_is_better)
+
+
+def plain_metric(key: str, split: dict[str, Any]) -> str:
+    """`0.910 [0.860, 0.950]`; "undefined (why)" for a metric the split cannot define."""
+    value = split.get(key)
+    if value is None:
+        return UNDEFINED.get(key, "not recorded")
+    ci = (split.get("ci") or {}).get(key)
+    return f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else " (no interval)")
+
+
+def headline(records: Sequence[dict[str, Any]], best: dict[str, Any] | None) -> str:
+    """The report's first sentence: the epoch best.pt holds and its validation numbers in plain words."""
+    last = records[-1]["epoch"]
+    shown = best if best is not None else records[-1]
+    val = shown.get("val") or {}
+    words = ", ".join(f"{label} {plain_metric(key, val)}" for key, label in HEADLINE_METRICS
+                      if key in val)
+    n = f" on {val['n_samples']} validation images" if val.get("n_samples") else ""
+    what = (f"Best epoch {shown['epoch']} of {last} (kept in best.pt)" if best is not None
+            else f"No best epoch recorded; latest epoch {shown['epoch']} of {last}")
+    return f"{what}: {words or 'no validation metrics recorded'}{n}. Brackets: 95 % bootstrap intervals."
 
 
 def _metric_rows(split: dict[str, Any]) -> list[tuple[str, str, bool]]:
@@ -211,95 +257,54 @@ def format_epoch_line(record: dict[str, Any], epochs: int) -> str:
     return line
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines
 
 
-def _split_table(split: dict[str, Any], prev: dict[str, Any] | None, with_ci: bool) -> list[str]:
-    header = ["metric", "current"] + (["95% CI"] if with_ci else []) + ["previous epoch", "change %"]
+
+def _best_table(split: dict[str, Any]) -> list[str]:
     ci = split.get("ci") or {}
+    rows = [[label, UNDEFINED.get(key, "—") if split.get(key) is None else format_value(key, split.get(key)),
+             format_ci(ci.get(key))] for key, label, _ in TABLE_METRICS if key in split]
+    return md_table(["metric", "value", "95 % interval"], rows)
+
+
+def _latest_table(train: dict[str, Any], val: dict[str, Any], prev: dict[str, Any] | None) -> list[str]:
+    """metric | train | validation | its 95% interval | validation previous epoch | change judged on noise."""
+    ci = val.get("ci") or {}
     rows = []
-    for key, label, higher in _metric_rows(split):
-        before = (prev or {}).get(key)
-        row = [label, format_value(key, split.get(key))]
-        if with_ci:
-            row.append(format_ci(ci.get(key)))
-        row += [format_value(key, before) if prev else "—", format_change(split.get(key), before, higher)]
-        rows.append(row)
-    return _md_table(header, rows)
+    for key, label, higher in TABLE_METRICS:
+        if train.get(key) is None and key not in val:
+            continue
+        shown = UNDEFINED.get(key, "—") if val.get(key) is None and key in val else format_value(key, val.get(key))
+        rows.append([label, format_value(key, train.get(key)), shown, format_ci(ci.get(key)),
+                     format_value(key, prev.get(key)) if prev else "—",
+                     format_noise_change(val.get(key), prev.get(key), higher, ci.get(key)) if prev else "n/a"])
+    return md_table(["metric", "train", "validation", "95 % interval", "validation, previous epoch",
+                      "change (validation)"], rows)
 
 
-def _confusion_table(confusion: Sequence[Sequence[int]], names: Sequence[str]) -> list[str]:
-    rows = [[f"**{names[i]}**", *(str(c) for c in row), str(sum(row))] for i, row in enumerate(confusion)]
-    return _md_table(["true \\ predicted", *names, "total"], rows)
+def _predictions_lines(run_dir: Path, config: dict[str, Any], best: dict[str, Any] | None) -> list[str]:
+    """Grade confusion and breakdown from RUN/val_predictions.csv (best.pt's epoch), joined with the manifest."""
+    from cornpipe.runs.run_dir import PREDICTIONS_FILE  # run_dir imports this module
 
-
-def assess(records: Sequence[dict[str, Any]], best: dict[str, Any] | None) -> list[str]:
-    """Plain-language findings for the latest epoch, warnings first."""
-    last = records[-1]
-    train, val = last.get("train") or {}, last.get("val") or {}
-    notes: list[str] = []
-    for split_name, split in (("validation", val), ("training", train)):
-        never = split.get("never_predicted") or []
-        if never:
-            notes.append(
-                f"**WARNING: position class(es) {', '.join(f'`{n}`' for n in never)} never predicted on "
-                f"{split_name} in epoch {last['epoch']}.** The model ignores them: oversample rare classes "
-                "(`--oversample balanced`) and watch their recall below.")
-    if len(records) >= 2:
-        prev = records[-2]
-        dt = change_pct(train.get("loss"), (prev.get("train") or {}).get("loss"))
-        dv = change_pct(val.get("loss"), (prev.get("val") or {}).get("loss"))
-        if dt is not None and dv is not None:
-            if dt < 0 and dv > 0:
-                notes.append(f"Possible overfitting: train loss fell {-dt:.1f}% while validation loss rose "
-                             f"{dv:.1f}% since epoch {prev['epoch']}.")
-            elif dt < 0 and dv < 0:
-                notes.append(f"Improving: train loss fell {-dt:.1f}% and validation loss fell {-dv:.1f}% "
-                             f"since epoch {prev['epoch']}.")
-            elif dt > 0:
-                notes.append(f"Train loss rose {dt:.1f}% since epoch {prev['epoch']}: the learning rate may be "
-                             "too high or training unstable.")
-        rising = 0
-        for a, b in zip(records[-2::-1], records[::-1], strict=False):  # walk back from the latest
-            va, vb = (a.get("val") or {}).get("loss"), (b.get("val") or {}).get("loss")
-            ta, tb = (a.get("train") or {}).get("loss"), (b.get("train") or {}).get("loss")
-            if None in (va, vb, ta, tb) or not (vb > va and tb < ta):
-                break
-            rising += 1
-        if rising >= 2:
-            if best is None:  # no monitor recorded: nothing to restore
-                advice = "."
-            elif best["epoch"] == last["epoch"]:  # restoring "the best" would change nothing
-                advice = f", yet the monitored metric still improved: epoch {last['epoch']} is the best so far."
-            else:
-                advice = f"; early stopping should restore the best checkpoint (epoch {best['epoch']})."
-            notes.append(f"**Overfitting:** validation loss has risen for {rising} epochs in a row while train "
-                         f"loss kept falling{advice}")
-    ci = (val.get("ci") or {}).get("position_accuracy")
-    n = val.get("n_samples")
-    size = f" ({n} images)" if n else ""
-    if ci:
-        width = ci[1] - ci[0]
-        if width > WIDE_CI:
-            notes.append(f"Validation set too small to tell{size}: the 95% CI of position accuracy is "
-                         f"[{ci[0]:.2f}, {ci[1]:.2f}], {width * 100:.0f} points wide; epoch-to-epoch changes "
-                         "smaller than that are noise.")
-    elif val:
-        notes.append(f"No confidence intervals recorded{size} (bootstrap off): treat small changes as noise.")
-    if val and "grade_qwk" in val and val["grade_qwk"] is None:
-        notes.append("Grade QWK is undefined this epoch: every true and predicted grade falls on one scale level.")
-    if best is not None and best["epoch"] != last["epoch"]:
-        notes.append(f"The best epoch so far is {best['epoch']}, {last['epoch'] - best['epoch']} epoch(s) "
-                     "before the latest.")
-    return notes or ["Nothing unusual: no class is ignored and the losses move together."]
+    path = run_dir / PREDICTIONS_FILE
+    if not path.is_file():
+        return [f"No {PREDICTIONS_FILE} yet (written when training ends): the grade confusion and the breakdown "
+                "by source and stage need the per-sample predictions.", ""]
+    rows = join_manifest(read_predictions(path), config_get(config, "shards"))
+    if not rows:
+        return [f"{PREDICTIONS_FILE} holds no samples.", ""]
+    scale = config_get(config, "grade_scale")
+    what = f"validation, epoch {best['epoch']} (best.pt)" if best is not None else "validation, best.pt"
+    return predictions_section(rows, scale if isinstance(scale, list) else None, run_dir / GRADE_CONFUSION_FILE,
+                               what)
 
 
 def write_report(run_dir: Path | str) -> Path:
-    """Write report.md, curves.png and confusion_matrix.png into `run_dir`; returns report.md's path.
-    A run folder that takes no writes (read-only) is one ReportError line."""
+    """Write report.md, curves.png and the confusion PNGs into `run_dir`; returns report.md's path.
+    A run folder that takes no writes (read-only) is one ReportError line.
+
+    Order: what best.pt holds, in plain words; its tables and confusion matrices; where it fails (by source,
+    stage, grade); then the latest epoch against the one before, changes judged against the intervals."""
     run_dir = Path(run_dir)
     try:
         check_can_create(run_dir / REPORT_FILE)
@@ -322,11 +327,11 @@ def _write_report(run_dir: Path) -> Path:
     shown = best if best is not None and (best.get("val") or {}).get("confusion") else last
     confusion = (shown.get("val") or {}).get("confusion")
     if confusion:
-        label = "best" if shown is best else "latest"
+        label = "best, kept in best.pt" if shown is best else "latest"
         plot_confusion(confusion, names, run_dir / CONFUSION_FILE,
                        f"Position confusion, validation, epoch {shown['epoch']} ({label})")
 
-    lines = [f"# Training report: {run_dir.name}", ""]
+    lines = [f"# Training report: {run_dir.name}", "", headline(records, best), ""]
     summary = [(k, config_get(config, k)) for k in CONFIG_SUMMARY_KEYS]
     summary = [(k, v) for k, v in summary if v is not None]
     if summary:
@@ -334,48 +339,43 @@ def _write_report(run_dir: Path) -> Path:
     for change in config_get(config, "shard_changes") or []:  # --resume --allow-new-shards
         lines += [f"**Resumed after epoch {change.get('at_epoch')} on another shard set** "
                   f"({change.get('summary')}): epochs before and after are not comparable.", ""]
-    tolerance = config_get(config, "tolerance", "grade_tolerance")
-    lines += [f"Epochs recorded: {len(records)}. Latest epoch: {last['epoch']}"
-              + (f", lr {last['lr']:.3g}" if isinstance(last.get("lr"), (int, float)) else "")
-              + (f", {last['time_s']:.1f} s" if isinstance(last.get("time_s"), (int, float)) else "") + "."
-              + (f" Grade tolerance ±{tolerance}." if tolerance is not None else ""), ""]
-
-    lines += ["## Assessment", "", *(f"- {note}" for note in assess(records, best)), ""]
-    for title, key, with_ci in (("Train", "train", False), ("Validation", "val", True)):
-        split = last.get(key) or {}
-        if not split:
-            continue
-        lines += [f"## {title}, epoch {last['epoch']}" + (f" vs epoch {prev['epoch']}" if prev else ""), ""]
-        lines += _split_table(split, (prev or {}).get(key) if prev else None, with_ci) + [""]
-    if "grade_qwk" in (last.get("val") or {}):
-        lines += [QWK_NOTE, ""]
-
-    val, train = last.get("val") or {}, last.get("train") or {}
-    prev_recall = ((prev or {}).get("val") or {}).get("position_recall") or {}
-    if val.get("position_recall"):
-        rows = [[name, format_value("r", train.get("position_recall", {}).get(name)),
-                 format_value("r", val["position_recall"].get(name)),
-                 format_value("r", prev_recall.get(name)) if prev else "—",
-                 format_change(val["position_recall"].get(name), prev_recall.get(name), True)]
-                for name in names]
-        lines += ["## Per-class recall", ""]
-        lines += _md_table(["class", "train", "val", "val previous epoch", "change %"], rows) + [""]
-    if val.get("confusion"):
-        lines += [f"## Position confusion matrix, validation, epoch {last['epoch']}", ""]
-        lines += _confusion_table(val["confusion"], names) + [""]
 
     if best is not None:
         how = "marked best by the trainer" if best.get("best") else "highest monitored value"
         monitor = f", monitor {best['monitor']:.4f}" if isinstance(best.get("monitor"), (int, float)) else ""
-        lines += [f"## Best epoch: {best['epoch']} ({how}{monitor})", ""]
-        i = next(j for j, r in enumerate(records) if r is best)
-        before = (records[i - 1].get("val") or {}) if i > 0 else None
-        lines += _split_table(best.get("val") or {}, before, True) + [""]
-        if best is not last and (best.get("val") or {}).get("confusion"):
-            lines += _confusion_table(best["val"]["confusion"], names) + [""]
-    lines += ["## Plots", "", f"![curves]({CURVES_FILE})", ""]
+        lines += [f"## Best epoch: {best['epoch']} ({how}{monitor}; kept in best.pt)", ""]
+        lines += _best_table(best.get("val") or {}) + [""]
     if confusion:
+        lines += [f"### Position confusion, validation, epoch {shown['epoch']}", ""]
+        lines += confusion_table(confusion, names, "position") + [""]
         lines += [f"![position confusion matrix, epoch {shown['epoch']}]({CONFUSION_FILE})", ""]
+    lines += _predictions_lines(run_dir, config, best)
+
+    lines += ["## Assessment", "", *(f"- {note}" for note in assess(records, best)), ""]
+    tolerance = config_get(config, "tolerance", "grade_tolerance")
+    lines += [f"## Latest epoch: {last['epoch']}" + (f" against epoch {prev['epoch']}" if prev else ""), "",
+              f"Epochs recorded: {len(records)}"
+              + (f"; lr {last['lr']:.3g}" if isinstance(last.get("lr"), (int, float)) else "")
+              + (f", {last['time_s']:.1f} s" if isinstance(last.get("time_s"), (int, float)) else "") + "."
+              + (f" Grade tolerance ±{tolerance}." if tolerance is not None else "")
+              + " A validation change is shown only when it exceeds half the width of the 95 % interval.", ""]
+    val, train = last.get("val") or {}, last.get("train") or {}
+    if val or train:
+        lines += _latest_table(train, val, ((prev or {}).get("val") or {}) if prev else None) + [""]
+    if "grade_qwk" in val:
+        lines += [QWK_NOTE, ""]
+
+    prev_recall = ((prev or {}).get("val") or {}).get("position_recall") or {}
+    if val.get("position_recall"):
+        rows = [[name, format_value("r", train.get("position_recall", {}).get(name)),
+                 format_value("r", val["position_recall"].get(name)),
+                 format_value("r", prev_recall.get(name)) if prev else "—"] for name in names]
+        lines += [f"### Per-class recall, epoch {last['epoch']}", ""]
+        lines += md_table(["class", "train", "validation", "validation, previous epoch"], rows) + [""]
+    if val.get("confusion") and last is not shown:
+        lines += [f"### Position confusion, validation, epoch {last['epoch']} (latest)", ""]
+        lines += confusion_table(val["confusion"], names, "position") + [""]
+    lines += ["## Curves", "", f"![curves]({CURVES_FILE})", ""]
     path = run_dir / REPORT_FILE
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines), encoding="utf-8")
