@@ -7,6 +7,7 @@ its traceback.
 
     cli/data.py    synth, convert, inspect, verify       (over cornpipe.shards)
     cli/runs.py    train, report, predict, models         (over cornpipe.train, .runs, .predict, .models)
+    cli/evaluate.py evaluate                             (over cornpipe.runs.model_eval)
     cli/bench.py   bench loaders, bench train             (over cornpipe.bench; nothing else imports it)
     cli/handler.py the command classes: CornpipeError -> `Error: <cause>`
 """
@@ -29,10 +30,11 @@ def cli() -> None:
 def _register() -> None:
     from cornpipe.cli.bench import bench
     from cornpipe.cli.data import convert, inspect_command, synth, verify
+    from cornpipe.cli.evaluate import evaluate_command
     from cornpipe.cli.runs import cv_command, models_command, predict_command, report_command, train_command
 
     for command in (synth, convert, inspect_command, verify, train_command, cv_command, report_command,
-                    predict_command, models_command, bench):
+                    predict_command, evaluate_command, models_command, bench):
         cli.add_command(command)
 
 
