@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -23,7 +24,7 @@ from torch import nn
 from cornpipe.loaders.base import IMAGENET, Normalization
 from cornpipe.models import create_model, input_stats
 from cornpipe.models.losses import MultiTaskLoss
-from cornpipe.runs.checkpoint import inference_weights
+from cornpipe.runs.checkpoint import BEST, inference_weights
 from cornpipe.runs.config import TrainConfig, resolve_runtime
 from cornpipe.runs.folds import fold_ids
 
@@ -142,3 +143,8 @@ def run_from_checkpoint(state: Mapping[str, Any], source: str, *, samples: Seque
     return build_run(cfg, data["positions"], data["grade_scale"],
                      fold=None if samples is None else run_fold(cfg, samples),
                      weights=inference_weights(state), normalization=saved_normalization(data))
+
+
+def model_checkpoint(model: Path) -> Path:
+    """MODEL as evaluate, predict and load_model take it: a run folder (its best.pt) or a checkpoint file."""
+    return model / BEST if model.is_dir() else model

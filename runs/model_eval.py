@@ -22,8 +22,8 @@ from rich.progress import Progress
 
 from cornpipe.errors import ConfigError, OutputError
 from cornpipe.loaders import make_loader
-from cornpipe.runs.build import run_from_checkpoint
-from cornpipe.runs.checkpoint import BEST, load_checkpoint
+from cornpipe.runs.build import model_checkpoint, run_from_checkpoint
+from cornpipe.runs.checkpoint import load_checkpoint
 from cornpipe.runs.epoch_metrics import summarize
 from cornpipe.runs.evaluation import evaluate, prediction_tensors, write_prediction_rows
 from cornpipe.runs.report import CONFUSION_FILE, REPORT_FILE, TABLE_METRICS, format_ci, format_value
@@ -31,11 +31,6 @@ from cornpipe.shards.shard_set import ShardSet
 
 EVAL_METRICS_FILE = "metrics.json"
 EVAL_PREDICTIONS_FILE = "predictions.csv"
-
-
-def checkpoint_of(model: Path) -> Path:
-    """MODEL as `cornpipe evaluate`/`predict`/`load_model` take it: a run folder (its best.pt) or a checkpoint."""
-    return model / BEST if model.is_dir() else model
 
 
 def _check_out(out: Path, inputs: Sequence[Path]) -> None:
@@ -66,7 +61,7 @@ def evaluate_model(model: Path, shards: Path, out: Path, *, split: str | None = 
     """Evaluate MODEL (a run folder or a checkpoint) on every sample of `shards` (or one `split`) into the
     folder `out`; returns what metrics.json holds. `overrides`: TrainConfig fields (device, batch_size,
     loader, workers, bootstrap, amp)."""
-    checkpoint = checkpoint_of(model)
+    checkpoint = model_checkpoint(model)
     _check_out(out, [model, checkpoint, shards])
     state = load_checkpoint(checkpoint)
     shard_set = ShardSet(shards)
