@@ -69,7 +69,7 @@ def evaluate_model(model: Path, shards: Path, out: Path, *, split: str | None = 
     samples = shard_set.manifest["samples"]
     own = Path(state["config"].get("shards") or "").resolve() == shards.resolve()
     run = run_from_checkpoint(state, str(checkpoint), compile=False, max_batches=0,
-                              **{"amp": "auto", "channels_last": None, **overrides},
+                              **{"device": "auto", "amp": "auto", "channels_last": None, **overrides},
                               samples=samples if own and split == "val" else None)  # a CV run's own val fold
     if split is None:  # every sample, whichever split convert put it in
         request = dict(run.loader_fields(), oversample="none", shuffle=False,
