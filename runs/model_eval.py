@@ -59,8 +59,9 @@ def check_compatible(data: dict[str, Any], shard_set: ShardSet, source: str) -> 
 def evaluate_model(model: Path, shards: Path, out: Path, *, split: str | None = None,
                    **overrides: Any) -> dict[str, Any]:
     """Evaluate MODEL (a run folder or a checkpoint) on every sample of `shards` (or one `split`) into the
-    folder `out`; returns what metrics.json holds. `overrides`: TrainConfig fields (device, batch_size,
-    loader, workers, bootstrap, amp)."""
+    folder `out`; returns what metrics.json holds. `overrides`: TrainConfig fields (batch_size, loader,
+    workers, bootstrap, tolerance; device and amp: this machine's "auto" unless given); the rest is the run's.
+    `split` "val" on the run's own shard set is a CV run's val fold, as its validation was."""
     checkpoint = model_checkpoint(model)
     _check_out(out, [model, checkpoint, shards])
     state = load_checkpoint(checkpoint)
@@ -116,6 +117,9 @@ def write_eval_report(out: Path, record: dict[str, Any], positions: list[str]) -
              "| metric | value | 95% CI |", "|---|---|---|"]
     lines += [f"| {label} | {format_value(key, metrics[key])} | {format_ci(ci.get(key))} |"
               for key, label, _ in TABLE_METRICS if metrics.get(key) is not None]
+    never = metrics.get("never_predicted") or []
+    if never:
+        lines += ["", f"**WARNING: position class(es) {', '.join(never)} never predicted.**"]
     confusion = metrics.get("confusion")
     if confusion:
         lines += ["", "## Position confusion matrix", "", "| true \\ predicted | " + " | ".join(positions)

@@ -69,6 +69,17 @@ def test_every_sample_by_default_from_a_checkpoint(run: Path, tiny_shards: Path,
     assert got["split"] == "all" and got["metrics"]["n_samples"] == len(rows)
 
 
+def test_train_split(run: Path, tiny_shards: Path, tmp_path: Path) -> None:
+    result = cli_run("evaluate", run, tiny_shards, "--split", "train", "--out", tmp_path / "ev", "--device", "cpu",
+                     "--bootstrap", "0")
+    assert result.exit_code == 0, result.output
+    rows = read_csv(tmp_path / "ev" / "predictions.csv")
+    manifest = json.loads((tiny_shards / "manifest.json").read_text())
+    assert len(rows) == manifest["splits"]["train"]["count"] and {r["split"] for r in rows} == {"train"}
+    got = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert got["bootstrap"] == 0 and not got["metrics"].get("ci")
+
+
 @pytest.mark.parametrize("change, words", [
     ({"positions": ["lower", "middle", "top"]}, "has position classes lower,middle,top, the model"),
     ({"grade_scale": [0.0, 1.0, 2.0, 3.0, 4.0]}, "has grade scale 0,1,2,3,4, the model"),
