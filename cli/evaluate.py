@@ -1,11 +1,12 @@
 """`cornpipe evaluate MODEL SHARDS --out DIR`: a trained model's validation metrics on a labelled shard set.
 
 The click edge over cornpipe.runs.model_eval. Its run options (--batch-size, --loader, --device, ...) are
-`cornpipe train`'s own option objects, so their help and defaults are written once.
+copies of `cornpipe train`'s, saying what evaluate defaults to: the run's own setting, or this machine's.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,17 @@ import click
 from cornpipe.cli.handler import CornpipeCommand
 from cornpipe.cli.runs import train_command
 
-SHARED_OPTIONS = ("batch_size", "loader", "workers", "device", "amp", "bootstrap", "tolerance")
+# train's option -> evaluate's default (None: the value the run was trained with)
+SHARED_OPTIONS = {"batch_size": None, "loader": None, "workers": None, "device": "auto", "amp": "auto",
+                  "bootstrap": None, "tolerance": None}
+
+
+def _run_option(name: str, default: str | None) -> click.Parameter:
+    """`cornpipe train`'s option `name` (same flag, type and words) with the default evaluate applies."""
+    option = copy.copy(next(p for p in train_command.params if p.name == name))
+    words = (option.help or "").split(" [default:")[0].split(" PER PROCESS")[0].strip().rstrip(".")
+    option.help = f"{words}.  [default: {default or 'as the run was trained'}]"
+    return option
 
 
 @click.command("evaluate", cls=CornpipeCommand)
@@ -38,4 +49,4 @@ def evaluate_command(model: str, shards: str, out: str, split: str | None, **fla
                f"{m['position_macro_f1']:.4f}, grade MAE {m['grade_mae']:.4f} -> {Path(out) / EVAL_METRICS_FILE}")
 
 
-evaluate_command.params += [p for p in train_command.params if p.name in SHARED_OPTIONS]
+evaluate_command.params += [_run_option(name, default) for name, default in SHARED_OPTIONS.items()]
