@@ -33,6 +33,7 @@ from cornpipe.errors import CornpipeError
 from cornpipe.loaders.augment import val_preprocess
 from cornpipe.loaders.base import AugmentConfig, Normalization
 from cornpipe.models.metrics import snap_to_scale
+from cornpipe.runs import evaluation
 from cornpipe.runs.build import Run, model_checkpoint, run_from_checkpoint
 from cornpipe.runs.checkpoint import load_checkpoint
 from cornpipe.shards.atomic import check_can_create
@@ -98,8 +99,10 @@ def _batches(files: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 
 def prediction_columns(positions: Sequence[str]) -> list[str]:
-    """A row's keys: predict's CSV header (the prediction columns of val_predictions.csv, plus path and error)."""
-    return ["path", "position_pred", *(f"prob_{p}" for p in positions), "grade_pred", "grade_pred_level", "error"]
+    """A row's keys, predict's CSV header: path, val_predictions.csv's predicted columns (its one naming), error."""
+    predicted = [c for c in evaluation.prediction_columns(positions)
+                 if c not in evaluation.SAMPLE_COLUMNS and not c.endswith("_true")]
+    return ["path", *predicted, "error"]
 
 
 class Model:

@@ -5,11 +5,11 @@ Commands parse options, build a config and call an importable function. A librar
 place, `cornpipe.cli.handler`, for every command and sub-command; anything else is a bug and keeps
 its traceback.
 
-    cli/data.py    synth, convert, inspect, verify       (over cornpipe.shards)
-    cli/runs.py    train, report, predict, models         (over cornpipe.train, .runs, .predict, .models)
-    cli/evaluate.py evaluate                             (over cornpipe.runs.model_eval)
-    cli/bench.py   bench loaders, bench train             (over cornpipe.bench; nothing else imports it)
-    cli/handler.py the command classes: CornpipeError -> `Error: <cause>`
+    cli/data.py     synth, convert, inspect, verify       (over cornpipe.shards)
+    cli/runs.py     train, report, predict, models         (over cornpipe.train, .runs, .predict, .models)
+    cli/evaluate.py evaluate                               (over cornpipe.runs.model_eval)
+    cli/bench.py    bench loaders, bench train             (over cornpipe.bench; nothing else imports it)
+    cli/handler.py  the command classes: CornpipeError -> `Error: <cause>`
 """
 
 from __future__ import annotations

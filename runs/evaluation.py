@@ -12,6 +12,9 @@ rank 0 writes them to RUN/val_predictions.csv, one row per validated sample:
     grade_true, grade_pred                   grade units; grade_pred is the head's output (MAE uses it)
     grade_pred_level                         grade_pred snapped to the nearest scale level (QWK uses it)
 
+The predicted columns are named once, here: `cornpipe predict` (and load_model's rows) and `cornpipe
+evaluate`'s predictions.csv use them too (README, "Prediction files").
+
 Floats are written as float32's shortest round-trip text, so metrics recomputed from the file agree
 with the run's logged best-epoch metrics (argmax exactly; means to float32 rounding).
 """
