@@ -33,15 +33,14 @@ EVAL_METRICS_FILE = "metrics.json"
 EVAL_PREDICTIONS_FILE = "predictions.csv"
 
 
-def _check_out(out: Path, inputs: Sequence[Path]) -> None:
-    """Refuse an --out that is one of the inputs (or inside the shard set): evaluate writes report.md and
-    metrics.json, names a run folder already uses."""
+def _check_out(out: Path, inputs: Sequence[Path], shards: Path) -> None:
+    """Refuse an --out that is one of the inputs (a run folder already holds a report.md) or inside the
+    shard set (its files are hashed by the manifest); a folder inside the run folder is fine."""
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file; give a folder to write")
     target = out.resolve()
-    for item in inputs:
-        given = item.resolve()
-        if target == given or (item.is_dir() and given in target.parents):
+    for item in [*inputs, shards]:
+        if target == item.resolve() or (item == shards and shards.resolve() in target.parents):
             raise OutputError(f"--out {out} is an input ({item}); give a new folder")
 
 
@@ -63,7 +62,7 @@ def evaluate_model(model: Path, shards: Path, out: Path, *, split: str | None = 
     workers, bootstrap, tolerance; device and amp: this machine's "auto" unless given); the rest is the run's.
     `split` "val" on the run's own shard set is a CV run's val fold, as its validation was."""
     checkpoint = model_checkpoint(model)
-    _check_out(out, [model, checkpoint, shards])
+    _check_out(out, [model, checkpoint], shards)
     state = load_checkpoint(checkpoint)
     shard_set = ShardSet(shards)
     check_compatible(state["data"], shard_set, str(model))

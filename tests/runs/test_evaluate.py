@@ -97,10 +97,10 @@ def test_a_shard_set_with_other_classes_or_scale_is_one_error_line(run: Path, ti
     assert not (tmp_path / "ev").exists()
 
 
-@pytest.mark.parametrize("which", ["run", "shards"])
+@pytest.mark.parametrize("which", ["run", "shards", "inside shards"])
 def test_out_that_is_an_input_is_refused(run: Path, tiny_shards: Path, which: str) -> None:
-    out = run if which == "run" else tiny_shards
+    out = {"run": run, "shards": tiny_shards, "inside shards": tiny_shards / "eval"}[which]
     before = (run / "report.md").read_text()
     result = cli_run("evaluate", run, tiny_shards, "--out", out, "--device", "cpu")
     assert result.exit_code == 1 and result.output.startswith(f"Error: --out {out} is an input")
-    assert (run / "report.md").read_text() == before
+    assert (run / "report.md").read_text() == before and not (tiny_shards / "eval").exists()
