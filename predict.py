@@ -1,13 +1,19 @@
-"""`cornpipe predict`: position and grade for new images, with a trained checkpoint.
+"""`cornpipe predict` and `cornpipe.load_model`: position and grade for new images, with a trained model.
+
+    from cornpipe import load_model
+    model = load_model("runs/r1")                  # a run folder (its best.pt) or a checkpoint file
+    rows = model.predict(["a.jpg", pil_image, array], tta=True)
 
 Each image goes through what a validation image went through: convert's decode (EXIF orientation,
 RGB repairs) and resize of the longest side to the shard set's max_resolution, its JPEG encoding at
 the same quality, then the loaders' validation transform (resize + centre crop to the run's image
 size, normalise). Optional TTA averages the prediction with the horizontally flipped image.
 
-CSV columns: path, position, p_<class>... (softmax), grade_raw (the model's output in scale
-units), grade (snapped to the nearest scale level), error (empty unless the image could not be
-read; then the prediction columns are empty). An unreadable image never stops the others.
+A row (a dict; `cornpipe predict` writes one CSV line of it per image) has the prediction columns of
+val_predictions.csv: path (None for an in-memory image), position_pred, prob_<class>... (softmax),
+grade_pred (the model's output in scale units), grade_pred_level (snapped to the nearest scale level),
+error (None unless the file could not be read; then the prediction columns are None). An unreadable
+file never stops the others.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,10 +33,20 @@ from cornpipe.errors import CornpipeError
 from cornpipe.loaders.augment import val_preprocess
 from cornpipe.loaders.base import AugmentConfig, Normalization
 from cornpipe.models.metrics import snap_to_scale
-from cornpipe.runs.build import run_from_checkpoint
+from cornpipe.runs import evaluation
+from cornpipe.runs.build import Run, model_checkpoint, run_from_checkpoint
 from cornpipe.runs.checkpoint import load_checkpoint
 from cornpipe.shards.atomic import check_can_create, check_not_an_input, check_own_file, write_atomically
-from cornpipe.shards.imageio import IMAGE_EXTENSIONS, ImageRejected, encode_jpeg, prepare_image
+from cornpipe.shards.imageio import (
+    IMAGE_EXTENSIONS,
+    ImageRejected,
+    encode_jpeg,
+    prepare_image,
+    resize_longest,
+    upright_rgb,
+)
+
+ImageInput = str | Path | Image.Image | np.ndarray  # a file, a PIL image, or HxWx3 uint8 RGB pixels
 
 
 @dataclass(frozen=True)
@@ -54,29 +71,124 @@ def image_files(inputs: Sequence[Path]) -> list[Path]:
 def load_for_inference(path: Path, convert_params: dict, image_size: int, norm: Normalization) -> torch.Tensor:
     """One image file -> (3, S, S) float32, normalised as in training; ImageRejected/OSError when unreadable."""
     prepared = prepare_image(path.read_bytes(), max_resolution=int(convert_params["max_resolution"]))
-    jpeg = encode_jpeg(prepared.pixels, int(convert_params["jpeg_quality"]))  # what the shards hold
+    return _as_stored(prepared.pixels, convert_params, image_size, norm)
+
+
+def pixels_for_inference(image: Image.Image | np.ndarray, convert_params: dict, image_size: int,
+                         norm: Normalization) -> torch.Tensor:
+    """An in-memory PIL image or HxWx3 uint8 array -> what load_for_inference gives for its file."""
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise CornpipeError(f"an image array must be HxWx3 uint8 RGB (got shape {image.shape}, {image.dtype})")
+        image = Image.fromarray(image, "RGB")
+    else:
+        image = upright_rgb(image)
+    resized = resize_longest(image, int(convert_params["max_resolution"]))
+    return _as_stored(np.ascontiguousarray(np.asarray(resized, dtype=np.uint8)), convert_params, image_size, norm)
+
+
+def _as_stored(pixels: np.ndarray, convert_params: dict, image_size: int, norm: Normalization) -> torch.Tensor:
+    jpeg = encode_jpeg(pixels, int(convert_params["jpeg_quality"]))  # what the shards hold
     with Image.open(io.BytesIO(jpeg)) as image:
         return val_preprocess(image.convert("RGB"), image_size, AugmentConfig().val_crop_fraction, norm)
 
 
-def _batches(files: list[Path], size: int) -> Iterator[list[Path]]:
+def _batches(files: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for i in range(0, len(files), size):
         yield files[i:i + size]
 
 
+def prediction_columns(positions: Sequence[str]) -> list[str]:
+    """A row's keys, predict's CSV header: path, val_predictions.csv's predicted columns (its one naming), error."""
+    predicted = [c for c in evaluation.prediction_columns(positions)
+                 if c not in evaluation.SAMPLE_COLUMNS and not c.endswith("_true")]
+    return ["path", *predicted, "error"]
+
+
+class Model:
+    """A trained model ready to predict (load_model). `tta`, `batch_size`: predict()'s defaults."""
+
+    def __init__(self, run: Run, convert_params: dict, *, source: str, tta: bool = False,
+                 batch_size: int = 64) -> None:
+        self.run, self.convert_params, self.source = run, convert_params, source
+        self.tta, self.batch_size = tta, batch_size
+        self.model = run.model.eval()
+        self.positions, self.grade_scale = list(run.positions), list(run.grade_scale)
+        self.columns = prediction_columns(self.positions)
+
+    def __repr__(self) -> str:
+        return f"Model({self.source!r}, positions={self.positions}, grade_scale={self.grade_scale})"
+
+    def predict(self, images: ImageInput | Sequence[ImageInput], *, tta: bool | None = None,
+                batch_size: int | None = None) -> list[dict[str, Any]]:
+        """One row per image, in order (see the module docstring); one image alone gives a list of one row."""
+        if isinstance(images, (str, Path, Image.Image, np.ndarray)):
+            images = [images]
+        tta = self.tta if tta is None else tta
+        rows: list[dict[str, Any]] = []
+        for chunk in _batches(list(images), batch_size or self.batch_size):
+            rows += self._predict_batch(chunk, tta)
+        return rows
+
+    def _predict_batch(self, chunk: Sequence[ImageInput], tta: bool) -> list[dict[str, Any]]:
+        cfg, params = self.run.cfg, self.convert_params
+        tensors, errors = [], {}
+        for i, image in enumerate(chunk):
+            try:
+                if isinstance(image, (str, Path)):
+                    tensors.append(load_for_inference(Path(image), params, cfg.image_size, self.run.normalization))
+                else:
+                    tensors.append(pixels_for_inference(image, params, cfg.image_size, self.run.normalization))
+            except (ImageRejected, OSError) as exc:
+                errors[i] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if tensors:
+            batch = torch.stack(tensors).to(self.run.device)  # (B, 3, S, S)
+            if cfg.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            prob, grade = _infer(self.model, batch, tta, self.run.amp_dtype)
+            levels = snap_to_scale(grade, self.grade_scale)
+        rows, k = [], 0
+        for i, image in enumerate(chunk):  # input order
+            path = str(image) if isinstance(image, (str, Path)) else None
+            if i in errors:
+                rows.append({**dict.fromkeys(self.columns), "path": path, "error": errors[i]})
+                continue
+            row = {"path": path, "position_pred": self.positions[int(prob[k].argmax())]}
+            row.update({f"prob_{name}": float(p) for name, p in zip(self.positions, prob[k], strict=True)})
+            row.update(grade_pred=float(grade[k]), grade_pred_level=float(levels[k]), error=None)
+            rows.append(row)
+            k += 1
+        return rows
+
+
+def load_model(model: Path | str, *, device: str = "auto", tta: bool = False, batch_size: int = 64) -> Model:
+    """A run folder (its best.pt) or a checkpoint, ready to predict: its inference weights (the EMA's when
+    kept), normalisation and the shard set's decode settings. `tta`, `batch_size`: predict()'s defaults."""
+    checkpoint = model_checkpoint(Path(model))
+    state = load_checkpoint(checkpoint, purpose="predict")
+    run = run_from_checkpoint(state, str(checkpoint), device=device, amp="auto", compile=False, channels_last=None)
+    return Model(run, state["data"]["convert"], source=str(model), tta=tta, batch_size=batch_size)
+
+
+def _csv_text(key: str, value: Any) -> Any:
+    """A row's value as predict's CSV writes it, as val_predictions.csv does: floats as float32's shortest
+    round-trip text, a scale level as %g."""
+    if not isinstance(value, float):
+        return value
+    return f"{value:g}" if key == "grade_pred_level" else str(np.float32(value))
+
+
 def predict(checkpoint: Path, inputs: Sequence[Path], out: Path, *, tta: bool = False, device: str = "auto",
             batch_size: int = 64) -> PredictSummary:
-    """Write predictions for `inputs` (files and/or folders) to the CSV `out`."""
+    """Write predictions for `inputs` (files and/or folders) to the CSV `out`; `checkpoint`: a checkpoint or
+    a run folder."""
     if out.is_dir():
         raise CornpipeError(f"--out {out} is a folder; give the CSV file to write")
     check_can_create(out)  # before the checkpoint and the model load
-    check_not_an_input([out], [checkpoint, *inputs])  # `--out run/best.pt` must not replace the checkpoint
-    check_own_file(out, b"path,position,", "a predictions CSV")
-    state = load_checkpoint(checkpoint, purpose="predict")
-    run = run_from_checkpoint(state, str(checkpoint), device=device, amp="auto", compile=False, channels_last=None)
-    cfg, data, dev, dtype = run.cfg, state["data"], run.device, run.amp_dtype
-    positions, grade_scale = list(run.positions), list(run.grade_scale)
-    model = run.model.eval()
+    # `--out run/best.pt` must not replace the checkpoint; a CSV is replaced only when predict wrote it
+    check_not_an_input([out], [model_checkpoint(Path(checkpoint)), *inputs])
+    check_own_file(out, b"path,position_pred,", "a predictions CSV")
+    model = load_model(checkpoint, device=device, tta=tta, batch_size=batch_size)
 
     files = image_files(inputs)
     if not files:
@@ -85,32 +197,13 @@ def predict(checkpoint: Path, inputs: Sequence[Path], out: Path, *, tta: bool = 
     out.parent.mkdir(parents=True, exist_ok=True)
     predicted = failed = 0
     with write_atomically(out, newline="") as f:  # a full disk leaves a previous CSV as it was
-        writer = csv.writer(f)
-        writer.writerow(["path", "position", *(f"p_{name}" for name in positions), "grade_raw", "grade", "error"])
+        writer = csv.DictWriter(f, model.columns)
+        writer.writeheader()
         for chunk in _batches(files, batch_size):
-            tensors, ok, errors = [], [], {}
-            for path in chunk:
-                try:
-                    tensors.append(load_for_inference(path, data["convert"], cfg.image_size, run.normalization))
-                    ok.append(path)
-                except (ImageRejected, OSError) as exc:
-                    errors[path] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            if tensors:
-                images = torch.stack(tensors).to(dev)  # (B, 3, S, S)
-                if cfg.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                prob, grade = _infer(model, images, tta, dtype)
-                snapped = snap_to_scale(grade, grade_scale)
-            rows = {p: i for i, p in enumerate(ok)}
-            for path in chunk:  # input order
-                if path in errors:
-                    writer.writerow([str(path), *[""] * (len(positions) + 3), errors[path]])
-                    failed += 1
-                    continue
-                i = rows[path]
-                writer.writerow([str(path), positions[int(prob[i].argmax())], *(f"{p:.6f}" for p in prob[i]),
-                                 f"{grade[i]:.4f}", f"{snapped[i]:g}", ""])
-                predicted += 1
+            for row in model.predict(chunk):
+                writer.writerow({k: _csv_text(k, v) for k, v in row.items()})
+                failed += row["error"] is not None
+                predicted += row["error"] is None
     return PredictSummary(out=out, predicted=predicted, failed=failed)
 
 

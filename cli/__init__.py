@@ -5,11 +5,12 @@ Commands parse options, build a config and call an importable function. A librar
 place, `cornpipe.cli.handler`, for every command and sub-command; anything else is a bug and keeps
 its traceback.
 
-    cli/data.py    synth, convert, inspect, verify       (over cornpipe.shards)
-    cli/runs.py    train, report, predict, models         (over cornpipe.train, .runs, .predict, .models)
-    cli/bench.py   bench loaders, bench train             (over cornpipe.bench; nothing else imports it)
-    cli/export.py  export                                 (over cornpipe.runs.export)
-    cli/handler.py the command classes: CornpipeError -> `Error: <cause>`
+    cli/data.py     synth, convert, inspect, verify       (over cornpipe.shards)
+    cli/runs.py     train, report, predict, models         (over cornpipe.train, .runs, .predict, .models)
+    cli/evaluate.py evaluate                               (over cornpipe.runs.model_eval)
+    cli/export.py   export                                 (over cornpipe.runs.export)
+    cli/bench.py    bench loaders, bench train             (over cornpipe.bench; nothing else imports it)
+    cli/handler.py  the command classes: CornpipeError -> `Error: <cause>`
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ def cli() -> None:
 def _register() -> None:
     from cornpipe.cli.bench import bench
     from cornpipe.cli.data import convert, inspect_command, synth, verify
+    from cornpipe.cli.evaluate import evaluate_command
     from cornpipe.cli.export import export_command
     from cornpipe.cli.runs import cv_command, models_command, predict_command, report_command, train_command
 
     for command in (synth, convert, inspect_command, verify, train_command, cv_command, report_command,
-                    predict_command, models_command, bench, export_command):
+                    predict_command, evaluate_command, export_command, models_command, bench):
         cli.add_command(command)
 
 

@@ -1,4 +1,4 @@
-"""Run commands: `cornpipe train`, `cornpipe report RUN`, `cornpipe predict CKPT IMAGES...`.
+"""Run commands: `cornpipe train`, `cornpipe report RUN`, `cornpipe predict MODEL IMAGES...`.
 
 The click edge over cornpipe.train, cornpipe.runs.report and cornpipe.predict. `train`'s options take
 their defaults and help from `TrainConfig` (cornpipe.runs.config), so a default is written once.
@@ -344,19 +344,21 @@ def report_command(run: str) -> None:
 
 
 @click.command("predict", cls=CornpipeCommand)
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="CSV to write.")
 @click.option("--tta/--no-tta", default=False, show_default=True,
               help="Average with the horizontally flipped image.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-def predict_command(checkpoint: str, inputs: tuple[str, ...], out: str, tta: bool, device: str,
+def predict_command(model: str, inputs: tuple[str, ...], out: str, tta: bool, device: str,
                     batch_size: int) -> None:
-    """Predict position and grade for IMAGES (files or folders) with a checkpoint; writes a CSV."""
+    """Predict position and grade for IMAGES (files or folders) with MODEL (a run folder, which uses
+    RUN/best.pt, or a checkpoint); writes a CSV: path, position_pred, prob_<class>..., grade_pred,
+    grade_pred_level, error. In Python: cornpipe.load_model(MODEL).predict(images)."""
     from cornpipe.predict import predict
 
-    summary = predict(Path(checkpoint), [Path(p) for p in inputs], Path(out), tta=tta, device=device,
+    summary = predict(Path(model), [Path(p) for p in inputs], Path(out), tta=tta, device=device,
                       batch_size=batch_size)
     click.echo(f"predicted {summary.predicted} image(s), {summary.failed} unreadable -> {out}")
     if summary.predicted == 0:

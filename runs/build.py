@@ -24,7 +24,7 @@ from torch import nn
 from cornpipe.loaders.base import IMAGENET, Normalization
 from cornpipe.models import create_model, input_stats
 from cornpipe.models.losses import MultiTaskLoss
-from cornpipe.runs.checkpoint import inference_weights, load_weights
+from cornpipe.runs.checkpoint import BEST, inference_weights, load_weights
 from cornpipe.runs.config import TrainConfig, resolve_runtime
 from cornpipe.runs.folds import fold_ids
 
@@ -145,3 +145,9 @@ def run_from_checkpoint(state: Mapping[str, Any], source: str, *, samples: Seque
                      fold=None if samples is None else run_fold(cfg, samples),
                      weights=inference_weights(state), weights_from=source,
                      normalization=saved_normalization(data))
+
+
+
+def model_checkpoint(model: Path) -> Path:
+    """MODEL as evaluate, predict and load_model take it: a run folder (its best.pt) or a checkpoint file."""
+    return model / BEST if model.is_dir() else model

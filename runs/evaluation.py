@@ -12,6 +12,9 @@ rank 0 writes them to RUN/val_predictions.csv, one row per validated sample:
     grade_true, grade_pred                   grade units; grade_pred is the head's output (MAE uses it)
     grade_pred_level                         grade_pred snapped to the nearest scale level (QWK uses it)
 
+The predicted columns are named once, here: `cornpipe predict` (and load_model's rows) and `cornpipe
+evaluate`'s predictions.csv use them too (README, "Prediction files").
+
 Floats are written as float32's shortest round-trip text, so metrics recomputed from the file agree
 with the run's logged best-epoch metrics (argmax exactly; means to float32 rounding).
 """
@@ -107,15 +110,22 @@ def write_predictions(run: Path, samples: Sequence[dict]) -> Path | None:
     best = load_checkpoint(run / BEST)
     if "val_predictions" not in best:
         return None
-    predictions, data = best["val_predictions"], best["data"]
-    path = run / PREDICTIONS_FILE
+    predictions = {k: v.numpy() for k, v in best["val_predictions"].items()}
+    return write_prediction_rows(run / PREDICTIONS_FILE, predictions, best["data"], samples)
+
+
+def write_prediction_rows(path: Path, predictions: dict[str, Any], data: dict[str, Any],
+                          samples: Sequence[dict]) -> Path:
+    """`path` (atomic): one prediction_columns() row per sample of `predictions` (PREDICTION_KEYS' arrays, in
+    row order); `data`: the checkpoint's (positions, grade scale). val_predictions.csv and `cornpipe
+    evaluate`'s predictions.csv are both written here."""
     positions = [str(p) for p in data["positions"]]
     by_id = {int(s["id"]): s for s in samples}
-    ids = predictions["sample_id"].tolist()
-    prob = predictions["position_prob"].float().numpy()  # (N, P)
-    true = predictions["position_true"].tolist()
-    grade_pred = predictions["grade_pred"].float().numpy()
-    grade_true, grade_pred_text = _text(predictions["grade_true"].numpy()), _text(grade_pred)
+    ids = np.asarray(predictions["sample_id"]).tolist()
+    prob = np.asarray(predictions["position_prob"], dtype=np.float32)  # (N, P)
+    true = np.asarray(predictions["position_true"]).tolist()
+    grade_pred = np.asarray(predictions["grade_pred"], dtype=np.float32)
+    grade_true, grade_pred_text = _text(np.asarray(predictions["grade_true"])), _text(grade_pred)
     levels = snap_to_scale(grade_pred, data["grade_scale"])
     prob_text = [_text(row) for row in prob]
     tmp = path.with_name(f".{path.name}.tmp")

@@ -286,3 +286,13 @@ def decode_jpeg_rgb(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as image:
         image.load()
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """An in-memory PIL image as decode_rgb leaves a file's: EXIF orientation applied, 8-bit RGB
+    (predict.load_model's images that are not files)."""
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block must not lose the image
+        pass
+    return _to_rgb(image, [])

@@ -107,7 +107,7 @@ def test_predict_on_cuda_agrees_with_predict_on_cpu(cuda_run: tuple[Path, TrainR
         with out.open(newline="") as f:
             rows[device] = list(csv.DictReader(f))
     for gpu, cpu in zip(rows["cuda"], rows["cpu"], strict=True):
-        assert gpu["path"] == cpu["path"] and gpu["error"] == "" and gpu["position"] in POSITIONS
+        assert gpu["path"] == cpu["path"] and gpu["error"] == "" and gpu["position_pred"] in POSITIONS
         for name in POSITIONS:  # FP16 autocast on CUDA, float32 on the CPU
-            assert abs(float(gpu[f"p_{name}"]) - float(cpu[f"p_{name}"])) < 0.02, (gpu, cpu)
-        assert abs(float(gpu["grade_raw"]) - float(cpu["grade_raw"])) < 0.1, (gpu, cpu)
+            assert abs(float(gpu[f"prob_{name}"]) - float(cpu[f"prob_{name}"])) < 0.02, (gpu, cpu)
+        assert abs(float(gpu["grade_pred"]) - float(cpu["grade_pred"])) < 0.1, (gpu, cpu)

@@ -100,11 +100,11 @@ def test_tta_averages_the_image_and_its_horizontal_mirror(plateau_run: Path, tmp
     def rows(tta: bool) -> list[list[float]]:
         out = tmp_path / f"tta-{tta}.csv"
         predict(plateau_run / "last.pt", [image, mirror], out, tta=tta, device="cpu")
-        return [[float(v) for k, v in row.items() if k.startswith("p_") or k == "grade_raw"]
+        return [[float(v) for k, v in row.items() if k.startswith("prob_") or k == "grade_pred"]
                 for row in csv.DictReader(out.open())]
 
     plain, tta = rows(False), rows(True)
-    mean = [(a + b) / 2 for a, b in zip(*plain, strict=True)]  # 3 position probabilities, grade_raw
+    mean = [(a + b) / 2 for a, b in zip(*plain, strict=True)]  # 3 position probabilities, grade_pred
     # same up to JPEG rounding (predict re-encodes each image as the shards did); the vertical mirror,
     # or no mirror at all, misses by 1e-3 on the probabilities and 0.05 on the grade with this model
     for row in tta:

@@ -59,15 +59,16 @@ def test_predictions_equal_validation_outputs(checkpoint: Path, tiny_shards: Pat
                                       "--device", "cpu", "--batch-size", "4"])
     assert result.exit_code == 0, result.output
     rows = read_csv(out_csv)
-    assert list(rows[0]) == ["path", "position", "p_lower", "p_middle", "p_upper", "grade_raw", "grade", "error"]
+    assert list(rows[0]) == ["path", "position_pred", "prob_lower", "prob_middle", "prob_upper", "grade_pred",
+                            "grade_pred_level", "error"]
     assert [r["path"] for r in rows] == list(by_path)
     for row in rows:
         prob, grade = expected[by_path[row["path"]]]
-        got = torch.tensor([float(row[f"p_{name}"]) for name in POSITIONS])
+        got = torch.tensor([float(row[f"prob_{name}"]) for name in POSITIONS])
         assert torch.allclose(got, prob, atol=2e-5), (row, prob)
-        assert row["position"] == POSITIONS[int(prob.argmax())]
-        assert abs(float(row["grade_raw"]) - grade) < 2e-4
-        assert float(row["grade"]) == min(SCALE, key=lambda g: abs(g - grade))
+        assert row["position_pred"] == POSITIONS[int(prob.argmax())]
+        assert abs(float(row["grade_pred"]) - grade) < 2e-4
+        assert float(row["grade_pred_level"]) == min(SCALE, key=lambda g: abs(g - grade))
         assert row["error"] == ""
 
 
@@ -87,11 +88,12 @@ def test_unreadable_files_are_listed_not_fatal(checkpoint: Path, synth_raw: Path
     rows = {Path(r["path"]).name: r for r in read_csv(out_csv)}
     assert set(rows) == {"a.jpg", "b.jpg", "broken.jpg", images[2].name}
     broken = rows.pop("broken.jpg")
-    assert broken["error"] and broken["position"] == "" and broken["grade"] == "" and broken["p_lower"] == ""
+    assert broken["error"] and broken["position_pred"] == "" and broken["grade_pred_level"] == ""
+    assert broken["prob_lower"] == ""
     for row in rows.values():
-        assert row["error"] == "" and row["position"] in POSITIONS
-        assert abs(sum(float(row[f"p_{n}"]) for n in POSITIONS) - 1.0) < 1e-4
-        assert float(row["grade"]) in SCALE and 0.0 <= float(row["grade_raw"]) <= 9.0
+        assert row["error"] == "" and row["position_pred"] in POSITIONS
+        assert abs(sum(float(row[f"prob_{n}"]) for n in POSITIONS) - 1.0) < 1e-4
+        assert float(row["grade_pred_level"]) in SCALE and 0.0 <= float(row["grade_pred"]) <= 9.0
 
 
 def test_predict_errors(checkpoint: Path, tmp_path: Path) -> None:
