@@ -91,6 +91,7 @@ from cornpipe.runs.run_dir import (
     restore_best_and_report,
     shard_identity,
 )
+from cornpipe.runs.tasks import run_tasks
 from cornpipe.shards.inspect import check_shards
 from cornpipe.shards.shard_set import ShardSet
 
@@ -183,6 +184,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, force: bool, con
         data["fold"] = {"name": fold[2], "folds": cfg.folds, "fold": cfg.fold, "group": cfg.fold_group,
                         "seed": cfg.fold_seed}
     data["identity"] = shard_identity(cfg.shards, data["counts"])  # what --resume must find again
+    cfg, tasks, said = run_tasks(cfg, shards.manifest["samples"], fold[0] if fold else None,
+                                 checkpoint["data"] if checkpoint else None, data["positions"])
+    data["tasks"] = tasks.to_dict()  # a task constant in the train split: weight 0, monitor without it
+    for line in said:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     if checkpoint and (checkpoint["data"]["positions"] != data["positions"]
                        or checkpoint["data"]["grade_scale"] != data["grade_scale"]):
         raise ConfigError(f"{cfg.shards} has other position classes or grade scale than the run in {run}")
@@ -257,8 +263,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, force: bool, con
                                drop_last=data["counts"]["train"] // ctx.world_size > cfg.batch_size, **loader_args)
     val_loader = make_loader(shards, "val", oversample="none", shuffle=False, sample_ids=fold[1] if fold else None,
                              **loader_args)
-    cap = cfg.max_batches or math.inf
-    train_steps, val_steps = int(min(len(train_loader), cap)), int(min(len(val_loader), cap))
+    train_steps = int(min(len(train_loader), cfg.max_batches or math.inf))
+    val_steps = int(min(len(val_loader), cfg.max_val_batches or math.inf))  # val is in class order: all of it
     barrier(ctx)  # every rank has checked --out before rank 0 touches it
     if not resume and ctx.is_main:
         prepare_run_dir(run, force)
@@ -337,7 +343,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, force: bool, con
                 train_m = summarize(train_out, cfg, data, bootstrap=0)
                 val_m = summarize(val_out, cfg, data, bootstrap=cfg.bootstrap)
                 # rank 0's number decides best.pt, the plateau and early stopping for the whole group
-                value = broadcast_value(ctx, monitor_value(val_m, cfg.monitor, data["grade_scale"]))
+                value = broadcast_value(ctx, monitor_value(val_m, cfg.monitor, data["grade_scale"],
+                                                           tasks.monitor_ignores))
                 improved = stopper.step(value, epoch + 1)
                 record = {"epoch": epoch + 1, "lr": base_lr(optimizer),
                           "time_s": time.perf_counter() - epoch_start, "train": train_m, "val": val_m,

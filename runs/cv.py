@@ -8,7 +8,7 @@ Folds (a pure function of the shard set, `folds`, `fold_group` and `fold_seed`):
 - stratified K-fold: samples are grouped into position x grade cells, each cell shuffled (fold_seed) and
   dealt round-robin over the folds, the deal continuing from cell to cell; so every fold holds each cell's
   share to within one sample and fold sizes differ by at most one.
-- leave-one-group-out (`fold_group` stage | source): fold i validates on the i-th group (sorted) and trains
+- leave-one-group-out (`fold_group` stage | source | a metadata column, runs.groups): fold i validates on the i-th group (sorted) and trains
   on the others; no group is ever on both sides.
 
 Summary (cv.json, cv.md, cv_confusion.png, oof_predictions.csv): one row per fold x seed with its best
@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 
 from cornpipe.errors import ConfigError
-from cornpipe.runs.config import FOLD_GROUPS, TrainConfig
+from cornpipe.runs.config import TrainConfig
+from cornpipe.runs.groups import group_values
 
 SUMMARY_METRICS: tuple[tuple[str, str], ...] = (
     ("position_accuracy", "position accuracy"), ("position_macro_f1", "position macro-F1"),
@@ -74,10 +75,8 @@ def group_folds(groups: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
 
 def fold_assignment(samples: Sequence[dict], cfg: TrainConfig) -> tuple[np.ndarray, list[str]]:
     """(fold of each manifest sample, a name per fold) for the config's folds/fold_group/fold_seed."""
-    if cfg.fold_group not in FOLD_GROUPS:
-        raise ConfigError(f"fold_group must be one of {', '.join(FOLD_GROUPS)} (got {cfg.fold_group!r})")
     if cfg.fold_group != "none":
-        fold, names = group_folds([s[cfg.fold_group] for s in samples])
+        fold, names = group_folds(group_values(samples, cfg.fold_group))
         return fold, [f"{cfg.fold_group} {g}" for g in names]
     fold = stratified_folds([(s["position"], float(s["grade"])) for s in samples], cfg.folds, cfg.fold_seed)
     return fold, [f"fold {i + 1}/{cfg.folds}" for i in range(cfg.folds)]
