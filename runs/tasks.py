@@ -79,10 +79,10 @@ def run_tasks(cfg: TrainConfig, samples: Sequence[dict], train_ids: Sequence[int
     trained on `train_ids` (None: the convert-time train split). A resumed run (`saved`: its checkpoint's
     data block) keeps its plan; one from before plans existed ignores nothing, as it did."""
     if saved is not None:
-        if "tasks" in saved:
-            return cfg, TaskPlan.from_dict(saved["tasks"]), []
-        weights = cfg.loss_weights or DEFAULT_LOSS_WEIGHTS
-        return dataclasses.replace(cfg, loss_weights=weights), TaskPlan((), weights, "user", ()), []
+        # `cornpipe cv` resumes with its own config, where loss_weights may still be None
+        plan = (TaskPlan.from_dict(saved["tasks"]) if "tasks" in saved
+                else TaskPlan((), cfg.loss_weights or DEFAULT_LOSS_WEIGHTS, "user", ()))
+        return dataclasses.replace(cfg, loss_weights=plan.loss_weights), plan, []
     wanted = None if train_ids is None else set(int(i) for i in train_ids)
     train = [s for s in samples if (s["split"] == "train" if wanted is None else int(s["id"]) in wanted)]
     plan, lines = plan_tasks(cfg.loss_weights, [s["position"] for s in train], [s["grade"] for s in train],
