@@ -65,6 +65,8 @@ def test_a_constant_grade_is_named_weighted_0_and_left_out_of_the_monitor(grade_
     again = json.loads((run / "config.json").read_text())
     assert again["data"]["tasks"] == config["data"]["tasks"] and again["loss_weights"] == [0.7, 0.0]
     assert records(run)[-1]["monitor"] == pytest.approx(records(run)[-1]["val"]["position_macro_f1"])
+    report = (run / "report.md").read_text()
+    assert "grade is constant in the train split" in report and "weight 0" in report, report
 
 
 def test_weights_the_user_set_are_kept_for_a_constant_task(grade_zero_shards: Path, tmp_path: Path) -> None:
