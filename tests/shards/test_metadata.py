@@ -93,3 +93,16 @@ def test_a_manifest_from_before_metadata_reads(tiny_shards: Path, tmp_path: Path
     shards = ShardSet(old)
     assert shards.metadata_keys() == []
     assert shards.sample_value(shards.manifest["samples"][0], "source") == manifest["samples"][0]["source"]
+
+
+def test_inspect_counts_each_metadata_value(tmp_path: Path) -> None:
+    data = [f"{r},{'field' if i < 3 else 'lab'}" for i, r in enumerate(rows(9))]
+    out = tmp_path / "shards"
+    convert_dataset(None, out, manifest_csv=write_survey(tmp_path / "raw", "path,position,grade,origin", data),
+                    max_resolution=32, workers=1, formats=("wds",))
+    summary = json.loads(cli_run("inspect", out, "--json").output)
+    counts = summary["metadata"]["origin"]
+    assert sum(counts["train"].values()) + sum(counts["val"].values()) == 9
+    assert counts["train"].get("field", 0) + counts["val"].get("field", 0) == 3
+    text = " ".join(cli_run("inspect", out).output.split())
+    assert "origin" in text and "field" in text and "lab" in text
