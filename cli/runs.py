@@ -203,6 +203,8 @@ def cv_command(ctx: click.Context, shards: str, out: str, folds: int, group: str
     for name in ("resume", "seeds", "folds", "fold", "fold_group", "fold_seed"):
         if sub.get_parameter_source(name) not in (None, ParameterSource.DEFAULT):
             raise ConfigError(f"cornpipe cv sets --{name.replace('_', '-')} itself; leave it out")
+    if group is not None and group.strip().lower() in ("", "none"):
+        raise ConfigError("--group needs a key (stage, source or a manifest column); leave it out for K folds")
     given = _given_fields(sub)
     given.update(shards=shards, out=out, folds=0 if group else folds, fold_group=group or "none",
                  fold_seed=fold_seed)

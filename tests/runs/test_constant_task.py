@@ -114,3 +114,15 @@ def test_the_help_says_what_each_cap_caps() -> None:
     text = " ".join(cli_run("train", "--help").output.split())
     assert "--max-batches" in text and "training only" in text
     assert "--max-val-batches" in text
+
+
+def test_one_position_class_only_leaves_the_grade_to_the_monitor() -> None:
+    from cornpipe.runs.tasks import plan_tasks
+
+    plan, lines = plan_tasks(None, [1, 1, 1, 1], [0, 3, 5, 3], ["lower", "middle", "upper"])
+    assert plan.constant == ("position",) and plan.loss_weights == (0.0, 0.3) and plan.weights_from == "data"
+    assert plan.monitor_ignores == ("position",)
+    assert len(lines) == 1 and "every image is middle" in lines[0] and "grade MAE" in lines[0]
+    # both constant: said, and nothing changed (there is no other task to follow)
+    plan, lines = plan_tasks(None, [1, 1], [0, 0], ["lower", "middle", "upper"])
+    assert plan.loss_weights == (0.7, 0.3) and plan.monitor_ignores == () and len(lines) == 1
