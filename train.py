@@ -99,6 +99,7 @@ from cornpipe.runs.run_dir import (
     restore_best_and_report,
     shard_identity,
 )
+from cornpipe.runs.tasks import run_tasks
 from cornpipe.shards.inspect import check_shards
 from cornpipe.shards.shard_set import ShardSet
 
@@ -278,6 +279,11 @@ def setup(cfg: TrainConfig, ctx: DistContext, *, resume: bool, force: bool, cons
     shards = ShardSet(cfg.shards)
     fold = run_fold(cfg, shards.manifest["samples"])  # None: the convert-time train/val split
     data = run_data(cfg, shards, fold)
+    cfg, tasks, said = run_tasks(cfg, shards.manifest["samples"], fold.train_ids if fold else None,
+                                 checkpoint["data"] if checkpoint else None, data["positions"])
+    data["tasks"] = tasks.to_dict()  # a task constant in the train split: weight 0, monitor without it
+    for line in said:
+        console.print(line, highlight=False, soft_wrap=True)
     if checkpoint:
         check_resumed(checkpoint, data, cfg, allow_new_shards, console)
     if not resume:
@@ -359,8 +365,8 @@ def fit(s: Session, console: Console, verbose: bool) -> int:
     if s.run.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
     step_model, eval_model = step_and_eval_models(s)
-    cap = cfg.max_batches or math.inf
-    train_steps, val_steps = int(min(len(s.train_loader), cap)), int(min(len(s.val_loader), cap))
+    train_steps = int(min(len(s.train_loader), cfg.max_batches or math.inf))
+    val_steps = int(min(len(s.val_loader), cfg.max_val_batches or math.inf))  # val is in class order: all of it
     ranks = (f", {ctx.world_size} ranks x batch {cfg.batch_size} = global batch "
              f"{ctx.world_size * cfg.batch_size}" if ctx.enabled else "")
     console.print(f"training {cfg.model} on {cfg.shards} ({s.data['counts']['train']} train / "
@@ -418,7 +424,8 @@ def epoch_record(s: Session, epoch: int, train_out: dict[str, Any], val_out: dic
     train_m = summarize(train_out, cfg, s.data, bootstrap=0)
     val_m = summarize(val_out, cfg, s.data, bootstrap=cfg.bootstrap)
     # rank 0's number decides best.pt, the plateau and early stopping for the whole group
-    value = broadcast_value(ctx, monitor_value(val_m, cfg.monitor, s.data["grade_scale"]))
+    value = broadcast_value(ctx, monitor_value(val_m, cfg.monitor, s.data["grade_scale"],
+                                                    s.data["tasks"]["monitor_ignores"]))
     improved = s.stopper.step(value, epoch + 1)
     record = {"epoch": epoch + 1, "lr": base_lr(s.optimizer), "time_s": time.perf_counter() - epoch_start, "train": train_m, "val": val_m,
               "monitor": value if math.isfinite(value) else None, "best": improved}

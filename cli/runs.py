@@ -21,7 +21,6 @@ from cornpipe.cli.handler import CornpipeCommand
 from cornpipe.errors import ConfigError
 from cornpipe.runs.config import (
     AMP_MODES,
-    FOLD_GROUPS,
     MONITORS,
     OPTIMIZERS,
     RESUME_OVERRIDABLE,
@@ -95,7 +94,8 @@ def _opt(*decls: str, help: str, **kwargs: Any) -> Any:
 @_opt("--grad-clip", type=float, help="Max gradient norm; 0 = off.")
 @_opt("--ema/--no-ema", help="Keep and evaluate an EMA of the weights.")
 @_opt("--label-smoothing", type=float, help="Position label smoothing.")
-@_opt("--loss-weights", type=str, help="POSITION,GRADE loss weights.")
+@_opt("--loss-weights", type=str, help="POSITION,GRADE loss weights [default: 0.7,0.3, and 0 for a task whose "
+      "labels are constant in the train split; given here, they are used as given].")
 @_opt("--monitor", type=click.Choice(MONITORS), help="Validation metric for best.pt/early stopping.")
 @_opt("--patience", type=int, help="Early-stopping patience, epochs; 0 = never.")
 @_opt("--min-delta", type=float, help="Smallest monitor gain that counts.")
@@ -103,13 +103,16 @@ def _opt(*decls: str, help: str, **kwargs: Any) -> Any:
 @_opt("--bootstrap", type=int, help="Bootstrap resamples for val confidence intervals.")
 @_opt("--verify/--no-verify", help="Check the shard set before the first epoch (manifest hash, file sizes, "
       "sha256 up to 2 GB).")
-@_opt("--max-batches", type=int, help="Cap on batches per epoch (quick runs); 0 = all.")
+@_opt("--max-batches", type=int, help="Cap on training batches per epoch (quick runs); 0 = all. Caps training "
+      "only: validation sees every val image unless --max-val-batches.")
+@_opt("--max-val-batches", type=int, help="Cap on validation batches per epoch; 0 = all. The val split is stored "
+      "in class order, so a capped validation sees some classes only.")
 @_opt("--seed", type=int, help="Random seed.")
 @_opt("--folds", type=int, help="Cross-validation: train on a stratified K-fold of ALL samples (0 = the "
       "convert-time split); `cornpipe cv` runs every fold.")
 @_opt("--fold", type=int, help="Cross-validation: the fold that validates (0-based).")
-@_opt("--fold-group", type=click.Choice(FOLD_GROUPS), help="Cross-validation: leave one stage or source out "
-      "instead of K folds (--fold picks the group, sorted).")
+@_opt("--fold-group", type=str, metavar="KEY", help="Cross-validation: leave one group out instead of K folds: "
+      "stage, source or a metadata column of the manifest CSV, e.g. origin (--fold picks the group, sorted).")
 @_opt("--fold-seed", type=int, help="Cross-validation: seed of the fold assignment.")
 @click.option("--seeds", default=None, metavar="S1,S2,...",
               help="Train the same config once per seed into RUN/seed<S> and summarise the spread "
@@ -179,8 +182,9 @@ def _parse_seeds(text: str) -> list[int]:
                    "oof_predictions.csv.")
 @click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
               help="K of the stratified (position x grade) K-fold over all converted samples.")
-@click.option("--group", type=click.Choice(["stage", "source"]), default=None,
-              help="Leave one stage (9/14/19) or source folder out per fold instead (--folds is ignored).")
+@click.option("--group", default=None, metavar="KEY",
+              help="Leave one group out per fold instead (--folds is ignored): stage (9/14/19), source "
+                   "(folder) or any metadata column of the manifest CSV (e.g. origin, camera, field_id).")
 @click.option("--seeds", default="0", show_default=True, metavar="S1,S2,...", help="Training seeds per fold.")
 @click.option("--fold-seed", type=int, default=0, show_default=True, help="Seed of the fold assignment.")
 @click.pass_context
@@ -200,6 +204,8 @@ def cv_command(ctx: click.Context, shards: str, out: str, folds: int, group: str
     for name in ("resume", "seeds", "folds", "fold", "fold_group", "fold_seed"):
         if sub.get_parameter_source(name) not in (None, ParameterSource.DEFAULT):
             raise ConfigError(f"cornpipe cv sets --{name.replace('_', '-')} itself; leave it out")
+    if group is not None and group.strip().lower() in ("", "none"):
+        raise ConfigError("--group needs a key (stage, source or a manifest column); leave it out for K folds")
     given = _given_fields(sub)
     given.update(shards=shards, out=out, folds=0 if group else folds, fold_group=group or "none",
                  fold_seed=fold_seed)

@@ -25,7 +25,7 @@ from cornpipe.loaders.base import IMAGENET, Normalization
 from cornpipe.models import create_model, input_stats
 from cornpipe.models.losses import MultiTaskLoss
 from cornpipe.runs.checkpoint import BEST, inference_weights, load_weights
-from cornpipe.runs.config import TrainConfig, resolve_runtime
+from cornpipe.runs.config import DEFAULT_LOSS_WEIGHTS, TrainConfig, resolve_runtime
 from cornpipe.runs.folds import fold_ids
 
 # a resolved `amp` mode -> the autocast dtype; None: no autocast (float32)
@@ -127,7 +127,8 @@ def build_run(cfg: TrainConfig, positions: Sequence[str], grade_scale: Sequence[
     model = model.to(torch.device(cfg.device))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loss_fn = MultiTaskLoss(weights=cfg.loss_weights, label_smoothing=cfg.label_smoothing, grade_scale=scale,
+    # None: not set by the user and not yet planned (runs.tasks): the default weights
+    loss_fn = MultiTaskLoss(weights=cfg.loss_weights or DEFAULT_LOSS_WEIGHTS, label_smoothing=cfg.label_smoothing, grade_scale=scale,
                             grade_head=cfg.grade_head)
     return Run(cfg=cfg, model=model, loss_fn=loss_fn,
                normalization=trunk_normalization(model) if normalization is None else normalization,

@@ -7,8 +7,9 @@ loading one can never run code:
     epoch         completed epochs (int)
     config        TrainConfig.to_dict()
     data          {"positions": [...], "grade_scale": [...], "shards": str, "counts": {split: n},
-                   "convert": {"write_mode", "max_resolution", "jpeg_quality"}}
-                  (what predict needs to rebuild the model and preprocess like validation)
+                   "convert": {"write_mode", "max_resolution", "jpeg_quality"}, "tasks": runs.tasks.TaskPlan}
+                  (what predict needs to rebuild the model and preprocess like validation; "tasks": a task
+                  constant in the train split, its loss weight, what the monitor ignores)
     model         state_dict of the raw (uncompiled) model
     ema           {"module": state_dict, "updates": int} or None
     optimizer     optimizer.state_dict()

@@ -43,7 +43,9 @@ AMP_MODES: tuple[str, ...] = ("auto", "fp16", "bf16", "off")
 # Every monitor is "higher is better"; metrics where lower is better enter negated.
 #   combined: position_macro_f1 - grade_mae / max(grade_scale)   (both parts in [0, 1]-ish units,
 #             so one grade step on 0..9 costs as much as ~11 points of macro-F1)
-FOLD_GROUPS: tuple[str, ...] = ("none", "stage", "source")
+#             A task constant in the train split is left out of it (runs.tasks).
+FOLD_GROUPS: tuple[str, ...] = ("none", "stage", "source")  # built in; any manifest metadata column groups too
+DEFAULT_LOSS_WEIGHTS: tuple[float, float] = (0.7, 0.3)  # (position, grade) when loss_weights is not set
 MONITORS: tuple[str, ...] = ("combined", "position_macro_f1", "position_accuracy", "grade_mae",
                              "grade_qwk", "loss")
 
@@ -72,7 +74,9 @@ class TrainConfig:
     trunk_lr_scale: float = 1.0  # the trunk's lr as a fraction of the heads' (schedule applies to both)
     freeze_bn: bool = False  # keep the trunk's BatchNorm statistics fixed (eval mode) the whole run
     # loss
-    loss_weights: tuple[float, float] = (0.7, 0.3)  # (position, grade) weights of the total loss
+    # (position, grade) weights of the total loss; None = DEFAULT_LOSS_WEIGHTS, a task constant in the train
+    # split weighted 0 (runs.tasks: the run's config.json holds the weights used)
+    loss_weights: tuple[float, float] | None = None
     label_smoothing: float = 0.0  # position cross-entropy smoothing, fraction of the target mass
     # optimisation
     epochs: int = 30  # maximum epochs (early stopping may end sooner)
@@ -99,7 +103,7 @@ class TrainConfig:
     # cross-validation (`cornpipe cv` sets these): which samples train and which validate
     folds: int = 0  # K of a stratified (position x grade) K-fold over ALL samples; 0 = the convert-time split
     fold: int = 0  # the fold that validates, 0-based (with fold_group: the index of the held-out group, sorted)
-    fold_group: str = "none"  # none | stage | source: leave one group out instead (folds is then ignored)
+    fold_group: str = "none"  # none | stage | source | a manifest metadata column: leave one group out (folds ignored)
     fold_seed: int = 0  # seed of the fold assignment (apart from `seed`: seeds vary the training, not the folds)
     # evaluation and stopping
     monitor: str = "combined"  # metric for best.pt, early stopping and the plateau schedule
@@ -107,7 +111,8 @@ class TrainConfig:
     min_delta: float = 1e-3  # smallest monitor gain that counts as an improvement (monitor units)
     tolerance: float = 2.0  # grade units; grade_within_tol counts |pred - true| <= tolerance
     bootstrap: int = 1000  # bootstrap resamples for the validation confidence intervals; 0 = none
-    max_batches: int = 0  # cap on batches per epoch, train and val (quick runs); 0 = all
+    max_batches: int = 0  # cap on training batches per epoch (quick runs); 0 = all. Never caps validation
+    max_val_batches: int = 0  # cap on validation batches (val is in class order: a capped val is biased); 0 = all
     verify: bool = True  # before the first epoch: manifest hash, file sizes, sha256 of sets up to 2 GB
     seed: int = 0  # all randomness is a function of (seed, epoch)
 
@@ -133,7 +138,7 @@ class TrainConfig:
         choice("schedule", SCHEDULES)
         choice("amp", AMP_MODES)
         choice("monitor", MONITORS)
-        choice("fold_group", FOLD_GROUPS)
+        check(bool(self.fold_group.strip()), "fold_group must be none, stage, source or a metadata column")
         check(self.folds == 0 or self.folds >= 2, f"folds must be 0 (no folds) or >= 2 (got {self.folds})")
         check(self.fold >= 0 and (self.folds == 0 or self.fold < self.folds),
               f"fold must be in 0..folds-1 (got fold {self.fold} of {self.folds})")
@@ -143,7 +148,7 @@ class TrainConfig:
             check(getattr(self, name) >= 1, f"{name} must be >= 1 (got {getattr(self, name)})")
         for name in ("lr", "weight_decay", "momentum", "min_lr", "grad_clip", "min_delta", "tolerance",
                      "drop_path", "label_smoothing", "warmup_epochs", "patience", "plateau_patience", "freeze_epochs",
-                     "bootstrap", "max_batches"):
+                     "bootstrap", "max_batches", "max_val_batches"):
             value = getattr(self, name)
             check(math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0 (got {value})")
         check(self.lr > 0, f"lr must be > 0 (got {self.lr})")
@@ -155,7 +160,7 @@ class TrainConfig:
         check(0 < self.plateau_factor < 1, f"plateau_factor must be in (0, 1) (got {self.plateau_factor})")
         check(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1) (got {self.ema_decay})")
         check(self.drop_path < 1 and self.label_smoothing < 1, "drop_path and label_smoothing must be < 1")
-        check(len(self.loss_weights) == 2 and all(math.isfinite(w) and w >= 0 for w in self.loss_weights)
+        check(self.loss_weights is None or len(self.loss_weights) == 2 and all(math.isfinite(w) and w >= 0 for w in self.loss_weights)
               and sum(self.loss_weights) > 0,
               f"loss_weights must be two non-negative numbers, not both 0 (got {self.loss_weights})")
         check(self.device == "auto" or self.device == "cpu" or self.device.split(":")[0] == "cuda",
@@ -164,7 +169,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON- and `torch.load(weights_only=True)`-safe (lists, not tuples)."""
         d = dataclasses.asdict(self)
-        d["loss_weights"] = list(self.loss_weights)
+        d["loss_weights"] = None if self.loss_weights is None else list(self.loss_weights)
         return d
 
     @classmethod
@@ -187,7 +192,7 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
     base = hint
     if origin is typing.Union or origin is types.UnionType:  # `int | None` -> int
         base = next(a for a in typing.get_args(hint) if a is not type(None))
-    if origin is tuple:
+    if typing.get_origin(base) is tuple:  # also `tuple[...] | None`
         if isinstance(value, (list, tuple)) and all(_is_number(v) for v in value):
             return tuple(float(v) for v in value)
     elif base is bool:
@@ -276,7 +281,7 @@ def resolve_runtime(cfg: TrainConfig, cuda_available: bool) -> TrainConfig:
 
 # Changing these on --resume is safe; anything else would make the saved state meaningless.
 RESUME_OVERRIDABLE: frozenset[str] = frozenset(
-    {"epochs", "patience", "min_delta", "workers", "device", "amp", "compile", "bootstrap", "max_batches", "verify",
+    {"epochs", "patience", "min_delta", "workers", "device", "amp", "compile", "bootstrap", "max_batches", "max_val_batches", "verify",
      "out", "shards", "dist_timeout"})
 
 

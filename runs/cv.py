@@ -4,7 +4,8 @@ On a small, imbalanced survey one validation split is not evidence. `cornpipe cv
 once per fold (and per seed) over ALL converted samples, reading each fold's samples from whichever split
 holds them (LoaderSpec.sample_ids): no re-conversion.
 
-Folds (a pure function of the shard set, `folds`, `fold_group` and `fold_seed`) are cornpipe.runs.folds.
+Folds (a pure function of the shard set, `folds`, `fold_group` and `fold_seed`; `fold_group` stage,
+source or a metadata column, runs.groups) are cornpipe.runs.folds.
 
 Summary (cv.json, cv.md, cv_confusion.png, oof_predictions.csv): one row per fold x seed with its best
 epoch's validation metrics; per metric, across folds (each fold's mean over seeds first): mean, sd (n - 1)

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 
-def monitor_value(metrics: dict[str, Any], name: str, grade_scale: list[float]) -> float:
+def monitor_value(metrics: dict[str, Any], name: str, grade_scale: list[float],
+                  ignore: Sequence[str] = ()) -> float:
     """The monitored validation number, always "higher is better".
 
     `combined` = position macro-F1 - grade MAE / max(grade_scale): both terms are on a 0..1 scale,
-    so a run cannot buy position F1 with a large grade error or the other way round.
+    so a run cannot buy position F1 with a large grade error or the other way round. A task in `ignore`
+    (constant in the train split, runs.tasks) leaves it: position macro-F1 alone, or the negated grade MAE.
     """
-    if name == "combined":
+    if name == "combined" and "grade" in ignore:
+        value = metrics["position_macro_f1"]
+    elif name == "combined" and "position" in ignore:
+        value = -metrics["grade_mae"]
+    elif name == "combined":
         value = metrics["position_macro_f1"] - metrics["grade_mae"] / max(grade_scale)
     elif name in ("grade_mae", "loss"):
         value = -metrics[name]

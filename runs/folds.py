@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from cornpipe.errors import ConfigError
-from cornpipe.runs.config import FOLD_GROUPS, TrainConfig
+from cornpipe.runs.config import TrainConfig
+from cornpipe.runs.groups import group_values
 
 
 def stratified_folds(cells: Sequence[Any], k: int, seed: int) -> np.ndarray:
@@ -51,10 +52,8 @@ def group_folds(groups: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
 
 def fold_assignment(samples: Sequence[dict], cfg: TrainConfig) -> tuple[np.ndarray, list[str]]:
     """(fold of each manifest sample, a name per fold) for the config's folds/fold_group/fold_seed."""
-    if cfg.fold_group not in FOLD_GROUPS:
-        raise ConfigError(f"fold_group must be one of {', '.join(FOLD_GROUPS)} (got {cfg.fold_group!r})")
     if cfg.fold_group != "none":
-        fold, names = group_folds([s[cfg.fold_group] for s in samples])
+        fold, names = group_folds(group_values(samples, cfg.fold_group))
         return fold, [f"{cfg.fold_group} {g}" for g in names]
     fold = stratified_folds([(s["position"], float(s["grade"])) for s in samples], cfg.folds, cfg.fold_seed)
     return fold, [f"fold {i + 1}/{cfg.folds}" for i in range(cfg.folds)]

@@ -339,6 +339,13 @@ def _write_report(run_dir: Path) -> Path:
     for change in config_get(config, "shard_changes") or []:  # --resume --allow-new-shards
         lines += [f"**Resumed after epoch {change.get('at_epoch')} on another shard set** "
                   f"({change.get('summary')}): epochs before and after are not comparable.", ""]
+    tasks = (config.get("data") or {}).get("tasks") or {}  # runs.tasks: decided at the first start
+    for task in tasks.get("constant") or []:
+        weight = tasks["loss_weights"][0 if task == "position" else 1]
+        how = "dropped from the default" if tasks.get("weights_from") == "data" else "as configured"
+        lines += [f"**{task} is constant in the train split**: loss weight {weight:g} ({how}); "
+                  + ("the combined monitor leaves it out; " if task in tasks.get("monitor_ignores", []) else "")
+                  + "its validation metrics say nothing about the model.", ""]
 
     if best is not None:
         how = "marked best by the trainer" if best.get("best") else "highest monitored value"

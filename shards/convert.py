@@ -314,7 +314,8 @@ def _convert_into(tmp: Path, found: Discovery, params: ConvertParams, workers: i
         sample = {"id": sample_id, "split": split, "row": len(staged[split]), "path": cand.rel,
                   "source": cand.source, "stage": cand.stage, "position": int(cand.position),
                   "grade": _num(cand.grade), "sha256": prep.sha256, "width": prep.width, "height": prep.height,
-                  "orig_width": prep.orig_width, "orig_height": prep.orig_height, "repairs": list(prep.repairs)}
+                  "orig_width": prep.orig_width, "orig_height": prep.orig_height, "repairs": list(prep.repairs),
+                  "meta": dict(cand.meta)}
         samples.append(sample)
         meta = {"id": sample_id, "position": int(cand.position), "grade": _num(cand.grade),
                 "source": cand.source, "stage": cand.stage, "path": cand.rel}

@@ -7,7 +7,9 @@ Two layouts are understood:
   sub-folders (`SRC/9l/5/leaf.jpg`). Files directly in SRC that are not images (a README, a summary)
   are dataset metadata and not inputs; everything else found is an input.
 - a manifest CSV with columns `path,position,grade` and optional `source,stage`; `path` is relative to
-  the CSV's folder and may not leave it. Every row is an input.
+  the CSV's folder and may not leave it. Every row is an input. Without a source (stage) column the
+  source is UNKNOWN_SOURCE (the stage None): never made up from the position. Every other column
+  (`origin`, `camera`, `field_id`, ...) is kept as the sample's metadata (`Candidate.meta`).
 
 Label problems become rejections (`Rejection(path, reason)`), never exceptions; only a layout that cannot
 be used at all raises `DatasetError` with a one-line message. A named pipe, device, socket, broken or
@@ -31,10 +33,11 @@ from pathlib import Path
 
 from cornpipe.errors import DatasetError
 from cornpipe.grades import check_grade_scale
-from cornpipe.shards.fields import DEFAULT_GRADE_SCALE, POSITION_CODES, POSITION_NAMES
+from cornpipe.shards.fields import DEFAULT_GRADE_SCALE, POSITION_CODES, POSITION_NAMES, UNKNOWN_SOURCE
 from cornpipe.shards.imageio import IMAGE_EXTENSIONS
 
 LABELS_FILE = "labels.csv"
+MANIFEST_COLUMNS = ("path", "position", "grade", "source", "stage")  # any other column is metadata
 SOURCE_RE = re.compile(r"^(\d+)([lmt])$", re.IGNORECASE)
 POSITION_ALIASES: dict[str, int] = {
     **{name: i for i, name in enumerate(POSITION_NAMES)},
@@ -55,6 +58,7 @@ class Candidate:
     stage: int | None
     position: int  # index into POSITION_NAMES
     grade: float  # a value of the grade scale
+    meta: dict[str, str] = field(default_factory=dict, compare=False)  # a manifest CSV's other columns
 
 
 @dataclass(frozen=True)
@@ -367,7 +371,8 @@ def _discover_manifest(csv_path: Path, scale: tuple[float, ...]) -> Discovery:
             found.rejected.append(Rejection(rel, labels))
             continue
         source, stage, position, grade = labels
-        found.samples.append(Candidate(path.resolve(), rel, source, stage, position, grade))
+        meta = {k: v.strip() for k, v in row.items() if k and k not in MANIFEST_COLUMNS and (v or "").strip()}
+        found.samples.append(Candidate(path.resolve(), rel, source, stage, position, grade, meta))
     if not rows:
         raise DatasetError(f"manifest {csv_path.name} has no rows")
     found.samples.sort(key=lambda c: c.rel)
@@ -405,6 +410,4 @@ def _manifest_labels(row: dict[str, str], scale: tuple[float, ...]) -> tuple[str
         source = source.lower()
         if stage is None:
             stage = int(match.group(1))
-    if not source:
-        source = f"{stage}{POSITION_CODES[position]}" if stage is not None else POSITION_CODES[position]
-    return source, stage, position, grade
+    return (source or UNKNOWN_SOURCE), stage, position, grade

@@ -35,7 +35,10 @@ Shard set layout (the OUT of `cornpipe convert`):
 manifest.json keys:
     format_version  FORMAT_VERSION
     positions       class names, index = position label ("lower", "middle", "upper")
-    sources         source names, index = SOURCE_ID (e.g. "9l" ... "19t")
+    sources         source names, index = SOURCE_ID (e.g. "9l" ... "19t"; UNKNOWN_SOURCE when a manifest
+                    CSV has no source column)
+    metadata        the names of the manifest CSV's extra columns (e.g. ["camera", "origin"]), sorted; [] for
+                    the folder layout (absent in sets written before it: read as [])
     grade_scale     allowed grades, ascending (e.g. [0, 3, 5, 7, 9] or [0, 1, ..., 25])
     params          the convert parameters (write_mode, max_resolution, jpeg_quality, val_fraction,
                     seed, shard_size, formats, ...); "formats" lists what was written, a subset of
@@ -44,8 +47,10 @@ manifest.json keys:
                                "shards": [{"tar": ..., "index": ..., "count": k}, ...]}, "val": ...}
     counts          found / converted / rejected totals and per split x source x position x grade
     samples         one object a converted sample: {"id", "split", "row", "path" (original, relative
-                    to SRC), "source", "stage", "position", "grade", "width", "height", "sha256" (of
-                    the input file)}; ids are 0..N-1 over both splits, "row" is the index in its split
+                    to SRC), "source", "stage" (null: unknown), "position", "grade", "width", "height",
+                    "sha256" (of the input file), "meta" ({column: value} of the extra columns, an empty
+                    cell left out; absent in older sets)}; ids are 0..N-1 over both splits, "row" is
+                    the index in its split
     files           {"<file name>": {"sha256": hex, "bytes": n}} for every file written except
                     manifest.json itself (whose sha256 is in manifest.sha256, `sha256sum -c` format)
 """
@@ -67,6 +72,7 @@ SOURCE_ID = "source_id"
 POSITION_NAMES: tuple[str, ...] = ("lower", "middle", "upper")
 POSITION_CODES: tuple[str, ...] = ("l", "m", "t")  # folder suffix: 9l = stage 9, lower leaf
 STAGES: tuple[int, ...] = (9, 14, 19)
+UNKNOWN_SOURCE = "unknown"  # the source of a sample whose manifest CSV has no source column
 SOURCES: tuple[str, ...] = tuple(f"{s}{c}" for s in STAGES for c in POSITION_CODES)
 
 SPLITS: tuple[str, ...] = ("train", "val")
@@ -94,6 +100,17 @@ TAR_META_EXT = "json"
 # Readers name the sample id member with DALI's alternatives syntax (';'), which fn.readers.webdataset's
 # `ext` and ShardSet.read_member both take: new sets' .sample_id, else version 1's .id.
 TAR_ID_EXT = f"{TAR_SAMPLE_ID_EXT};{TAR_LEGACY_ID_EXT}"
+
+
+GROUP_FIELDS: tuple[str, ...] = ("stage", "source")  # sample fields to group by, besides the metadata columns
+
+
+def sample_value(sample: dict, key: str) -> str | int | None:
+    """A manifest sample's stage, source or metadata value (`key`); None when unknown."""
+    if key in GROUP_FIELDS:
+        value = sample.get(key)
+        return None if value is None or value == UNKNOWN_SOURCE else value
+    return sample.get("meta", {}).get(key)
 
 
 def beton_name(split: str) -> str:

@@ -86,6 +86,10 @@ def inspect_shards(root: Path | str) -> dict:
         "bytes": {**{k: disk.get(k, 0) for k in ("beton", "tar", "idx", "other")}, "total": sum(disk.values())},
         "rejected_reasons": dict(reasons.most_common()),
         "conflicting_duplicates": conflicting,
+        # {column: {split: {value: n}}}: what `cv --group COLUMN` would hold out (samples without a value uncounted)
+        "metadata": {key: {split: dict(sorted(Counter(shards.sample_value(s, key) for s in shards.samples(split)
+                                                      if shards.sample_value(s, key) is not None).items()))
+                           for split in shards.splits} for key in shards.metadata_keys()},
     }
 
 
@@ -123,6 +127,10 @@ def render_inspect(info: dict, console) -> None:
         table.add_row(split, source, position, *[str(by_grade.get(g, 0) or "") for g in grades],
                       str(sum(by_grade.values())))
     console.print(table)
+    for key, by_split in info.get("metadata", {}).items():  # a manifest CSV's extra columns
+        console.print(f"metadata {key}: " + "; ".join(
+            f"{split} " + ", ".join(f"{v} {n}" for v, n in counts.items()) for split, counts in by_split.items()),
+            markup=False, highlight=False, soft_wrap=True)
     sizes = Table(title="image sizes (px): stored (original)")
     for col in ("split", "width min/median/max", "height min/median/max"):
         sizes.add_column(col)

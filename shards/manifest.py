@@ -76,6 +76,7 @@ def build_manifest(folder: Path, *, params: Any, sources: Sequence[str], grade_s
         "format_version": F.FORMAT_VERSION,
         "positions": positions,
         "sources": list(sources),
+        "metadata": sorted({key for s in samples for key in s.get("meta", {})}),  # a manifest CSV's extra columns
         "grade_scale": [int(g) if float(g).is_integer() else float(g) for g in grade_scale],
         "params": {**asdict(params), "resize": "lanczos", "inputs": inputs},
         "splits": splits,

@@ -115,6 +115,12 @@ class ShardSet:
         except KeyError:
             raise LoaderError(f"unknown split '{split}' (this shard set has: {', '.join(self.splits)})") from None
 
+    def metadata_keys(self) -> list[str]:
+        """The manifest CSV's extra columns kept per sample ([] for the folder layout and older sets)."""
+        return list(self.manifest.get("metadata", []))
+
+    sample_value = staticmethod(F.sample_value)
+
     def count(self, split: str) -> int:
         return int(self._split(split)["count"])
 

@@ -266,7 +266,8 @@ def test_manifest_csv_input(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     samples = {s["path"]: s for s in ShardSet(out).manifest["samples"]}
     assert {p: (s["position"], s["source"], s["stage"]) for p, s in samples.items()} == {
-        "img/0.jpg": (0, "9l", 9), "img/1.jpg": (1, "m", None), "img/2.jpg": (2, "19t", 19),
+        # an empty source cell is unknown, never made up from the stage and the position
+        "img/0.jpg": (0, "unknown", 9), "img/1.jpg": (1, "unknown", None), "img/2.jpg": (2, "19t", 19),
         "img/3.jpg": (2, "fieldA", 14)}
     with open(out / "rejected.csv", newline="", encoding="utf-8") as f:
         rejected = {r["path"]: r["reason"] for r in csv.DictReader(f)}
