@@ -43,6 +43,7 @@ REPORT_FILE = "report.md"
 CURVES_FILE = "curves.png"
 CONFUSION_FILE = "confusion_matrix.png"
 GRADE_CONFUSION_FILE = "grade_confusion.png"
+PREDICTIONS_FILE = "val_predictions.csv"  # the best epoch's per-sample validation predictions (runs.evaluation)
 
 # (key, label, higher is better) in table order
 TABLE_METRICS: tuple[tuple[str, str, bool], ...] = (
@@ -284,7 +285,6 @@ def _latest_table(train: dict[str, Any], val: dict[str, Any], prev: dict[str, An
 
 def _predictions_lines(run_dir: Path, config: dict[str, Any], best: dict[str, Any] | None) -> list[str]:
     """Grade confusion and breakdown from RUN/val_predictions.csv (best.pt's epoch), joined with the manifest."""
-    from cornpipe.runs.run_dir import PREDICTIONS_FILE  # run_dir imports this module
 
     path = run_dir / PREDICTIONS_FILE
     if not path.is_file():

@@ -24,14 +24,16 @@ from cornpipe.runs.report import (
     CONFIG_FILE,
     CONFUSION_FILE,
     CURVES_FILE,
+    GRADE_CONFUSION_FILE,
     METRICS_FILE,
+    PREDICTIONS_FILE,
     REPORT_FILE,
     write_report,
 )
 from cornpipe.shards.atomic import check_can_create, check_not_an_input
 
-PREDICTIONS_FILE = "val_predictions.csv"  # the best epoch's per-sample validation predictions (runs.evaluation)
-RUN_FILES = (METRICS_FILE, CONFIG_FILE, BEST, LAST, REPORT_FILE, CURVES_FILE, CONFUSION_FILE, PREDICTIONS_FILE)
+RUN_FILES = (METRICS_FILE, CONFIG_FILE, BEST, LAST, REPORT_FILE, CURVES_FILE, CONFUSION_FILE, GRADE_CONFUSION_FILE,
+             PREDICTIONS_FILE)
 RUN_MARKER = ".cornpipe-run"  # written by cornpipe into every run folder it makes: what --force may clear
 OWN_ENTRIES = (RUN_MARKER, LOCK_NAME)  # entries that do not make a folder "used"
 RESUME_FREE = RESUME_OVERRIDABLE | {"channels_last"}  # may differ on resume (channels_last: resolved per machine)
