@@ -31,6 +31,7 @@ from cornpipe.models.metrics import snap_to_scale
 from cornpipe.runs.checkpoint import inference_weights, load_checkpoint
 from cornpipe.runs.config import TrainConfig, resolve_runtime
 from cornpipe.shards.atomic import check_can_create
+from cornpipe.shards.files import NotRegularFile, printable, read_regular_bytes
 from cornpipe.shards.imageio import IMAGE_EXTENSIONS, ImageRejected, encode_jpeg, prepare_image
 
 
@@ -56,7 +57,7 @@ def image_files(inputs: Sequence[Path]) -> list[Path]:
 def load_for_inference(path: Path, convert_params: dict, image_size: int,
                        norm: Normalization = IMAGENET) -> torch.Tensor:
     """One image file -> (3, S, S) float32, normalised as in training; ImageRejected/OSError when unreadable."""
-    prepared = prepare_image(path.read_bytes(), max_resolution=int(convert_params["max_resolution"]))
+    prepared = prepare_image(read_regular_bytes(path), max_resolution=int(convert_params["max_resolution"]))
     jpeg = encode_jpeg(prepared.pixels, int(convert_params["jpeg_quality"]))  # what the shards hold
     with Image.open(io.BytesIO(jpeg)) as image:
         return val_preprocess(image.convert("RGB"), image_size, AugmentConfig().val_crop_fraction, norm)
@@ -104,6 +105,8 @@ def predict(checkpoint: Path, inputs: Sequence[Path], out: Path, *, tta: bool = 
                 try:
                     tensors.append(load_for_inference(path, data["convert"], cfg.image_size, norm))
                     ok.append(path)
+                except NotRegularFile as exc:  # a named pipe would block: never read
+                    errors[path] = exc.reason
                 except (ImageRejected, OSError) as exc:
                     errors[path] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if tensors:
@@ -115,11 +118,11 @@ def predict(checkpoint: Path, inputs: Sequence[Path], out: Path, *, tta: bool = 
             rows = {p: i for i, p in enumerate(ok)}
             for path in chunk:  # input order
                 if path in errors:
-                    writer.writerow([str(path), *[""] * (len(positions) + 3), errors[path]])
+                    writer.writerow([printable(path), *[""] * (len(positions) + 3), printable(errors[path])])
                     failed += 1
                     continue
                 i = rows[path]
-                writer.writerow([str(path), positions[int(prob[i].argmax())], *(f"{p:.6f}" for p in prob[i]),
+                writer.writerow([printable(path), positions[int(prob[i].argmax())], *(f"{p:.6f}" for p in prob[i]),
                                  f"{grade[i]:.4f}", f"{snapped[i]:g}", ""])
                 predicted += 1
     return PredictSummary(out=out, predicted=predicted, failed=failed)

@@ -12,6 +12,9 @@ from typing import Any
 import click
 
 from cornpipe.errors import CornpipeError
+from cornpipe.shards.split import SEED_MAX
+
+SEED = click.IntRange(0, SEED_MAX)  # every --seed: out of range is one usage `Error:` line, not numpy's traceback
 
 
 def one_line(exc: BaseException) -> str:

@@ -29,6 +29,7 @@ from cornpipe.runs.config import (
     config_from_sources,
 )
 from cornpipe.runs.report import write_report
+from cornpipe.shards.split import SEED_MAX
 
 FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
@@ -166,8 +167,8 @@ def _parse_seeds(text: str) -> list[int]:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         seeds = []
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise ConfigError(f"--seeds must be distinct non-negative integers, e.g. 0,1,2 (got {text!r})")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0 or max(seeds) > SEED_MAX:
+        raise ConfigError(f"--seeds must be distinct integers in 0..2**63-1, e.g. 0,1,2 (got {text!r})")
     return seeds
 
 

@@ -29,6 +29,7 @@ from typing import Any
 from cornpipe.errors import ConfigError
 from cornpipe.loaders.base import BACKENDS, DEFAULT_IMAGE_SIZE, OVERSAMPLE_STRATEGIES
 from cornpipe.models.heads import GRADE_HEADS
+from cornpipe.shards.split import SEED_MAX
 
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 OPTIMIZER_DEFAULTS: dict[str, tuple[float, float]] = {"adamw": (1e-3, 0.05), "sgd": (0.05, 5e-4)}  # lr, wd
@@ -38,6 +39,7 @@ AMP_MODES: tuple[str, ...] = ("auto", "fp16", "bf16", "off")
 #   combined: position_macro_f1 - grade_mae / max(grade_scale)   (both parts in [0, 1]-ish units,
 #             so one grade step on 0..9 costs as much as ~11 points of macro-F1)
 FOLD_GROUPS: tuple[str, ...] = ("none", "stage", "source")
+MAX_BOOTSTRAP = 10_000  # resamples: memory grows with resamples x val samples, and 1000 already settles a 95 % interval
 MONITORS: tuple[str, ...] = ("combined", "position_macro_f1", "position_accuracy", "grade_mae",
                              "grade_qwk", "loss")
 
@@ -139,6 +141,12 @@ class TrainConfig:
             value = getattr(self, name)
             check(math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0 (got {value})")
         check(self.lr > 0, f"lr must be > 0 (got {self.lr})")
+        for name in ("seed", "fold_seed"):  # numpy and torch seeds are 64-bit: say so before any work
+            value = getattr(self, name)
+            check(0 <= value <= SEED_MAX, f"{name} must be in 0..2**63-1 (got {value})")
+        check(self.bootstrap <= MAX_BOOTSTRAP, f"bootstrap must be at most {MAX_BOOTSTRAP} resamples (got "
+              f"{self.bootstrap}): each resample holds a copy of the val predictions, and the intervals settle "
+              "long before")
         check(math.isfinite(self.dist_timeout) and self.dist_timeout > 0,
               f"dist_timeout must be > 0 seconds (got {self.dist_timeout})")
         check(math.isfinite(self.trunk_lr_scale) and self.trunk_lr_scale > 0,

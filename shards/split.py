@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+SEED_MAX = 2**63 - 1  # the largest seed torch takes (int64); numpy takes no negative one: every --seed is 0..this
+
 
 def assign_split(position: np.ndarray, grade: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
     """Boolean mask (N,), True = validation.
