@@ -7,12 +7,14 @@ Two layouts are understood:
   sub-folders (`SRC/9l/5/leaf.jpg`). Files directly in SRC that are not images (a README, a summary)
   are dataset metadata and not inputs; everything else found is an input.
 - a manifest CSV with columns `path,position,grade` and optional `source,stage`; `path` is relative to
-  the CSV's folder and may not leave it. Every row is an input.
+  the CSV's folder and may not leave it. Every row is an input: a path on several rows with other labels
+  rejects every row ("conflicting labels", as identical bytes under other labels do); with the same
+  labels, the first row is kept. A column named twice is an error: no silent choice of labels.
 
 Label problems become rejections (`Rejection(path, reason)`), never exceptions; only a layout that cannot
 be used at all raises `DatasetError` with a one-line message. A named pipe, device, socket, broken or
 looping symlink, or a folder named like an image is an input too, rejected with what it is
-(`file_problem`) and never opened.
+(`file_problem`) and never opened. A name that is not valid UTF-8 is rejected under an escaped form.
 """
 
 from __future__ import annotations
