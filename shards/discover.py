@@ -300,6 +300,10 @@ def _discover_source(root: Path, folder: Path, scale: tuple[float, ...], found: 
             return
         found.samples.append(Candidate(f.resolve(), rel(f), source, stage, position, grade))
 
+    problem = file_problem(labels_path) if os.path.lexists(labels_path) else None
+    if problem:  # a labels.csv that cannot be read must not turn into "no labels.csv here"
+        raise DatasetError(f"{rel(labels_path)} is {problem}" if problem.startswith("not a")
+                           else f"{rel(labels_path)}: {problem}")
     if labels_path.is_file():
         display = rel(labels_path)
         rows = _read_csv(labels_path, ("file", "grade"), display)

@@ -334,7 +334,8 @@ def check_shards(root: Path | str, hash_limit_bytes: int = HASH_LIMIT_BYTES) -> 
         raise VerifyError(f"{next(iter(damaged.values()))}; run `cornpipe verify` or convert again")
     if damaged:
         raise VerifyError(f"{len(damaged)} files are damaged: " + "; ".join(damaged.values()))
-    return {"files": files, "bytes": total, "hashed": hashes, "seconds": round(time.perf_counter() - start, 3)}
+    return {"files": files, "bytes": total, "hashed": hashes, "seconds": round(time.perf_counter() - start, 3),
+            "manifest_hashed": (shards.root / F.MANIFEST_HASH).exists()}  # False: a version 1 set from before it
 
 
 def dumps(info: dict) -> str:

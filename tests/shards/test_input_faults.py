@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cli_run, error_line, jpeg_bytes
+from conftest import as_format_version_1, cli_run, error_line, jpeg_bytes
 
 from cornpipe.errors import VerifyError
 from cornpipe.shards import fields as F
@@ -56,6 +56,17 @@ def test_deleting_manifest_sha256_does_not_skip_the_check(tiny_shards: Path, tmp
     assert not (tmp_path / "run" / "last.pt").exists()
     result = run("verify", copy)
     assert result.exit_code == 1 and "manifest.sha256 is missing" in error_line(result)
+
+
+def test_a_version_1_set_from_before_manifest_sha256_says_what_was_not_checked(tiny_shards: Path,
+                                                                              tmp_path: Path) -> None:
+    old = as_format_version_1(tiny_shards, tmp_path / "v1")
+    (old / F.MANIFEST_HASH).unlink()
+    checked = check_shards(old)
+    assert checked["manifest_hashed"] is False and checked["hashed"] is True
+    (old / "train-000000.tar").write_bytes(b"edited")  # the file hashes inside the manifest still hold
+    with pytest.raises(VerifyError, match="train-000000.tar is damaged"):
+        check_shards(old)
 
 
 # --------------------------------------------------------------------------- a manifest CSV's rows and columns
@@ -139,6 +150,16 @@ def test_the_16_bit_rule_is_recorded_in_the_manifest(tiny_shards: Path) -> None:
 
 
 # --------------------------------------------------------------------------- names and paths
+
+def test_a_labels_csv_that_is_a_fifo_is_an_error(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "9l").mkdir(parents=True)
+    (src / "9l" / "a.jpg").write_bytes(jpeg_bytes(0))
+    os.mkfifo(src / "9l" / "labels.csv")
+    result = run("convert", src, tmp_path / "out", "--formats", "wds", "--workers", 1)
+    assert result.exit_code == 1
+    assert error_line(result) == "Error: 9l/labels.csv is not a regular file (named pipe)"
+
 
 def _grade_folder_survey(tmp_path: Path) -> Path:
     src = tmp_path / "src"
