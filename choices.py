@@ -13,3 +13,4 @@ MIN_IMAGE_SIZE = 8  # px: the one lower bound, checked by the run config and by 
 OVERSAMPLE_STRATEGIES: tuple[str, ...] = ("none", "balanced", "sqrt", "joint")
 DEFAULT_OVERSAMPLE = "balanced"  # a training run's draw of train rows (rare position classes come up as often)
 GRADE_HEADS: tuple[str, ...] = ("regression", "corn")
+SEED_MAX = 2**63 - 1  # the largest seed torch takes (int64); numpy takes no negative one: every --seed is 0..this

@@ -37,6 +37,7 @@ from cornpipe.runs import evaluation
 from cornpipe.runs.build import Run, model_checkpoint, run_from_checkpoint
 from cornpipe.runs.checkpoint import load_checkpoint
 from cornpipe.shards.atomic import check_can_create, check_not_an_input, check_own_file, write_atomically
+from cornpipe.shards.files import NotRegularFile, printable, read_regular_bytes
 from cornpipe.shards.imageio import (
     IMAGE_EXTENSIONS,
     ImageRejected,
@@ -70,7 +71,7 @@ def image_files(inputs: Sequence[Path]) -> list[Path]:
 
 def load_for_inference(path: Path, convert_params: dict, image_size: int, norm: Normalization) -> torch.Tensor:
     """One image file -> (3, S, S) float32, normalised as in training; ImageRejected/OSError when unreadable."""
-    prepared = prepare_image(path.read_bytes(), max_resolution=int(convert_params["max_resolution"]))
+    prepared = prepare_image(read_regular_bytes(path), max_resolution=int(convert_params["max_resolution"]))
     return _as_stored(prepared.pixels, convert_params, image_size, norm)
 
 
@@ -139,6 +140,8 @@ class Model:
                     tensors.append(load_for_inference(Path(image), params, cfg.image_size, self.run.normalization))
                 else:
                     tensors.append(pixels_for_inference(image, params, cfg.image_size, self.run.normalization))
+            except NotRegularFile as exc:  # a named pipe would block: never read
+                errors[i] = exc.reason
             except (ImageRejected, OSError) as exc:
                 errors[i] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if tensors:
@@ -173,6 +176,8 @@ def load_model(model: Path | str, *, device: str = "auto", tta: bool = False, ba
 def _csv_text(key: str, value: Any) -> Any:
     """A row's value as predict's CSV writes it, as val_predictions.csv does: floats as float32's shortest
     round-trip text, a scale level as %g."""
+    if key in ("path", "error") and isinstance(value, str):
+        return printable(value)  # a file name that is not UTF-8, escaped: the CSV stays text
     if not isinstance(value, float):
         return value
     return f"{value:g}" if key == "grade_pred_level" else str(np.float32(value))

@@ -291,9 +291,10 @@ def setup(cfg: TrainConfig, ctx: DistContext, *, resume: bool, force: bool, cons
     if cfg.verify and ctx.is_main:  # flipped bytes or an edited label must not train silently
         # (`--no-verify` skips; one rank reads the files: a failure there ends the group like any other)
         checked = check_shards(cfg.shards)
+        unchecked = "" if checked["manifest_hashed"] else "; not manifest.json (a version 1 set without manifest.sha256)"
         console.print(f"checked {cfg.shards}: {checked['files']} files, sizes"
                       f"{' and sha256' if checked['hashed'] else ' (over 2 GB: sha256 left to cornpipe verify)'}"
-                      f" in {checked['seconds']:.1f} s", soft_wrap=True)
+                      f" in {checked['seconds']:.1f} s{unchecked}", soft_wrap=True)
 
     torch.manual_seed(cfg.seed)  # initial weights
     run = build_run(cfg, data["positions"], data["grade_scale"], fold=fold,

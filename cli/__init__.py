@@ -15,11 +15,27 @@ its traceback.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Sequence
 
 import click
 
-from cornpipe.cli.handler import CornpipeGroup, one_line
+
+def _refuse_a_deleted_cwd() -> None:
+    """A working folder deleted under the shell: numpy's MKL aborts at import with `Intel oneMKL FATAL
+    ERROR` (exit 2), and every relative path would point nowhere. One line instead, before that import."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        sys.stderr.write("Error: the current folder no longer exists (deleted?); cd to a folder that exists "
+                         "and run again\n")
+        raise SystemExit(1) from None
+
+
+_refuse_a_deleted_cwd()
+
+from cornpipe.cli.handler import CornpipeGroup, one_line  # noqa: E402  (after the check: it imports numpy)
 
 
 @click.group(cls=CornpipeGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -45,6 +61,9 @@ _register()
 
 def main(args: Sequence[str] | None = None, prog_name: str = "cornpipe") -> None:
     """The `cornpipe` console script (and `python -m cornpipe`; `python -m cornpipe.train` hands over to it)."""
+    if sys.stdout is None:  # `>&-`: refused, since a file opened later could take fd 1 and get the output
+        click.echo("Error: standard output is closed; send it somewhere (> /dev/null to discard it)", err=True)
+        raise SystemExit(1)
     cli.main(args=list(args) if args is not None else None, prog_name=prog_name)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from cornpipe.choices import DEFAULT_IMAGE_SIZE, MIN_IMAGE_SIZE, OVERSAMPLE_STRATEGIES
-from cornpipe.cli.handler import CornpipeGroup
+from cornpipe.cli.handler import SEED, CornpipeGroup
 from cornpipe.errors import CornpipeError
 
 _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -91,7 +91,7 @@ def bench() -> None:
 @click.option("--ceiling/--no-ceiling", default=True, show_default=True,
               help="Measure the decode-only ceiling of the shard JPEGs.")
 @click.option("--ceiling-decoder", type=click.Choice(["pil", "cv2"]), default="pil", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--work", type=click.Choice(["same", "full", "both"]), default="same", show_default=True,
               help="same: every row does crop + horizontal flip + normalise, as the peers; full: cornpipe's "
                    "backends keep their default augmentation (vertical flip, colour jitter); both: a same and a "
@@ -161,7 +161,7 @@ def loaders_command(shards: tuple[Path, ...], raw_shards: tuple[Path, ...], sour
               help="Timed window.")
 @click.option("--steps", type=click.IntRange(1), default=None, help="Steps per window instead of --seconds.")
 @click.option("--repeats", type=click.IntRange(1), default=3, show_default=True, help="Windows per variant.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--timeout", "timeout_s", type=click.FloatRange(1), default=900.0, show_default=True,
               help="Seconds allowed for one variant.")
 @click.option("--json", "json_path", type=_OUT_FILE, default=None, help="Write the results here.")

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from cornpipe.cli.handler import CornpipeCommand
+from cornpipe.cli.handler import SEED, CornpipeCommand
 from cornpipe.errors import CornpipeError
 from cornpipe.shards.fields import DEFAULT_GRADE_SCALE, DEFAULT_MAX_PIXELS, WRITE_MODES
 from cornpipe.shards.synth import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, parse_grade_scale, parse_position_weights
@@ -54,7 +54,7 @@ _position_weights_option = parsed_option(parse_position_weights)  # `0.6,0.3,0.1
               callback=grade_scale_option, help="Allowed grades, ascending: a list 0,3,5,7,9 or a range 0-25.")
 @click.option("--position-weights", default=None, callback=_position_weights_option,
               help="Share of lower,middle,upper images, e.g. 0.6,0.3,0.1 (default: balanced).")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="Same seed, same bytes.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Processes drawing images [default: all cores]; the output does not depend on it.")
@@ -92,7 +92,7 @@ def synth(out: str, per_source: int, image_size: int, grade_scale: tuple[int, ..
               help="How the .beton stores pixels: JPEG, raw, or smart (raw for small images).")
 @click.option("--jpeg-quality", type=int, default=90, show_default=True)
 @click.option("--workers", type=int, default=None, help="Processes for decoding/writing [default: all cores].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val split.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the train/val split.")
 @click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Decompression-bomb limit: larger inputs are rejected.")
 @click.option("--shard-size", type=int, default=1000, show_default=True, help="Samples per tar shard.")

@@ -11,7 +11,10 @@ from typing import Any
 
 import click
 
+from cornpipe.choices import SEED_MAX
 from cornpipe.errors import CornpipeError
+
+SEED = click.IntRange(0, SEED_MAX)  # every --seed: out of range is one usage `Error:` line, not numpy's traceback
 
 
 def one_line(exc: BaseException) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from cornpipe.choices import BACKENDS, GRADE_HEADS, OVERSAMPLE_STRATEGIES
+from cornpipe.choices import BACKENDS, GRADE_HEADS, OVERSAMPLE_STRATEGIES, SEED_MAX
 from cornpipe.cli.handler import CornpipeCommand
 from cornpipe.errors import ConfigError
 from cornpipe.runs.config import (
@@ -169,8 +169,8 @@ def _parse_seeds(text: str) -> list[int]:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         seeds = []
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise ConfigError(f"--seeds must be distinct non-negative integers, e.g. 0,1,2 (got {text!r})")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0 or max(seeds) > SEED_MAX:
+        raise ConfigError(f"--seeds must be distinct integers in 0..2**63-1, e.g. 0,1,2 (got {text!r})")
     return seeds
 
 

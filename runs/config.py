@@ -33,6 +33,7 @@ from cornpipe.choices import (
     GRADE_HEADS,
     MIN_IMAGE_SIZE,
     OVERSAMPLE_STRATEGIES,
+    SEED_MAX,
 )
 from cornpipe.errors import ConfigError
 
@@ -46,6 +47,7 @@ AMP_MODES: tuple[str, ...] = ("auto", "fp16", "bf16", "off")
 #             A task constant in the train split is left out of it (runs.tasks).
 FOLD_GROUPS: tuple[str, ...] = ("none", "stage", "source")  # built in; any manifest metadata column groups too
 DEFAULT_LOSS_WEIGHTS: tuple[float, float] = (0.7, 0.3)  # (position, grade) when loss_weights is not set
+MAX_BOOTSTRAP = 10_000  # resamples: memory grows with resamples x val samples, and 1000 already settles a 95 % interval
 MONITORS: tuple[str, ...] = ("combined", "position_macro_f1", "position_accuracy", "grade_mae",
                              "grade_qwk", "loss")
 
@@ -152,6 +154,12 @@ class TrainConfig:
             value = getattr(self, name)
             check(math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0 (got {value})")
         check(self.lr > 0, f"lr must be > 0 (got {self.lr})")
+        for name in ("seed", "fold_seed"):  # numpy and torch seeds are 64-bit: say so before any work
+            value = getattr(self, name)
+            check(0 <= value <= SEED_MAX, f"{name} must be in 0..2**63-1 (got {value})")
+        check(self.bootstrap <= MAX_BOOTSTRAP, f"bootstrap must be at most {MAX_BOOTSTRAP} resamples (got "
+              f"{self.bootstrap}): each resample holds a copy of the val predictions, and the intervals settle "
+              "long before")
         check(math.isfinite(self.dist_timeout) and self.dist_timeout > 0,
               f"dist_timeout must be > 0 seconds (got {self.dist_timeout})")
         check(math.isfinite(self.trunk_lr_scale) and self.trunk_lr_scale > 0,

@@ -56,6 +56,7 @@ from cornpipe.shards.atomic import (
 )
 from cornpipe.shards.discover import Candidate, Discovery, Rejection, discover
 from cornpipe.shards.duplicates import check_accounting, resolve_duplicates
+from cornpipe.shards.files import printable
 from cornpipe.shards.imageio import DEFAULT_MAX_PIXELS
 from cornpipe.shards.manifest import (
     build_manifest,
@@ -346,8 +347,8 @@ def _convert_into(tmp: Path, found: Discovery, params: ConvertParams, workers: i
     manifest = build_manifest(
         tmp, params=params, sources=sources, grade_scale=found.grade_scale, splits=splits, samples=samples,
         found=n_found, rejected=n_rej,
-        inputs={"src": str(src) if src is not None else None,
-                "manifest": str(manifest_csv) if manifest_csv is not None else None},
+        inputs={"src": printable(src) if src is not None else None,
+                "manifest": printable(manifest_csv) if manifest_csv is not None else None},
     )
     write_json(tmp / F.MANIFEST, manifest)
     write_manifest_hash(tmp)  # last: what `train` and `verify` check the manifest against

@@ -7,25 +7,27 @@ Two layouts are understood:
   sub-folders (`SRC/9l/5/leaf.jpg`). Files directly in SRC that are not images (a README, a summary)
   are dataset metadata and not inputs; everything else found is an input.
 - a manifest CSV with columns `path,position,grade` and optional `source,stage`; `path` is relative to
-  the CSV's folder and may not leave it. Every row is an input. Without a source (stage) column the
-  source is UNKNOWN_SOURCE (the stage None): never made up from the position. Every other column
-  (`origin`, `camera`, `field_id`, ...) is kept as the sample's metadata (`Candidate.meta`).
+  the CSV's folder and may not leave it. Every row is an input: a path on several rows with other labels
+  rejects every row ("conflicting labels", as identical bytes under other labels do); with the same
+  labels, the first row is kept. A column named twice is an error: no silent choice of labels. Without a
+  source (stage) column the source is UNKNOWN_SOURCE (the stage None): never made up from the position.
+  Every other column (`origin`, `camera`, `field_id`, ...) is kept as the sample's metadata (`Candidate.meta`).
 
 Label problems become rejections (`Rejection(path, reason)`), never exceptions; only a layout that cannot
 be used at all raises `DatasetError` with a one-line message. A named pipe, device, socket, broken or
 looping symlink, or a folder named like an image is an input too, rejected with what it is
-(`file_problem`) and never opened.
+(`file_problem`) and never opened. A name that is not valid UTF-8 is rejected under an escaped form.
 """
 
 from __future__ import annotations
 
 import csv
 import errno
+import io
 import math
 import os
 import posixpath
 import re
-import stat
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,7 +36,11 @@ from pathlib import Path
 from cornpipe.errors import DatasetError
 from cornpipe.grades import check_grade_scale
 from cornpipe.shards.fields import DEFAULT_GRADE_SCALE, POSITION_CODES, POSITION_NAMES, UNKNOWN_SOURCE
+from cornpipe.shards.files import NotRegularFile, is_printable, kind_of, open_regular, printable
 from cornpipe.shards.imageio import IMAGE_EXTENSIONS
+
+CONFLICTING_LABELS = "identical bytes, conflicting labels"  # the reason, before ": <each copy's labels>"
+NOT_UTF8 = "file name is not valid UTF-8 (rename the file)"
 
 LABELS_FILE = "labels.csv"
 MANIFEST_COLUMNS = ("path", "position", "grade", "source", "stage")  # any other column is metadata
@@ -132,29 +138,35 @@ def _is_hidden(rel_parts: Sequence[str]) -> bool:
     return any(part.startswith(".") for part in rel_parts)
 
 
-_NOT_REGULAR = ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "named pipe"), (stat.S_ISCHR, "character device"),
-                (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))
-
-
 def file_problem(path: Path) -> str | None:
     """Why `path` cannot be read as an input file (a rejection reason), or None for a regular file.
 
     Only the file's metadata is looked at: a named pipe or /dev/zero is never opened.
     """
+    if "\x00" in os.fspath(path):
+        return "path has a NUL byte"
     try:
         mode = path.stat().st_mode  # follows symlinks
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             return "symlink loop"
+        if exc.errno == errno.ENAMETOOLONG:
+            return f"path too long for the file system ({len(os.fsencode(path))} bytes)"
         if path.is_symlink():
             return f"broken symlink (points to {os.readlink(path)}, which does not exist)"
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
             return "file does not exist"
         return f"cannot read file ({exc.strerror or exc})"
-    if stat.S_ISREG(mode):
-        return None
-    kind = next((name for test, name in _NOT_REGULAR if test(mode)), "special file")
-    return f"not a regular file ({kind})"
+    kind = kind_of(mode)
+    return None if kind is None else f"not a regular file ({kind})"
+
+
+def conflicting_labels_reason(copies: Sequence[tuple[str, int, float]]) -> str:
+    """The one reason every copy of an input filed under different labels is rejected with:
+    `(name, position, grade)` of each copy, sorted by name."""
+    labels = ", ".join(f"{name} is {POSITION_NAMES[position]} grade {format_number(grade)}"
+                       for name, position, grade in sorted(copies))
+    return f"{CONFLICTING_LABELS}: {labels}"
 
 
 def _files_under(folder: Path) -> list[Path]:
@@ -173,12 +185,16 @@ def _files_under(folder: Path) -> list[Path]:
 def _read_csv(path: Path, required: Sequence[str], display: str) -> list[tuple[int, dict[str, str]]]:
     """Rows (line number, {lower-cased column: cell}) of a CSV, checking the header."""
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        with io.TextIOWrapper(open_regular(path), newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             header = next(reader, None)
             if header is None:
                 raise DatasetError(f"{display} is empty (needs columns {','.join(required)})")
             columns = [h.strip().lower() for h in header]
+            for i, name in enumerate(columns):
+                if name and name in columns[:i]:  # which one holds the labels? neither is chosen silently
+                    raise DatasetError(f"{display} names the column '{name}' twice (columns "
+                                       f"{columns.index(name) + 1} and {i + 1}); keep one")
             missing = [c for c in required if c not in columns]
             if missing:
                 raise DatasetError(
@@ -192,6 +208,10 @@ def _read_csv(path: Path, required: Sequence[str], display: str) -> list[tuple[i
             return rows
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{display} is not UTF-8 text ({exc.reason})") from exc
+    except NotRegularFile as exc:
+        raise DatasetError(f"{display} is {exc.reason}") from exc
+    except OSError as exc:
+        raise DatasetError(f"{display} is unreadable ({exc.strerror or exc})") from exc
     except csv.Error as exc:
         raise DatasetError(f"{display} is not a readable CSV ({exc})") from exc
 
@@ -208,13 +228,26 @@ def discover(src: Path | str | None, manifest_csv: Path | str | None = None,
     """Every input under `src` (directory layout) or listed in `manifest_csv`, with its labels."""
     scale = normalise_scale(grade_scale)
     if manifest_csv is not None:
-        return _discover_manifest(Path(manifest_csv), scale)
+        return _printable_names(_discover_manifest(Path(manifest_csv), scale))
     if src is None:
         raise DatasetError("give a source folder or --manifest CSV")
     root = Path(src)
     if not root.is_dir():
         raise DatasetError(f"{root} is not a folder")
-    return _discover_folders(root, scale)
+    return _printable_names(_discover_folders(root, scale))
+
+
+def _printable_names(found: Discovery) -> Discovery:
+    """Inputs whose names are not valid UTF-8 are rejected under an escaped name (`caf\\xe9.jpg`):
+    manifest.json and rejected.csv are UTF-8, and a name that cannot be written cannot be traced back."""
+    bad = [c for c in found.samples if not is_printable(c.rel)]
+    if not bad and all(is_printable(r.path) and is_printable(r.reason) for r in found.rejected):
+        return found
+    found.samples = [c for c in found.samples if is_printable(c.rel)]
+    found.rejected = sorted([Rejection(printable(r.path), NOT_UTF8 if not is_printable(r.path) else printable(r.reason))
+                             for r in found.rejected] + [Rejection(printable(c.rel), NOT_UTF8) for c in bad],
+                            key=lambda r: r.path)
+    return found
 
 
 def _discover_folders(root: Path, scale: tuple[float, ...]) -> Discovery:
@@ -266,6 +299,10 @@ def _discover_source(root: Path, folder: Path, scale: tuple[float, ...], found: 
             return
         found.samples.append(Candidate(f.resolve(), rel(f), source, stage, position, grade))
 
+    problem = file_problem(labels_path) if os.path.lexists(labels_path) else None
+    if problem:  # a labels.csv that cannot be read must not turn into "no labels.csv here"
+        raise DatasetError(f"{rel(labels_path)} is {problem}" if problem.startswith("not a")
+                           else f"{rel(labels_path)}: {problem}")
     if labels_path.is_file():
         display = rel(labels_path)
         rows = _read_csv(labels_path, ("file", "grade"), display)
@@ -338,23 +375,27 @@ def _discover_manifest(csv_path: Path, scale: tuple[float, ...]) -> Discovery:
     root = csv_path.resolve().parent
     found = Discovery(root=root, grade_scale=scale)
     rows = _read_csv(csv_path, ("path", "position", "grade"), csv_path.name)
-    first_line: dict[str, int] = {}
+    listed: dict[str, list[tuple[int, dict[str, str]]]] = {}  # path -> its rows, in file order
     for line, row in rows:
         cell = (row.get("path") or "").strip()
-        where = f"{csv_path.name}:{line}"
         if not cell:
-            found.rejected.append(Rejection(where, "row without a path"))
+            found.rejected.append(Rejection(f"{csv_path.name}:{line}", "row without a path"))
             continue
         rel = _clean_rel(cell)
         if rel is None:
             found.rejected.append(Rejection(cell, "path escapes the manifest's folder (absolute or '..')"))
             continue
-        rel = _nfc(rel)
-        if rel in first_line:
-            found.rejected.append(Rejection(
-                rel, f"listed again in {csv_path.name} (line {line}; first on line {first_line[rel]})"))
+        listed.setdefault(_nfc(rel), []).append((line, row))
+    for rel, entries in listed.items():
+        labelled = [(line, _manifest_labels(row, scale)) for line, row in entries]
+        valid = {(line, lab[2], lab[3]) for line, lab in labelled if not isinstance(lab, str)}
+        if len({(position, grade) for _, position, grade in valid}) > 1:  # no silent choice: every row out
+            reason = conflicting_labels_reason([(f"{rel} (line {line})", p, g) for line, p, g in valid])
+            found.rejected += [Rejection(rel, reason) for _ in entries]
             continue
-        first_line[rel] = line
+        (line, labels), *again = labelled
+        found.rejected += [Rejection(rel, f"listed again in {csv_path.name} (line {n}; first on line {line})")
+                           for n, _ in again]
         path = root / rel
         problem = file_problem(path)
         if problem:
@@ -366,7 +407,6 @@ def _discover_manifest(csv_path: Path, scale: tuple[float, ...]) -> Discovery:
         if bad_ext:
             found.rejected.append(Rejection(rel, bad_ext))
             continue
-        labels = _manifest_labels(row, scale)
         if isinstance(labels, str):
             found.rejected.append(Rejection(rel, labels))
             continue

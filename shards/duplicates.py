@@ -12,9 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cornpipe.errors import ConvertError
-from cornpipe.shards import fields as F
-from cornpipe.shards.discover import Candidate, Rejection, format_number
-from cornpipe.shards.manifest import CONFLICTING_LABELS
+from cornpipe.shards.discover import Candidate, Rejection, conflicting_labels_reason
 
 
 def resolve_duplicates(decoded: Sequence[tuple[Candidate, Any]]) -> tuple[list, list[Rejection]]:
@@ -29,9 +27,8 @@ def resolve_duplicates(decoded: Sequence[tuple[Candidate, Any]]) -> tuple[list, 
     for cand, prep in decoded:
         group = copies[prep.sha256]
         if len({(c.position, c.grade) for c in group}) > 1:
-            labels = ", ".join(f"{c.rel} is {F.POSITION_NAMES[c.position]} grade {format_number(c.grade)}"
-                               for c in sorted(group, key=lambda c: c.rel))
-            rejected.append(Rejection(cand.rel, f"{CONFLICTING_LABELS}: {labels}"))
+            rejected.append(Rejection(cand.rel, conflicting_labels_reason([(c.rel, c.position, c.grade)
+                                                                            for c in group])))
         elif cand is not group[0]:
             rejected.append(Rejection(cand.rel, f"duplicate of {group[0].rel} (same bytes)"))
         else:

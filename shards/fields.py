@@ -42,7 +42,8 @@ manifest.json keys:
     grade_scale     allowed grades, ascending (e.g. [0, 3, 5, 7, 9] or [0, 1, ..., 25])
     params          the convert parameters (write_mode, max_resolution, jpeg_quality, val_fraction,
                     seed, shard_size, formats, ...); "formats" lists what was written, a subset of
-                    FORMATS that always holds "wds" (absent in older manifests: both)
+                    FORMATS that always holds "wds" (absent in older manifests: both); "high_bit_depth"
+                    the rule 16-bit and float inputs were made 8-bit by (absent in older manifests)
     splits          {"train": {"count": n, "beton": "train.beton" (null without "beton" in formats),
                                "shards": [{"tar": ..., "index": ..., "count": k}, ...]}, "val": ...}
     counts          found / converted / rejected totals and per split x source x position x grade

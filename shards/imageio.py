@@ -9,8 +9,10 @@ rejected.csv. Decisions (documented in the README's convert section):
   end-of-image marker must be present (libjpeg pads a file cut at the very end silently);
 - EXIF orientation is applied (`ImageOps.exif_transpose`);
 - transparency is composited onto white (cut-out leaves on a white sheet), not dropped;
-- high bit-depth (16-bit, 32-bit int, float) is stretched per image from its min..max to 0..255
-  (survey exports rarely use the full 16-bit range, so `>> 8` would give near-black images);
+- high bit-depth (16-bit, 32-bit int, float) is stretched per image from its min..max to 0..255,
+  grey and colour alike, over all bands together so hues keep (survey exports rarely use the full
+  16-bit range, so `>> 8` would give near-black images); PIL keeps only the high byte of a 16-bit
+  colour PNG, so those are read in full (`_png16_colour`);
 - multi-band images take their first three bands as RGB; one band is grey; two bands are rejected;
 - resizing uses LANCZOS so the longest side is at most `max_resolution`; images are never upscaled.
 """
@@ -32,6 +34,7 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
 )
 WHITE = (255, 255, 255)
+HIGH_BIT_DEPTH_RULE = "stretch: each image's min..max to 0..255, grey and colour alike"  # in manifest params
 
 
 class ImageRejected(Exception):
@@ -136,6 +139,34 @@ def _composite_on_white(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
+def _is_png16_colour(image: Image.Image) -> bool:
+    return image.format == "PNG" and len(image.tile) == 1 and image.tile[0][3] in ("RGB;16B", "RGBA;16B")
+
+
+def _png16_colour(data: bytes, repairs: list[str]) -> Image.Image:
+    """A 16-bit RGB(A) PNG in full, stretched as 16-bit grey is. PIL decodes it to 8 bits by keeping
+    each sample's high byte; decoding again with the little-endian unpacker (same filters, same
+    sample width) yields the low bytes."""
+    planes = []
+    for order in ("16B", "16L"):  # high bytes, then low bytes
+        with Image.open(io.BytesIO(data)) as image:
+            tile = image.tile[0]
+            args = tile[3].replace("16B", order)
+            image.tile = [tile._replace(args=args) if hasattr(tile, "_replace") else (*tile[:3], args)]
+            try:
+                image.load()
+            except (OSError, SyntaxError, ValueError, EOFError) as exc:
+                raise ImageRejected(f"truncated or corrupt image data ({exc})") from exc
+            planes.append(np.asarray(image, dtype=np.uint16))
+    array = planes[0] << 8 | planes[1]  # (H, W, 3|4)
+    rgb = _stretch_to_uint8(array[:, :, :3])
+    repairs.append(f"16-bit {'RGBA' if array.shape[2] == 4 else 'RGB'} PNG stretched to 8-bit RGB")
+    if array.shape[2] == 3:
+        return Image.fromarray(rgb, "RGB")
+    alpha = (array[:, :, 3] >> 8).astype(np.uint8)
+    return _composite_on_white(Image.fromarray(np.dstack([rgb, alpha]), "RGBA"))
+
+
 def _to_rgb(image: Image.Image, repairs: list[str]) -> Image.Image:
     mode = image.mode
     if mode == "RGB":
@@ -220,6 +251,8 @@ def decode_rgb(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
             _check_jpeg_complete(data)
         if _needs_tifffile(image):
             return _open_tiff_array(data, repairs)
+        if _is_png16_colour(image):
+            return _png16_colour(data, repairs)
         try:
             image.load()
         except Image.DecompressionBombError as exc:

@@ -13,7 +13,8 @@ import numpy as np
 
 from cornpipe.errors import LoaderError, MissingDependency, VerifyError
 from cornpipe.shards import fields as F
-from cornpipe.shards.discover import format_number
+from cornpipe.shards.discover import file_problem, format_number
+from cornpipe.shards.files import NotRegularFile, open_regular, read_regular_text
 from cornpipe.shards.manifest import CONFLICTING_LABELS, reason_kind, sha256_file
 from cornpipe.shards.shard_set import BetonFile, ShardSet
 
@@ -154,12 +155,22 @@ def render_inspect(info: dict, console) -> None:
 
 # --------------------------------------------------------------------------- verify
 
-def _check_manifest_hash(root: Path, damaged: dict[Path, str]) -> None:
-    """manifest.json against the sha256 convert recorded beside it (sets from before it: not checked)."""
+def _check_manifest_hash(shards: ShardSet, damaged: dict[Path, str]) -> None:
+    """manifest.json against the sha256 convert recorded beside it. Every set of format version 2 has
+    one, so a missing one is damage: deleting it must not skip the check (version 1 sets from before
+    manifest.sha256 existed have only their file hashes checked)."""
+    root = shards.root
     recorded = root / F.MANIFEST_HASH
-    if not recorded.is_file():
+    try:
+        expected = read_regular_text(recorded).split(maxsplit=1)[:1]
+    except FileNotFoundError:
+        if shards.manifest["format_version"] >= 2:
+            damaged.setdefault(recorded, f"{recorded} is missing (convert writes it beside {F.MANIFEST}; "
+                                         f"without it an edited {F.MANIFEST} cannot be told)")
         return
-    expected = recorded.read_text().split(maxsplit=1)[:1]
+    except (OSError, UnicodeDecodeError, NotRegularFile) as exc:
+        damaged.setdefault(recorded, f"{recorded} is unreadable ({exc})")
+        return
     if expected != [sha256_file(root / F.MANIFEST)]:
         damaged.setdefault(root / F.MANIFEST, f"{root / F.MANIFEST} was changed after convert (its sha256 is not "
                                               f"the one in {F.MANIFEST_HASH})")
@@ -168,21 +179,23 @@ def _check_manifest_hash(root: Path, damaged: dict[Path, str]) -> None:
 def _check_files(shards: ShardSet, damaged: dict[Path, str], hashes: bool = True) -> int:
     """Size (and, with `hashes`, sha256) of every file in the manifest; records each damaged file."""
     root = shards.root
-    _check_manifest_hash(root, damaged)
+    _check_manifest_hash(shards, damaged)
     listed = shards.manifest["files"]
     needed = [F.REJECTED]
     for split in shards.splits:
         if shards.has_beton:
-            needed.append(shards.beton_path(split).name)
-        for tar, idx in shards.shards(split):
+            needed.append(shards.beton_path(split, check=False).name)
+        for tar, idx in shards.shards(split, check=False):  # each file's kind is checked below
             needed += [tar.name, idx.name]
     for name in needed:
         if name not in listed:
             damaged.setdefault(root / F.MANIFEST, f"{root / F.MANIFEST} is damaged ({name} has no sha256 entry)")
     for name, entry in listed.items():
         path = root / name
-        if not path.is_file():
-            damaged.setdefault(path, f"{path} is missing")
+        problem = file_problem(path)  # a named pipe is never opened
+        if problem:
+            damaged.setdefault(path, f"{path} is missing" if problem == "file does not exist" else
+                               f"{path} is {problem}" if problem.startswith("not a") else f"{path}: {problem}")
             continue
         size = path.stat().st_size
         if size != entry["bytes"]:
@@ -193,7 +206,7 @@ def _check_files(shards: ShardSet, damaged: dict[Path, str], hashes: bool = True
 
 
 def _check_beton(shards: ShardSet, split: str, damaged: dict[Path, str]) -> int:
-    path = shards.beton_path(split)
+    path = shards.beton_path(split, check=False)  # BetonFile says what it is
     samples = shards.samples(split)
     try:
         beton = BetonFile(path)
@@ -224,7 +237,8 @@ def _check_tar(shards: ShardSet, split: str, damaged: dict[Path, str]) -> int:
     samples = shards.samples(split)
     row = 0
     intact = True
-    for entry, (tar, idx) in zip(shards.manifest["splits"][split]["shards"], shards.shards(split), strict=True):
+    for entry, (tar, idx) in zip(shards.manifest["splits"][split]["shards"], shards.shards(split, check=False),
+                                 strict=True):
         try:
             _check_one_tar(shards, split, tar, idx, row, samples[row:row + entry["count"]])
         except LoaderError as exc:  # VerifyError included
@@ -256,8 +270,10 @@ def _check_one_tar(shards: ShardSet, split: str, tar: Path, idx: Path, first_row
     if len(index) != len(samples):
         raise VerifyError(f"{idx} is damaged ({len(index)} samples, manifest says {len(samples)})")
     try:
-        with tarfile.open(tar) as tf:
+        with open_regular(tar) as raw, tarfile.open(fileobj=raw) as tf:
             members = [m for m in tf.getmembers() if m.isfile()]
+    except NotRegularFile as exc:
+        raise VerifyError(str(exc)) from exc
     except (tarfile.TarError, OSError) as exc:
         raise VerifyError(f"{tar} is damaged ({exc})") from exc
     flat = [(ext, off, size) for entry in index for ext, (off, size) in entry.items()]
@@ -327,7 +343,8 @@ def check_shards(root: Path | str, hash_limit_bytes: int = HASH_LIMIT_BYTES) -> 
         raise VerifyError(f"{next(iter(damaged.values()))}; run `cornpipe verify` or convert again")
     if damaged:
         raise VerifyError(f"{len(damaged)} files are damaged: " + "; ".join(damaged.values()))
-    return {"files": files, "bytes": total, "hashed": hashes, "seconds": round(time.perf_counter() - start, 3)}
+    return {"files": files, "bytes": total, "hashed": hashes, "seconds": round(time.perf_counter() - start, 3),
+            "manifest_hashed": (shards.root / F.MANIFEST_HASH).exists()}  # False: a version 1 set from before it
 
 
 def dumps(info: dict) -> str:

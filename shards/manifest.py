@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from cornpipe.shards import fields as F
-from cornpipe.shards.discover import Rejection, format_number
-
-CONFLICTING_LABELS = "identical bytes, conflicting labels"  # the reason, before ": <each copy's labels>"
+from cornpipe.shards.discover import CONFLICTING_LABELS, Rejection, format_number
+from cornpipe.shards.files import open_regular
+from cornpipe.shards.imageio import HIGH_BIT_DEPTH_RULE
 
 
 def reason_kind(reason: str) -> str:
@@ -26,7 +26,7 @@ def reason_kind(reason: str) -> str:
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -78,7 +78,7 @@ def build_manifest(folder: Path, *, params: Any, sources: Sequence[str], grade_s
         "sources": list(sources),
         "metadata": sorted({key for s in samples for key in s.get("meta", {})}),  # a manifest CSV's extra columns
         "grade_scale": [int(g) if float(g).is_integer() else float(g) for g in grade_scale],
-        "params": {**asdict(params), "resize": "lanczos", "inputs": inputs},
+        "params": {**asdict(params), "resize": "lanczos", "high_bit_depth": HIGH_BIT_DEPTH_RULE, "inputs": inputs},
         "splits": splits,
         "counts": {
             "found": found,

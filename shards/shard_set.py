@@ -18,6 +18,7 @@ import numpy as np
 
 from cornpipe.errors import LoaderError, MissingDependency, install_hint
 from cornpipe.shards import fields as F
+from cornpipe.shards.files import NotRegularFile, check_not_special, open_regular, read_regular_text
 
 REQUIRED_KEYS: tuple[str, ...] = ("format_version", "positions", "sources", "grade_scale", "params",
                                   "splits", "counts", "samples", "files")
@@ -27,9 +28,11 @@ def parse_dali_index(path: Path | str) -> list[dict[str, tuple[int, int]]]:
     """A DALI webdataset index (wds2idx v1.2) -> per sample {ext: (offset, size)} in tar order."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular_text(path)
     except FileNotFoundError as exc:
         raise LoaderError(f"index file {path} is missing") from exc
+    except NotRegularFile as exc:
+        raise LoaderError(f"index file {exc}") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise LoaderError(f"index file {path} is unreadable ({exc})") from exc
     lines = text.splitlines()
@@ -55,6 +58,14 @@ def parse_dali_index(path: Path | str) -> list[dict[str, tuple[int, int]]]:
     return samples
 
 
+def _check_kind(path: Path, what: str) -> None:
+    """LoaderError `<what><path> is not a regular file (<kind>)` for a pipe, folder or device."""
+    try:
+        check_not_special(path)
+    except NotRegularFile as exc:
+        raise LoaderError(f"{what}{exc}") from exc
+
+
 class ShardSet:
     """A converted shard set on disk; raises LoaderError (one line, naming the file) when unusable."""
 
@@ -64,7 +75,9 @@ class ShardSet:
         if not self.root.is_dir():
             raise LoaderError(f"{self.root} is not a folder (expected a shard set from cornpipe convert)")
         try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
+            manifest = json.loads(read_regular_text(path))
+        except NotRegularFile as exc:
+            raise LoaderError(str(exc)) from exc
         except FileNotFoundError as exc:
             raise LoaderError(f"{path} is missing: {self.root} is not a shard set (run cornpipe convert)") from exc
         except json.JSONDecodeError as exc:
@@ -152,16 +165,26 @@ class ShardSet:
         params.formats predate the option and hold both formats."""
         return "beton" in self.formats
 
-    def beton_path(self, split: str) -> Path:
+    def beton_path(self, split: str, check: bool = True) -> Path:
+        """The .beton of a split; with `check`, LoaderError when it is a named pipe, folder or device
+        (a reader would block on it or fail deep inside its library)."""
         entry = self._split(split)
         if not self.has_beton:
             raise LoaderError(f"{self.root} has no .beton files (converted with --formats wds); reconvert "
                               f"with --formats beton,wds for the ffcv backend")
-        return self.root / entry["beton"]
+        path = self.root / entry["beton"]
+        if check:
+            _check_kind(path, "")
+        return path
 
-    def shards(self, split: str) -> list[tuple[Path, Path]]:
-        """(tar, idx) paths of this split, in row order."""
-        return [(self.root / e["tar"], self.root / e["index"]) for e in self._split(split)["shards"]]
+    def shards(self, split: str, check: bool = True) -> list[tuple[Path, Path]]:
+        """(tar, idx) paths of this split, in row order. Every backend gets its paths here: with `check`,
+        LoaderError when one is a named pipe, folder or device (opening a pipe would block)."""
+        pairs = [(self.root / e["tar"], self.root / e["index"]) for e in self._split(split)["shards"]]
+        for tar, idx in pairs if check else ():
+            _check_kind(tar, "shard ")
+            _check_kind(idx, "index file ")
+        return pairs
 
     def index(self, idx_path: Path) -> list[dict[str, tuple[int, int]]]:
         """Parsed DALI index (cached)."""
@@ -191,14 +214,15 @@ class ShardSet:
         if found is None:
             raise LoaderError(f"index file {idx} is corrupt (no '{ext}' for sample {k})")
         offset, size = entries[k][found]
-        try:
-            fd = os.open(tar, os.O_RDONLY)
+        try:  # never blocks: a shard swapped for a pipe or a folder mid-run is one LoaderError naming it
+            with open_regular(tar) as f:
+                data = os.pread(f.fileno(), size, offset)
         except FileNotFoundError as exc:
             raise LoaderError(f"shard {tar} is missing") from exc
-        try:
-            data = os.pread(fd, size, offset)
-        finally:
-            os.close(fd)
+        except NotRegularFile as exc:
+            raise LoaderError(f"shard {exc}") from exc
+        except OSError as exc:
+            raise LoaderError(f"shard {tar} is unreadable ({exc.strerror or exc})") from exc
         if len(data) != size:
             raise LoaderError(f"shard {tar} is truncated (sample {k} ends past the end of the file)")
         return data
@@ -217,6 +241,7 @@ class BetonFile:
             from ffcv.reader import Reader
         except ImportError as exc:
             raise MissingDependency(f"reading .beton files needs FFCV: {install_hint('ffcv')}") from exc
+        _check_kind(self.path, "")
         if not self.path.is_file():
             raise LoaderError(f"{self.path} is missing")
         try:
@@ -248,8 +273,11 @@ class BetonFile:
         size = self._sizes.get(ptr)
         if size is None:
             raise LoaderError(f"{self.path} is corrupt (row {row} points outside its allocation table)")
-        with open(self.path, "rb") as f:
-            data = os.pread(f.fileno(), size, ptr)
+        try:
+            with open_regular(self.path) as f:
+                data = os.pread(f.fileno(), size, ptr)
+        except NotRegularFile as exc:
+            raise LoaderError(str(exc)) from exc
         if len(data) != size:
             raise LoaderError(f"{self.path} is truncated (row {row})")
         return ("jpg" if int(meta["mode"]) == 0 else "raw"), int(meta["height"]), int(meta["width"]), data

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from cornpipe.choices import SEED_MAX  # noqa: F401  (re-exported: the split's seeds obey it too)
+
 
 def assign_split(position: np.ndarray, grade: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
     """Boolean mask (N,), True = validation.

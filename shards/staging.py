@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from cornpipe.errors import ConvertError
+from cornpipe.shards.files import NotRegularFile, open_regular
 from cornpipe.shards.imageio import ImageRejected, encode_jpeg, prepare_image
 
 CHUNK = 4  # inputs per task sent to a worker
@@ -59,8 +60,10 @@ def prepare_one(path: str, max_resolution: int, max_pixels: int, jpeg_quality: i
     """Runs in a worker: file -> Prepared, or the reason it is rejected. Pixels are returned only
     when they take at most `raw_limit` bytes (the .beton stores those raw; -1: none)."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # discovery rejected pipes and devices; one swapped in since must not block
             data = f.read()
+    except NotRegularFile as exc:
+        return exc.reason
     except OSError as exc:
         return f"cannot read file ({exc.strerror or exc})"
     try:
