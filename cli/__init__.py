@@ -35,7 +35,7 @@ def _refuse_a_deleted_cwd() -> None:
 
 _refuse_a_deleted_cwd()
 
-from cornpipe.cli.handler import CornpipeGroup, one_line  # noqa: E402  (after the check: it imports numpy)
+from cornpipe.cli.handler import CornpipeGroup, one_line  # noqa: E402  (after the check, as every import)
 
 
 @click.group(cls=CornpipeGroup, context_settings={"help_option_names": ["-h", "--help"]})
