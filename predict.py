@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 
 from cornpipe.errors import CornpipeError
-from cornpipe.loaders.augment import val_preprocess
 from cornpipe.loaders.base import IMAGENET, AugmentConfig, Normalization
+from cornpipe.loaders.pixels.augment import val_preprocess
 from cornpipe.models import create_model
 from cornpipe.models.metrics import snap_to_scale
 from cornpipe.runs.checkpoint import inference_weights, load_checkpoint

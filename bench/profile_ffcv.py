@@ -6,18 +6,18 @@ The work is `bench loaders --work same`: RandomResizedCrop (scale 0.35-1) to S p
 normalise to float32 NCHW, over the train split's .beton. Two parts, both in this process:
 
 1. stages -- each step alone, on one thread, over the split's images, with the crop boxes each side
-   draws (cornpipe: loaders.augment's sampler; FFCV: its decoder's get_random_crop), in microseconds
+   draws (cornpipe: loaders.pixels.augment's sampler; FFCV: its decoder's get_random_crop), in microseconds
    per image (the best of --repeats passes over every image, in batches of --batch-size):
    read (bytes out of the memory map), decode (libjpeg-turbo), crop-resize (cv::resize INTER_AREA),
    flip, normalise, NCHW copy, fresh output memory (first touch of newly allocated pages: per batch
    for the before path's outputs, per epoch for FFCV's own slot buffers, whose cost depends on the
    epoch's length), labels (cornpipe: labels_for + Batch per batch; FFCV: its int/float decoders).
-   "ffcv before" is the uint8 + loaders.finish path (option fuse=False), "ffcv now" the decoder
+   "ffcv before" is the uint8 + loaders.pixels.finish path (option fuse=False), "ffcv now" the decoder
    that normalises (the default on a CPU without colour jitter), "ffcv-native" bench.peers' pipeline.
 2. pipelines -- each loader end to end with --workers threads, alternating for --rounds rounds of
    --seconds: images/s, process CPU time per image, and per image the FFCV epoch thread's wall time
    in its pipeline, the main thread's wait on FFCV's queue, and the main thread's own work. "ffcv
-   fuse=False" is today's uint8 + loaders.finish path (jitter, CUDA and host-only batches take it).
+   fuse=False" is today's uint8 + loaders.pixels.finish path (jitter, CUDA and host-only batches take it).
 Timings on a shared machine are noisy: compare columns of one run, not runs.
 """
 
@@ -52,8 +52,8 @@ def _kernels() -> dict[str, Callable]:
     """Single-thread numba loops over a batch, calling what each pipeline calls."""
     from ffcv.fields.rgb_image import get_random_crop
 
-    from cornpipe.loaders import ffcv_ops as ops
-    from cornpipe.loaders import pixel_kernels as px
+    from cornpipe.loaders.backends import ffcv_ops as ops
+    from cornpipe.loaders.pixels import pixel_kernels as px
 
     jit = nb.njit(nogil=True, error_model="numpy")
     imdecode, resize = ops._imdecode, ops._resize
@@ -132,7 +132,7 @@ def _best_of(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float
 
 def _scaled_boxes(boxes: np.ndarray, heights: np.ndarray, widths: np.ndarray, size: int):
     """cornpipe's decode scale (M/8) and its box in the scaled image's pixels, as ffcv_ops does."""
-    from cornpipe.loaders import ffcv_ops as ops
+    from cornpipe.loaders.backends import ffcv_ops as ops
 
     top = np.clip(boxes[:, 0], 0, heights - 1)
     left = np.clip(boxes[:, 1], 0, widths - 1)
@@ -165,9 +165,10 @@ def profile_stages(root: Path, size: int, batch: int, repeats: int, images: int)
     from ffcv.reader import Reader
 
     from cornpipe.bench.loader_bench import SAME_WORK
-    from cornpipe.loaders import fused
+    from cornpipe.loaders.backends.ffcv_loader import BATCHES_AHEAD
+    from cornpipe.loaders.base import IMAGENET
     from cornpipe.loaders.common import EpochLoader, augment_params, make_spec
-    from cornpipe.loaders.ffcv_loader import BATCHES_AHEAD
+    from cornpipe.loaders.pixels import finish_cpu
     from cornpipe.shards import fields as F
     from cornpipe.shards.shard_set import ShardSet
 
@@ -195,7 +196,8 @@ def profile_stages(root: Path, size: int, batch: int, repeats: int, images: int)
     all_sides("read", _best(lambda: k["read"](mmap, ptrs, sizes, addrs), repeats) * per)
 
     # the crop boxes each side draws
-    spec = make_spec("train", augment=SAME_WORK, image_size=size, batch_size=batch)
+    spec = make_spec("train", augment=SAME_WORK, image_size=size, batch_size=batch, oversample="none",
+                     normalization=IMAGENET)
     hw = np.stack([heights, widths], axis=1)
     params = [augment_params(spec, hw[s:s + batch], 0, b // batch) for b, s in enumerate(range(0, n, batch))]
     ours = np.rint(np.concatenate([p.boxes for p in params])).astype(np.int64)
@@ -244,8 +246,8 @@ def profile_stages(root: Path, size: int, batch: int, repeats: int, images: int)
     with torch.no_grad():
         torch.set_num_threads(1)
         nb.set_num_threads(1)
-        # loaders.fused's kernel into a reused output (fused_finish allocates it afresh: a row below)
-        kernel, ones = fused._compiled(), np.ones((batch, 3), np.float32)
+        # loaders.pixels.finish_cpu's kernel into a reused output (finish_fused allocates it afresh: a row below)
+        kernel, ones = finish_cpu._compiled(), np.ones((batch, 3), np.float32)
         no_flips, width = np.zeros((batch, 2), np.uint8), planes.shape[-1]
         flat_in, flat_out = planes.view(batch, 3, -1).numpy(), floats.view(batch, 3, -1).numpy()
         stage("normalise", {
@@ -362,13 +364,14 @@ def _build(name: str, root: Path, size: int, batch: int, workers: int) -> Any:
     from cornpipe.bench.loader_bench import SAME_WORK
     from cornpipe.bench.peers import build_peer
     from cornpipe.loaders import make_loader
+    from cornpipe.loaders.base import IMAGENET
 
     if name == "ffcv-native":
         return build_peer("ffcv-native", str(root), split="train", batch_size=batch, image_size=size,
                           workers=workers, device="cpu", seed=0)
     options = {"fuse": name == "ffcv"}
     return make_loader(root, "train", backend="ffcv", batch_size=batch, image_size=size, workers=workers,
-                       device="cpu", augment=SAME_WORK, options=options)
+                       device="cpu", augment=SAME_WORK, options=options, oversample="none", normalization=IMAGENET)
 
 
 def profile_pipelines(root: Path, size: int, batch: int, workers: int, seconds: float,

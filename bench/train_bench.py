@@ -28,7 +28,7 @@ from typing import Any
 
 from cornpipe.bench.isolate import run_isolated
 from cornpipe.errors import BenchError, LoaderError
-from cornpipe.loaders.base import DEFAULT_IMAGE_SIZE
+from cornpipe.loaders.base import DEFAULT_IMAGE_SIZE, IMAGENET
 
 VARIANTS: dict[str, tuple[bool, bool, bool]] = {  # name -> (channels_last, amp, compile)
     "eager-fp32": (False, False, False),
@@ -145,7 +145,7 @@ def measure_variant(variant: str, cfg: TrainBenchConfig) -> dict[str, Any]:
         loader = make_loader(shards, "train", backend=cfg.loader, batch_size=cfg.batch_size,
                              image_size=cfg.image_size, device=cfg.device, workers=cfg.workers,
                              seed=cfg.seed, drop_last=shards.count("train") > cfg.batch_size,
-                             dtype=None if amp else torch.float32)
+                             dtype=None if amp else torch.float32, oversample="none", normalization=IMAGENET)
         if len(loader) == 0:
             raise LoaderError(f"{cfg.shards}: no batch of {cfg.batch_size} in the train split")
 

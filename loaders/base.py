@@ -9,15 +9,17 @@ import torch
 
 # backend name -> the module that builds it (imported only when asked for; see cornpipe.loaders)
 BACKEND_MODULES: dict[str, str] = {
-    "ffcv": "cornpipe.loaders.ffcv_loader",
-    "dali": "cornpipe.loaders.dali_loader",
-    "torch": "cornpipe.loaders.torch_loader",
-    "resident": "cornpipe.loaders.resident_loader",
+    "ffcv": "cornpipe.loaders.backends.ffcv_loader",
+    "dali": "cornpipe.loaders.backends.dali_loader",
+    "torch": "cornpipe.loaders.backends.torch_loader",
+    "resident": "cornpipe.loaders.backends.resident_loader",
 }
 BACKENDS: tuple[str, ...] = tuple(BACKEND_MODULES)
 FOLDER_BACKEND = "torch-folder"  # the torch backend over the original images (the "before" baseline)
 DEFAULT_IMAGE_SIZE = 224  # px, side of the square images a loader yields and the model sees
+MIN_IMAGE_SIZE = 8  # px, the smallest image_size anything accepts (the loaders' and the trainer's one rule)
 OVERSAMPLE_STRATEGIES: tuple[str, ...] = ("none", "balanced", "sqrt", "joint")
+DEFAULT_OVERSAMPLE = "balanced"  # the training default everywhere (LoaderSpec and the trainer's config)
 
 # ImageNet statistics on the 0-255 scale; the trunk is trained from scratch but these keep
 # activations in a sane range and match what the team's earlier runs used.
@@ -41,7 +43,9 @@ class Normalization:
         return {"mean": list(self.mean), "std": list(self.std)}
 
 
-IMAGENET = Normalization()  # what cornpipe's own trunks are trained with
+# What cornpipe's own trunks are trained with; a run passes it (or a pretrained trunk's own) explicitly.
+IMAGENET = Normalization()
+GREY_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)  # ITU-R 601 luma: contrast and saturation
 
 
 @dataclass(frozen=True)

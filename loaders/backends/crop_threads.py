@@ -25,10 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from cornpipe.loaders import fused
-from cornpipe.loaders.augment import AugParams, crop_into, finish_crops, whole_pixel_boxes
-from cornpipe.loaders.base import HOST_DTYPE, IMAGENET, Normalization
-from cornpipe.loaders.memory import Pools
+from cornpipe.loaders.base import HOST_DTYPE, Normalization
+from cornpipe.loaders.pixels import finish_cpu
+from cornpipe.loaders.pixels.finish import finish_crops
+from cornpipe.loaders.pixels.geometry import crop_into, whole_pixel_boxes
+from cornpipe.loaders.pixels.memory import Pools
+from cornpipe.loaders.pixels.params import AugParams
 
 CHUNK = 8  # images per task: ~1.2 MB of uint8 crops at 224 px, still in a core's L2 when finished
 _SETUP = threading.Lock()  # one pool's threads set up at a time (the process default is lent to them)
@@ -38,7 +40,7 @@ def _single_threaded(barrier: threading.Barrier) -> None:
     """Run on each pool thread once: torch and numba on this thread alone."""
     torch.get_num_threads()  # torch sets a thread's OpenMP count at its first parallel op: now, not later
     torch.set_num_threads(1)  # this thread's count (and the process default, which the caller restores)
-    fused.one_thread()
+    finish_cpu.one_thread()
     barrier.wait()  # every task on its own thread: no thread is left unset
 
 
@@ -59,14 +61,14 @@ class CropThreads:
 
     def augment(self, images: torch.Tensor, params: AugParams, size: int, index: np.ndarray, *,
                 dtype: torch.dtype = torch.float32, channels_last: bool = False,
-                norm: Normalization = IMAGENET) -> torch.Tensor:
+                norm: Normalization) -> torch.Tensor:
         """`augment.augment_batch(images, params, size, index=index, kernel="interpolate", ...)`, on the
         threads: (N, 3, H, W) uint8 CPU `images` (NHWC in memory is fastest), box i of image index[i]."""
         rows = np.asarray(index).tolist()
         b = len(rows)
         boxes = whole_pixel_boxes(params.boxes, b)
         chunks = [range(s, min(s + CHUNK, b)) for s in range(0, b, CHUNK)]
-        if not fused.ready():  # no numba: the crops here, flips and the rest as tensor ops after
+        if not finish_cpu.ready():  # no numba: the crops here, flips and the rest as tensor ops after
             fresh = np.empty((b, size, size, 3), dtype=np.uint8)
             list(self._pool.map(lambda part: self._crop(images, rows, boxes, fresh, part), chunks))
             x = torch.from_numpy(fresh).permute(0, 3, 1, 2)
@@ -74,27 +76,27 @@ class CropThreads:
         host = dtype == HOST_DTYPE
         turns = np.ascontiguousarray(params.rot90, dtype=np.int64).reshape(b)
         placed = host or bool(turns.any())  # flips and quarter turns as uint8 first (not in the finish)
-        factors, flags = fused.kernel_inputs(b, params.jitter, (params.hflip, params.vflip))
+        factors, flags = finish_cpu.kernel_inputs(b, params.jitter, (params.hflip, params.vflip))
         crops = self._crops.take((b, size, size, 3), np.uint8)
         if host:  # the batch itself: (B, S, S, 3) uint8, handed out
-            geometry = fused.take_output(b, size, size, True, np.uint8)
+            geometry = finish_cpu.take_output(b, size, size, True, np.uint8)
         else:
             geometry = self._crops.take((b, size, size, 3), np.uint8) if placed else crops
-            out = fused.take_output(b, size, size, channels_last)
+            out = finish_cpu.take_output(b, size, size, channels_last)
             flags_left = np.zeros_like(flags) if placed else flags  # flips the finish still has to write
 
         def crop_finish(part: range) -> None:
             self._crop(images, rows, boxes, crops, part)
             s = slice(part.start, part.stop)
             if placed:
-                fused.place_into(crops[s], flags[s], turns[s], geometry[s])
+                finish_cpu.place_into(crops[s], flags[s], turns[s], geometry[s])
             if not host:
-                fused.finish_into(geometry[s], factors[s], flags_left[s], out[s], norm, channels_last)
+                finish_cpu.finish_into(geometry[s], factors[s], flags_left[s], out[s], norm, channels_last)
 
         list(self._pool.map(crop_finish, chunks))
         if host:
             return torch.from_numpy(geometry)
-        batch = fused.as_batch(out, channels_last)
+        batch = finish_cpu.as_batch(out, channels_last)
         return batch if dtype == torch.float32 else batch.to(dtype)  # (.to keeps the memory format)
 
     @staticmethod

@@ -1,4 +1,4 @@
-"""`torch` backend: a torch DataLoader with PIL decode over the tar shards (folders: loaders.folder).
+"""`torch` backend: a torch DataLoader with PIL decode over the tar shards (folders: loaders.backends.folder).
 
 This is the baseline every speed claim is a ratio to, and (over the original image folders) what
 the team trained with before: PIL decodes and augments each image in a worker process.
@@ -10,7 +10,7 @@ the team trained with before: PIL decodes and augments each image in a worker pr
 - Workers return uint8 (S, S, 3), as PIL holds it, after the geometric augmentation plus the sample's
   colour-jitter factors; the main process moves the uint8 batch to the device (pinned, non_blocking on
   CUDA) and jitters + normalises it there, in one batched op (on the CPU the fused pass of
-  `loaders.fused`, which reads interleaved pixels). Host-only (dtype uint8): the collated
+  `loaders.pixels.finish_cpu`, which reads interleaved pixels). Host-only (dtype uint8): the collated
   (B, S, S, 3) uint8 batch is the output.
 - A worker that hits a bad sample returns its one-line message instead of raising, so the user sees
   a one-line LoaderError naming the file (torch re-raises worker errors with a multi-line message).
@@ -28,13 +28,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cornpipe.errors import LoaderError
-from cornpipe.loaders.augment import (
-    apply_geometry_pil,
-    finish_batch,
-)
 from cornpipe.loaders.base import Batch
 from cornpipe.loaders.common import EpochLoader, LoaderSpec, augment_params, source_rows
-from cornpipe.loaders.finish import one_cpu_thread
+from cornpipe.loaders.pixels.augment import apply_geometry_pil
+from cornpipe.loaders.pixels.finish import finish_batch, one_cpu_thread
 
 
 class _Failure(str):

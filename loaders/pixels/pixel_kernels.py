@@ -1,11 +1,11 @@
 """Per-image pixel passes, numba, one (S, S, 3) uint8 crop at a time: the last step of every CPU batch.
 
-The `ffcv` decoder (loaders.ffcv_ops) runs them inside FFCV's batch kernel, on its threads, while the
-crop is still in the core's cache; `loaders.fused` runs them over the uint8 batches of the other
+The `ffcv` decoder (loaders.backends.ffcv_ops) runs them inside FFCV's batch kernel, on its threads, while the
+crop is still in the core's cache; `loaders.pixels.finish_cpu` runs them over the uint8 batches of the other
 backends, images in parallel; the dali jitter operator per image. Flips and quarter turns, then
 colour jitter and normalisation to float32, NCHW or NHWC: brightness, contrast around the mean grey
 of the brightened image, saturation around each pixel's grey, each step clamped to [0, 255], then
-(x - mean) * (1 / std) -- the definition of `loaders.augment`'s tensor ops, which the tests hold
+(x - mean) * (1 / std) -- the definition of `loaders.pixels.augment`'s tensor ops, which the tests hold
 these to.
 
 Measured per 224 px image on one core of the 2-core test VM (a Xeon with AVX-512), numba with
@@ -32,7 +32,7 @@ from typing import TypeVar
 import numba as nb
 import numpy as np
 
-from cornpipe.loaders.fused import GREY_WEIGHTS
+from cornpipe.loaders.base import GREY_WEIGHTS
 
 # Inlined into the batch kernels (numba IR inlining, before typing): no separate dispatcher per
 # helper, whose overloads numba's parfor lowering corrupted when two kernels compiled the same helper
