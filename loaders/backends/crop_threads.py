@@ -1,20 +1,15 @@
-"""Crop-resize and finish of CPU batches from a resident uint8 store, on the loader's own threads.
+"""Crop-resize and finish of CPU batches from a resident uint8 store, on the resident backend's own threads.
 
-`augment.augment_batch` on the CPU runs each crop (torch's uint8 antialias resize) with torch's
-intra-op OpenMP threads, then the batch's fused finish on numba's threads. One 224 px crop is too
-small to split across cores: on the 2-core test VM one OpenMP thread resizes as fast as two
-(~200 us per crop of a 256 px image either way), and the two pools' threads, which busy-wait a while
-for more work after their part, compete for the cores (CPU time per image fell by a third without
-them). Here `threads` Python threads each crop *and* finish whole chunks of the batch, one image after
-another on one core (both the resize and the numba kernel release the GIL), with one OpenMP thread
-and one numba thread each. Chunks go to whichever thread is free.
+`loaders.pixels.augment.augment_batch` on the CPU runs each crop (torch's uint8 antialias resize) with
+torch's intra-op OpenMP threads, then the batch's fused finish on numba's threads. One 224 px crop is
+too small to split across cores (one OpenMP thread resizes it as fast as two), and the two pools'
+threads, which busy-wait a while for more work after their part, compete for the cores. Here
+`threads` Python threads each crop *and* finish whole chunks of the batch, one image after another on
+one core (both the resize and the numba kernel release the GIL), with one OpenMP thread and one numba
+thread each. Chunks go to whichever thread is free. Host-only batches get their flips and quarter
+turns (`pixel_kernels.place`) on the threads too. Before and after: docs/loaders.md.
 
-Measured in one process on that VM, 64-image batches of 256 px images to 224 px float32 NCHW: 226-262
-us wall per image against 323-455 before, 410-443 us of CPU per image against 623-865;
-with the colour jitter and vertical flip 246-282 against 410-518 wall. Host-only batches (the flips and
-any quarter turns by `pixel_kernels.place`, on the threads too): 231-272 us against 594-719.
-
-The batch is the same, value for value, as `augment.augment_batch`'s (tests/loaders/test_crop_threads.py).
+The batch is the same, value for value, as `augment_batch`'s (tests/loaders/test_crop_threads.py).
 """
 
 from __future__ import annotations

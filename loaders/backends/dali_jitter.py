@@ -1,14 +1,13 @@
-"""Colour jitter + normalisation of the `dali` backend's CPU batches, inside DALI's operator threads.
+"""The finish step (colour jitter + normalisation) of the `dali` backend's CPU batches, inside DALI's operator threads.
 
-The kernel is the ffcv decoder's per-image form of `loaders.pixels.finish_cpu`'s jitter (the CPU definition every
-backend's finish runs): `loaders.pixels.pixel_kernels.jitter_normalise`, which reads the (S, S, 3) uint8
-crop as it is and writes the (3, S, S) float32 image, compiled with fastmath (its loops vectorise)
-and without numba's own threads, and called per image by DALI's `NumbaFunction` operator: DALI's
-threads run the images in parallel, beside decoding, as crop_mirror_normalize does without jitter.
-(Before: the crop copied into planes for `loaders.pixels.finish_cpu`'s batch kernel, ~0.8-0.9x the rate of
-`--work same` in `bench loaders --work both`.) Finishing on the
-main thread instead cost a third more CPU per image on 2 cores (torch's uint8 HWC->CHW copy, numba's
-threads contending with DALI's); this costs about what crop_mirror_normalize does.
+The kernel is the per-image form of the CPU finish every backend runs (`loaders.pixels.finish_cpu`):
+`loaders.pixels.pixel_kernels.jitter_normalise`, which reads the (S, S, 3) uint8 crop as it is and
+writes the (3, S, S) float32 image, compiled with fastmath (its loops vectorise) and without numba's
+own threads, and called per image by DALI's `NumbaFunction` operator: DALI's threads run the images
+in parallel, beside decoding, as crop_mirror_normalize does without jitter. Copying each crop into
+planes for the batch kernel first, or finishing on the main thread (torch's uint8 HWC->CHW copy,
+numba's threads contending with DALI's), cost more (docs/loaders.md); this costs about what
+crop_mirror_normalize does.
 
 Compiling takes a few seconds, once per process (the operator is kept and reused by every
 pipeline). Where numba or DALI's numba plugin does not work, `jitter_op` is None and the loader

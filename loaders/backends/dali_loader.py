@@ -42,11 +42,11 @@ import torch
 from cornpipe.errors import LoaderError, MissingDependency, install_hint
 from cornpipe.loaders.backends.dali_jitter import jitter_op
 from cornpipe.loaders.backends.dali_source import (
-    ERROR_MARK,
     EpochPlan,
     EpochSource,
     SourceSpec,
     row_locations,
+    worker_error,
 )
 from cornpipe.loaders.base import Batch
 from cornpipe.loaders.common import AUGMENT_STREAM, EpochLoader, LoaderSpec, source_rows
@@ -74,18 +74,6 @@ def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     first = next((ln.strip() for ln in text if ln.strip() and "Traceback" not in ln), "")
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
-def _worker_error(exc: BaseException) -> str | None:
-    """The message of a LoaderError raised in a DALI worker (carried as text through the chain)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        text = str(exc)
-        if ERROR_MARK in text:
-            return text.split(ERROR_MARK, 1)[1].strip().splitlines()[0]
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 class DaliLoader(EpochLoader):
@@ -330,7 +318,7 @@ class DaliLoader(EpochLoader):
     def _diagnose(self, exc: BaseException, epoch: int, b: int) -> LoaderError:
         """One-line LoaderError for a failed batch: a worker's own message, else the first image of
         the batch that PIL cannot decode (naming its shard), else DALI's first line."""
-        message = _worker_error(exc)
+        message = worker_error(exc)
         if message is not None:
             return LoaderError(message)
         from PIL import Image
@@ -374,7 +362,7 @@ class DaliLoader(EpochLoader):
             raise
         except Exception as exc:
             self.close_pipeline()
-            message = _worker_error(exc)
+            message = worker_error(exc)
             raise LoaderError(message or f"DALI webdataset reader failed: {_one_line(exc)}") from exc
 
     # -- teardown -------------------------------------------------------------------------------

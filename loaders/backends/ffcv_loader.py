@@ -35,8 +35,8 @@ FFCV specifics handled here:
   cached per (files, image size, workers, device, cache mode, output) and reused.
 - FFCV reuses its output buffers a few batches later; a batch handed out must not change under its
   holder, so normalised batches are written into arrays of a `loaders.pixels.memory.OutputPool`, each reused
-  only once no tensor made from it is alive (a fresh array per batch costs its page faults every batch:
-  ~0.2-0.3 ms per 224 px float32 image, bench/profile_ffcv.py). For the same reason a CPU loader keeps FFCV's
+  only once no tensor made from it is alive (a fresh array per batch costs its page faults every batch,
+  docs/loaders.md). For the same reason a CPU loader keeps FFCV's
   batch-slot buffers from one epoch to the next (`_allocate_offered`) instead of FFCV's new ones.
 - FFCV sets torch's intra-op thread count (to 1 on import, to `workers` while an epoch runs); it is
   restored after each epoch and on close.
@@ -115,8 +115,8 @@ _offered = threading.local()  # FFCV batch-slot buffers an FfcvLoader hands its 
 def _allocate_offered(allocate: Callable) -> Callable:
     """A Loader's graph.allocate_memory that returns the calling thread's offered buffers when they
     fit. FFCV allocates every epoch's slot buffers (decode scratch, crops, outputs) afresh, and their
-    pages are faulted in again each epoch: ~0.1 ms per image read when an epoch is no longer than the
-    slots (5 batches), as in the team's 62-image first run (bench/profile_ffcv.py)."""
+    pages are faulted in again each epoch, which counts when an epoch is no longer than the slots
+    (5 batches), as in the team's 62-image first run (docs/loaders.md)."""
 
     def allocate_memory(batch_size: int, slots: int):
         offer = getattr(_offered, "memory", None)
@@ -161,8 +161,8 @@ class _EpochRun(EpochIterator):
     def run(self) -> None:
         # The images of a batch go to numba's threads one at a time (thread-local: this epoch thread's
         # kernels only) rather than in equal halves decided up front: a crop that INTER_AREA shrinks
-        # costs ~5x one it enlarges, so one thread finished its half early and waited (in-process A/B,
-        # 256 px, 2 workers, 4 epochs alternating: 2,394-3,031 vs 2,061-2,341 img/s).
+        # costs several times one it enlarges, so one thread finished its half early and waited
+        # (A/B in docs/loaders.md).
         numba.set_parallel_chunksize(1)
         try:
             super().run()

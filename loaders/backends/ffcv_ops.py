@@ -7,7 +7,7 @@ Why not FFCV's own `RandomResizedCropRGBImageDecoder` + `RandomHorizontalFlip` +
   flip/rot90 flags are drawn in Python by `loaders.pixels.params.sample_params` (the sampler every
   backend uses, seeded by (seed, epoch, rank, batch)) and handed to the decoder through one of its
   own FFCV memory buffers, written by `loaders.backends.ffcv_loader` just before the batch runs.
-- FFCV JIT-compiles every operation of every `Loader` anew (5-20 s on a 2-core machine). The work
+- FFCV JIT-compiles every operation of every `Loader` anew (seconds per Loader on 2 cores). The work
   here lives in module-level numba functions compiled once per process and cached on disk
   (`cache=True`); the per-Loader closure FFCV compiles is a short call into them.
 - FFCV ignores libjpeg-turbo's return code, so a damaged JPEG becomes a silent garbage image. The
@@ -22,21 +22,17 @@ Outputs (`layout`):
 - PLANAR / NHWC (a CPU float32 batch): each crop is colour-jittered (by the factors in its params
   row) and normalised while it is still in the core's cache, and written as float32 straight into the
   batch's own array, NCHW or NHWC (channels_last), the flips folded into that pass
-  (loaders.pixels.pixel_kernels). Measured per 224 px image on one core: numba's slice copy
-  `dst[:] = src[:, ::-1]` (FFCV's RandomHorizontalFlip, which copies every image) ~230-250 us, the
-  normalising pass ~32-40 us flipped or not (cache-hot; ~96 us writing a batch's fresh rows), FFCV's
-  NormalizeImage ~85 us; with the jitter ~70-76 us, against ~1 ms for loaders.pixels.finish's tensor ops;
-  its fused batch pass runs the same per-image passes but needs the uint8 batch written and read once
-  more, on the consuming thread.
+  (loaders.pixels.pixel_kernels): no flipped copy of every image (FFCV's RandomHorizontalFlip) and no
+  second pass; the fused CPU finish runs the same per-image passes but needs the uint8 batch written
+  and read once more, on the consuming thread (per-pass timings: docs/loaders.md).
 - HOST (host-only CPU batches, `loaders.base.HOST_DTYPE`): the U8 crops, written into the batch's
-  own array rather than FFCV's buffer, which loaders.pixels.finish would have to copy out (~10 MB a batch).
+  own array rather than FFCV's buffer, which loaders.pixels.finish would have to copy out.
 
 Images are decoded with FFCV's libffcv (libjpeg-turbo) and resized with its OpenCV `cv::resize`
 (INTER_AREA), as FFCV's decoders do. When a crop is at least twice the output size, the JPEG is
 decoded at 1/2, 1/4 or 1/8 scale, as long as the crop stays >= the output (`_dct_eighths`).
-Measured on a 512 px JPEG: INTER_AREA costs 0.65-1.2 ms for a non-integer downscale to 224 px (crops
-of 235-376 px) but 0.05 ms for an exact 2x one, and 0.07 ms to upscale: the largest cost of this
-backend at 512 px, and the reason to convert at about the training size.
+INTER_AREA's non-integer downscales are this backend's largest cost at 512 px (docs/loaders.md):
+the reason to convert at about the training size.
 """
 
 from __future__ import annotations
@@ -100,8 +96,8 @@ def _read_process(address, pages, ptrs, sizes, page_to_slot, page_shift):
 def _dct_eighths(crop_h, crop_w, size):
     """M of the M/8 scale to decode at: the smallest of 8, 4, 2, 1 for which the crop keeps `size`
     pixels on its shorter side. libjpeg-turbo then does part of the downscaling in its IDCT (faster
-    than a full decode: 0.42 vs 0.72 ms for a 512 px q90 JPEG at 1/2) and the resize gets a smaller
-    input. Only powers of two: its other M/8 IDCTs are slower than the full decode (1.03 ms at 5/8)."""
+    than a full decode) and the resize gets a smaller input. Only powers of two: its other M/8 IDCTs
+    are slower than the full decode (docs/loaders.md)."""
     side = min(crop_h, crop_w)
     m = 8
     while m > 1 and side * (m // 2) >= size * 8:

@@ -17,7 +17,7 @@ per-image CPU fallback, PIL on threads on the CPU (`loaders.backends.resident_de
 
 Augmentation draws: one generator per batch, seeded by (seed, epoch, rank, batch index).
 Crop-resize kernel (`options["crop_kernel"]`): "auto" = roi_align on a gathered batch on CUDA,
-torch's uint8 antialias kernel straight from the store on the CPU (~8x faster per core there), each
+torch's uint8 antialias kernel straight from the store on the CPU (much faster per core there), each
 image cropped and finished by one of `workers` threads (`loaders.backends.crop_threads`);
 "roi_align" forces the CUDA path on the CPU too (tests use it to check that path without a GPU).
 Host-only (dtype uint8): the same crops and flips, handed out as (B, S, S, 3) uint8 without the
@@ -91,7 +91,7 @@ class ResidentLoader(EpochLoader):
         dev = spec.device
         cpu_crops = use_interpolate(torch.empty(0, dtype=torch.uint8, device=dev), self.crop_kernel)
         # CPU: NHWC in memory: torch's uint8 antialias resize works on interleaved pixels, and
-        # loaders.pixels.finish_cpu reads them; from NCHW it converts both ways (689 vs 169 us per 224 px crop).
+        # loaders.pixels.finish_cpu reads them; from NCHW it would convert both ways (docs/loaders.md).
         # Allocated so (not converted after): the store may be half the machine's RAM.
         layout = torch.channels_last if cpu_crops else torch.contiguous_format
         self.store = torch.empty((self.rows, 3, height, width), dtype=torch.uint8, device=dev,

@@ -56,7 +56,7 @@ class ImageDataset(Dataset):
         params = augment_params(self.spec, np.array([[image.height, image.width]]), epoch, slot)
         crop = apply_geometry_pil(image, params, self.spec.image_size)
         # (S, S, 3) uint8, as PIL holds the crop: a host-only batch as it is, and what the fused CPU
-        # finish reads (from a planar batch it would first copy to NHWC, ~200 us per 224 px image)
+        # finish reads (from a planar batch it would first copy to NHWC: one more pass)
         pixels = torch.from_numpy(np.array(crop.convert("RGB"), dtype=np.uint8))
         return pixels, torch.from_numpy(params.jitter[0]), row
 
@@ -151,7 +151,7 @@ class TorchLoader(EpochLoader):
                 yield Batch(pixels, *self.labels_for(rows))
                 continue
             # With decoding in worker processes, torch's OpenMP threads here only fight the workers
-            # for the cores (10-20x slower batches measured on 2 cores): one thread on CPU.
+            # for the cores (much slower batches on 2 cores, docs/loaders.md): one thread on CPU.
             with one_cpu_thread(not spec.on_cuda and self._loader.num_workers > 0):
                 x = pixels.to(spec.device, non_blocking=spec.on_cuda)  # (B, S, S, 3) uint8
                 images = finish_batch(x, jitter if spec.augment is not None else None, dtype=spec.dtype, hwc=True,

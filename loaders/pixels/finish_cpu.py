@@ -1,20 +1,18 @@
-"""Colour jitter + normalisation of a uint8 batch on the CPU in one fused numba pass.
+"""The finish step on the CPU: colour jitter + normalisation of a uint8 batch in one fused numba pass.
 
 The same definition as the tensor path (`loaders.pixels.finish.color_jitter_batch` then
 `normalize_batch`): brightness, contrast (blend with the mean grey of the brightened image),
 saturation (blend with each pixel's grey), each step clamped to [0, 255] as torchvision does, then
-(x - MEAN_255) / STD_255. The tensor path makes ~10 float passes over the batch; on a CPU that was
-the loaders' serial bottleneck (1-2 ms per 224 px image on the main thread, 40-60 % of an `ffcv`
-epoch on 2 cores). Here each image is read as uint8 (twice when contrast is on: once for the
-contrast centre) and written once as float32, by `loaders.pixels.pixel_kernels` (the passes the `ffcv`
-decoder runs), images in parallel. They read interleaved pixels: (B, H, W, 3), or (B, 3, H, W) NHWC
-in memory, as the resident backend's crops and the torch backend's PIL crops come. Measured per
-224 px image on one core of the 2-core test VM, a 64-image batch: ~100 us, ~120 us with the jitter
-(the planar kernel before: 322 and 388 us; the tensor ops ~1 ms). The outputs are reused arrays
-(`loaders.pixels.memory`): into fresh memory each batch, the same pass took 276 us.
+(x - mean) / std with the run's statistics (the `norm` every caller passes). The tensor path makes
+~10 float passes over the batch, the loaders' serial bottleneck on a CPU. Here each image is read as
+uint8 (twice when contrast is on: once for the contrast centre) and written once as float32, by
+`loaders.pixels.pixel_kernels` (the passes the `ffcv` decoder runs), images in parallel. They read
+interleaved pixels: (B, H, W, 3), or (B, 3, H, W) NHWC in memory, as the resident backend's crops and
+the torch backend's PIL crops come. The outputs are reused arrays (`loaders.pixels.memory`): fresh
+memory each batch costs its page faults every batch. Timings: docs/loaders.md.
 
-numba ships with FFCV; without it (the bare GPU machine, where batches are finished on the GPU
-anyway) `AVAILABLE` is False and callers use the tensor path. An installed numba that fails to import
+numba is a base dependency; where it is missing anyway (an install without it) `AVAILABLE` is False
+and callers use the tensor path. An installed numba that fails to import
 (built for another NumPy, a broken llvmlite) makes `ready()` False with one RuntimeWarning, and callers
 use the tensor path too: a slower epoch, not a crashed run. The kernel releases the GIL and
 runs images in parallel on numba's threads when numba's threading layer is thread-safe (tbb, omp).
@@ -33,7 +31,7 @@ import torch
 from cornpipe.loaders.base import Normalization
 from cornpipe.loaders.pixels.memory import Pools
 
-# numba is imported (~1 s) and the kernel compiled (or loaded from its cache) on the first call, not
+# numba is imported (about a second) and the kernel compiled (or loaded from its cache) on the first call, not
 # when `loaders.pixels.finish` is imported by every command.
 AVAILABLE = importlib.util.find_spec("numba") is not None
 
@@ -120,7 +118,7 @@ def finish_fused(pixels: torch.Tensor, factors: np.ndarray | torch.Tensor | None
 
     pixels: (B, H, W, 3) when `channels_last_input`, else (B, 3, H, W); any strides. The kernel reads
     interleaved pixels: a (B, 3, H, W) tensor already NHWC in memory (channels_last) is read in place,
-    any other is copied to NHWC first (~200 us per 224 px image).
+    any other is copied to NHWC first (an extra pass over the batch).
     factors: (B, 3) brightness, contrast, saturation (1 = unchanged); None = no jitter.
     flips: per-image horizontal and vertical flip flags, applied first (as `augment.flip_rot_batch`
     does, in the same pass instead of two uint8 copies); None = none.

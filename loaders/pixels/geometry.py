@@ -87,15 +87,15 @@ def crop_resize_uint8(images: torch.Tensor, boxes: np.ndarray | torch.Tensor, si
     """CPU path: (N, 3, H, W) uint8 -> (B, 3, S, S) uint8 (NHWC in memory), one antialiased bilinear
     resize per box; fastest when `images` are NHWC in memory too (no conversion either way).
 
-    torch's uint8 antialias kernel (the one torchvision's Resize uses; it follows PIL) is ~8x
-    faster on a CPU core than roi_align on floats. Boxes are rounded to whole pixels. Box i crops
+    torch's uint8 antialias kernel (the one torchvision's Resize uses; it follows PIL) is several
+    times faster on a CPU core than roi_align on floats (docs/loaders.md). Boxes are rounded to whole pixels. Box i crops
     image `index[i]` (default i), so a resident store is read in place, without a gather.
     """
     b = len(boxes) if index is None else len(index)
     rows = range(b) if index is None else np.asarray(index).tolist()
     box = whole_pixel_boxes(boxes, b)
     # NHWC in memory (channels_last), as the kernel computes it: from a channels_last crop no layout
-    # conversion at all (169 us per 224 px crop of a 256 px image, 689 from and to NCHW)
+    # conversion at all (from and to NCHW costs four times as much, docs/loaders.md)
     out = torch.empty((b, size, size, images.shape[1]), dtype=torch.uint8).permute(0, 3, 1, 2)
     for i, (r, one) in enumerate(zip(rows, box, strict=True)):
         crop_into(images, r, one, out[i:i + 1])
@@ -110,7 +110,7 @@ def whole_pixel_boxes(boxes: np.ndarray | torch.Tensor, n: int) -> list[list[int
 def crop_into(images: torch.Tensor, row: int, box: list[int], out: torch.Tensor) -> None:
     """Resize whole-pixel box (top, left, height, width) of images[row] into `out`, (1, 3, S, S) uint8
     (NHWC in memory, as `crop_resize_uint8` lays out its batch): torch's uint8 antialias bilinear kernel,
-    the op F.interpolate(mode="bilinear", antialias=True) calls, without its Python checks (~30 us)
+    the op F.interpolate(mode="bilinear", antialias=True) calls, without its Python checks
     or a temporary output."""
     top, left, h, w = box
     crop = images[row:row + 1, :, top:top + max(h, 1), left:left + max(w, 1)]
