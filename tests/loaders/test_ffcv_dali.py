@@ -200,7 +200,8 @@ def test_ffcv_decodes_large_crops_at_a_reduced_scale_with_the_same_pixels(tmp_pa
     big = ramp_set(tmp_path / "src", 16, ((90, 120), (120, 90), (140, 140)))  # val crops 78-122 px -> 1/4
     for split, aug, reference in (("val", None, "torch"), ("train", GEOMETRY, "resident")):
         kw = {"augment": aug} if aug else {}
-        lo, ref = (make_loader(big, split, backend=b, batch_size=8, image_size=S, workers=1, seed=3, **kw)
+        lo, ref = (make_loader(big, split, backend=b, batch_size=8, image_size=S, workers=1, seed=3,
+                               oversample="none", normalization=IMAGENET, **kw)
                    for b in ("ffcv", reference))
         assert_same_pictures(*paired_epoch(lo, ref, 1))
 

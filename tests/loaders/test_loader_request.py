@@ -71,6 +71,18 @@ def test_a_request_without_normalization_is_an_error_never_imagenet(tiny_shards:
         LoaderSpec(split="train")  # type: ignore[call-arg]
 
 
+def test_a_loader_and_the_trainer_share_one_oversample_default_and_one_size_rule() -> None:
+    """Leaving out oversample gives what the trainer's config gives ('balanced'), and the smallest image
+    size is one constant both check against."""
+    from cornpipe.loaders.base import DEFAULT_OVERSAMPLE, MIN_IMAGE_SIZE
+    from cornpipe.loaders.common import make_spec
+
+    assert make_spec("train", normalization=IMAGENET).oversample == DEFAULT_OVERSAMPLE == "balanced"
+    assert make_spec("train", normalization=IMAGENET, image_size=MIN_IMAGE_SIZE).image_size == MIN_IMAGE_SIZE
+    with pytest.raises(LoaderError, match=f"image_size must be >= {MIN_IMAGE_SIZE} px"):
+        make_spec("train", normalization=IMAGENET, image_size=MIN_IMAGE_SIZE - 1)
+
+
 def test_the_trainer_passes_its_channels_last_choice_to_both_loaders(tiny_shards: Path, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """On CPU channels_last is off by default; `--channels-last` must still give NHWC batches."""
