@@ -30,8 +30,8 @@ import torch
 from PIL import Image
 
 from cornpipe.errors import CornpipeError
-from cornpipe.loaders.augment import val_preprocess
 from cornpipe.loaders.base import AugmentConfig, Normalization
+from cornpipe.loaders.pixels.augment import val_preprocess
 from cornpipe.models.metrics import snap_to_scale
 from cornpipe.runs import evaluation
 from cornpipe.runs.build import Run, model_checkpoint, run_from_checkpoint

@@ -35,7 +35,7 @@ from cornpipe.bench.loader_summary import FOLDER, summarize
 from cornpipe.bench.machine import usable_cores
 from cornpipe.bench.peers import PEER_MODULE, PEER_OF, PEERS, build_peer, peer_unusable
 from cornpipe.errors import BenchError, LoaderError, MissingDependency, install_hint
-from cornpipe.loaders.base import BACKENDS, DEFAULT_IMAGE_SIZE, HOST_DTYPE, AugmentConfig
+from cornpipe.loaders.base import BACKENDS, DEFAULT_IMAGE_SIZE, HOST_DTYPE, IMAGENET, AugmentConfig
 
 WARMUP_MAX_BATCHES = 50
 _MODULE = {"ffcv": "ffcv", "dali": "nvidia.dali", **PEER_MODULE}
@@ -232,7 +232,7 @@ def _build_loader(target: Target, cfg: LoaderBenchConfig, device: str) -> Any:
             root, augment = None, {**augment, "options": {"manifest_csv": target.root}}
     return make_loader(root, cfg.split, backend=backend, batch_size=cfg.batch_size,
                        image_size=cfg.image_size, device=device, oversample=cfg.oversample,
-                       seed=cfg.seed, workers=cfg.workers, **augment)
+                       seed=cfg.seed, workers=cfg.workers, normalization=IMAGENET, **augment)
 
 
 def _batches(loader: Any) -> Iterator[Any]:

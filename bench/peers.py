@@ -268,8 +268,8 @@ class _Files(torch.utils.data.Dataset):
 
 def _torchvision_folder(source: Path, req: PeerRequest) -> PeerLoader:
     """The torchvision peer over the original files of the split the torch-folder row reads
-    (`loaders.folder.build_folder`: discovery, then convert's split with its default fraction and seed)."""
-    from cornpipe.loaders.folder import folder_split
+    (`loaders.backends.folder.build_folder`: discovery, then convert's split with its default fraction and seed)."""
+    from cornpipe.loaders.backends.folder import folder_split
 
     samples, _ = folder_split(None if source.is_file() else source, req.split,
                               manifest_csv=source if source.is_file() else None)

@@ -1,14 +1,15 @@
 """`make_loader`: one entry point, four backends (plus the original-folder baseline), one batch contract.
 
     from cornpipe.loaders import make_loader
+    from cornpipe.loaders.base import IMAGENET
     loader = make_loader("shards/", "train", backend="resident", batch_size=64, image_size=224,
-                         device="cuda", oversample="balanced")
+                         device="cuda", oversample="balanced", normalization=IMAGENET)
     for epoch in range(epochs):
         loader.set_epoch(epoch)          # the epoch advances only here (see loaders.common)
         for images, position, grade, sample_id in loader:   # loaders.base.Batch
             ...
 
-Backends live in their own modules and are imported only when asked for, so a missing FFCV or
+Backends live in their own modules (loaders.backends) and are imported only when asked for, so a missing FFCV or
 DALI breaks only that backend (MissingDependency naming the extra to install). Each backend module
 provides `build(shards: ShardSet, spec: LoaderSpec) -> EpochLoader subclass`.
 """
@@ -53,17 +54,18 @@ def make_loader(shards: Any, split: str | LoaderSpec = "train", backend: str = "
                 **fields: Any) -> EpochLoader:
     """A loader over `shards` (a ShardSet or its folder) yielding `cornpipe.loaders.base.Batch`es.
 
-    `split` is a split name or a whole `LoaderSpec`; `fields` are LoaderSpec fields (batch_size,
+    `split` is a split name or a whole `LoaderSpec`; `fields` are LoaderSpec fields, each documented
+    there: normalization (required with a split name: the trunk's mean and std), batch_size,
     image_size, device, oversample, seed, workers, rank, world_size, augment, drop_last, dtype,
-    shuffle, channels_last, num_samples, even, options), each documented there. One request object
+    shuffle, channels_last, num_samples, even, options. One request object
     goes to the backend; nothing is re-listed on the way.
 
-    Backend "torch-folder": `shards` is the ORIGINAL image folder (see loaders.folder), split "all",
+    Backend "torch-folder": `shards` is the ORIGINAL image folder (see loaders.backends.folder), split "all",
     "train" or "val"; options manifest_csv, grade_scale, val_fraction, split_seed.
     """
     spec = make_spec(split, **fields)
     if backend == FOLDER_BACKEND:
-        from cornpipe.loaders.folder import build_folder
+        from cornpipe.loaders.backends.folder import build_folder
 
         return build_folder(shards, spec)
     module = backend_module(backend)

@@ -17,10 +17,10 @@ from cornpipe.choices import (  # noqa: F401  (re-exported: the loaders' names a
 
 # backend name -> the module that builds it (imported only when asked for; see cornpipe.loaders)
 BACKEND_MODULES: dict[str, str] = {
-    "ffcv": "cornpipe.loaders.ffcv_loader",
-    "dali": "cornpipe.loaders.dali_loader",
-    "torch": "cornpipe.loaders.torch_loader",
-    "resident": "cornpipe.loaders.resident_loader",
+    "ffcv": "cornpipe.loaders.backends.ffcv_loader",
+    "dali": "cornpipe.loaders.backends.dali_loader",
+    "torch": "cornpipe.loaders.backends.torch_loader",
+    "resident": "cornpipe.loaders.backends.resident_loader",
 }
 FOLDER_BACKEND = "torch-folder"  # the torch backend over the original images (the "before" baseline)
 
@@ -46,7 +46,9 @@ class Normalization:
         return {"mean": list(self.mean), "std": list(self.std)}
 
 
-IMAGENET = Normalization()  # what cornpipe's own trunks are trained with
+# What cornpipe's own trunks are trained with; a run passes it (or a pretrained trunk's own) explicitly.
+IMAGENET = Normalization()
+GREY_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)  # ITU-R 601 luma: contrast and saturation
 
 
 @dataclass(frozen=True)

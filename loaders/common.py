@@ -19,16 +19,16 @@ import numpy as np
 import torch
 
 from cornpipe.errors import LoaderError
-from cornpipe.loaders.augment import AugParams, sample_params, val_params
 from cornpipe.loaders.base import (
     DEFAULT_IMAGE_SIZE,
+    DEFAULT_OVERSAMPLE,
     HOST_DTYPE,
-    IMAGENET,
     MIN_IMAGE_SIZE,
     AugmentConfig,
     Batch,
     Normalization,
 )
+from cornpipe.loaders.pixels.params import AugParams, sample_params, val_params
 from cornpipe.loaders.sampling import check_strategy, epoch_indices, num_batches, rank_length
 
 # Sub-streams of the per-(seed, epoch, ...) random generators, so that augmentation draws never
@@ -50,7 +50,7 @@ class LoaderSpec:
     batch_size: int = 64
     image_size: int = DEFAULT_IMAGE_SIZE  # px, output images are (image_size, image_size)
     device: str | torch.device = "cpu"
-    oversample: str = "none"  # none | balanced | sqrt | joint (cornpipe.loaders.sampling)
+    oversample: str = DEFAULT_OVERSAMPLE  # none | balanced | sqrt | joint (cornpipe.loaders.sampling)
     seed: int = 0
     # worker processes (torch/ffcv/dali), or decode and CPU crop threads (resident); None: cores, max 8
     workers: int | None = None
@@ -66,7 +66,9 @@ class LoaderSpec:
     dtype: torch.dtype | None = None
     shuffle: bool | None = None  # None: shuffle where augmentation is on by default
     channels_last: bool | None = None  # NHWC batches; None: on CUDA only (the trainer passes its choice)
-    normalization: Normalization = IMAGENET  # mean/std (0-255) of the last step; a pretrained trunk's own
+    # mean/std (0-255) of the last step: the trunk's own (base.IMAGENET for cornpipe's trunks). Required:
+    # a forgotten one is an error, never ImageNet's statistics by default
+    normalization: Normalization = field(kw_only=True)
     num_samples: int | None = None  # global epoch length (all ranks); None = rows in the split
     even: bool = False  # truncate the global epoch to a multiple of world_size (DDP)
     # read exactly these samples (manifest ids, in this order), each from whichever split holds it: folds of
@@ -91,11 +93,14 @@ class LoaderSpec:
             raise LoaderError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.image_size < MIN_IMAGE_SIZE:
             raise LoaderError(f"image_size must be >= {MIN_IMAGE_SIZE} px, got {self.image_size}")
+        if not isinstance(self.normalization, Normalization):
+            raise LoaderError(f"normalization must be a loaders.base.Normalization (the trunk's mean and std), "
+                              f"got {self.normalization!r}")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise LoaderError(f"rank {self.rank} is not in 0..world_size-1 (world_size={self.world_size})")
         if self.workers is not None and self.workers < 0:
             raise LoaderError(f"workers must be >= 0, got {self.workers}")
-        train = self.split in ("train", "all")  # "all": every image of an original folder (loaders.folder)
+        train = self.split in ("train", "all")  # "all": every image of an original folder (loaders.backends.folder)
         augment = self.augment
         if augment is None:
             config = AugmentConfig() if train else None
@@ -141,8 +146,12 @@ def make_spec(split: str | LoaderSpec, **overrides: Any) -> LoaderSpec:
     unknown = sorted(set(overrides) - SPEC_FIELDS)
     if unknown:
         raise LoaderError(f"unknown loader option(s) {', '.join(unknown)}; valid: {', '.join(sorted(SPEC_FIELDS))}")
-    spec = split if isinstance(split, LoaderSpec) else LoaderSpec(split=split)
-    return replace(spec, **overrides).resolved()
+    if isinstance(split, LoaderSpec):
+        return replace(split, **overrides).resolved()
+    if "normalization" not in overrides:
+        raise LoaderError("a loader needs normalization=: the trunk's mean and std (loaders.base.Normalization; "
+                          "IMAGENET for cornpipe's own trunks), never a default")
+    return LoaderSpec(split=split, **overrides).resolved()
 
 
 def default_workers() -> int:

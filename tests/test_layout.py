@@ -65,10 +65,16 @@ def _is_main_guard(node: ast.AST) -> bool:
             and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__")
 
 
-def imports(path: Path) -> Iterator[tuple[int, str]]:
-    """(line, dotted module) of every absolute import of `path`, outside its __main__ guard."""
+def _is_type_checking(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+
+
+def imports(path: Path, *, runtime_only: bool = False) -> Iterator[tuple[int, str]]:
+    """(line, dotted module) of every absolute import of `path`, outside its __main__ guard (and, with
+    `runtime_only`, outside `if TYPE_CHECKING:` blocks, which never run)."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    skip = {id(n) for node in tree.body if _is_main_guard(node) for n in ast.walk(node)}
+    skip = {id(n) for node in tree.body if _is_main_guard(node) or (runtime_only and _is_type_checking(node))
+            for n in ast.walk(node)}
     for node in ast.walk(tree):
         if id(node) in skip:
             continue
@@ -143,7 +149,7 @@ def import_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for name, path in known.items():
         graph[name] = set()
-        for _line, imported in imports(path):
+        for _line, imported in imports(path, runtime_only=True):  # a type-only import loads nothing
             while imported and imported not in known:  # a name inside a module: the module
                 imported = imported.rpartition(".")[0]
             if imported and imported != name:
@@ -172,10 +178,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 # Cycles in files the loaders/ restructuring (issue 21 item 4) rewrites: removed there, then delete the entry.
-KNOWN_CYCLES: set[frozenset[str]] = {
-    frozenset({"cornpipe.loaders.fused", "cornpipe.loaders.pixel_kernels"}),
-    frozenset({"cornpipe.bench.loader_bench", "cornpipe.bench.loader_summary"}),
-}
+KNOWN_CYCLES: set[frozenset[str]] = set()  # none left; a new one needs a reason here
 
 
 def test_no_module_imports_itself_back() -> None:
@@ -217,7 +220,7 @@ def test_no_entry_point_hands_over_to_the_cli_but_the_package_s() -> None:
 
 
 # Functions the loaders/ restructuring (issue 21 item 4) splits: delete the entry when it is done.
-KNOWN_LONG: set[str] = {"bench/profile_ffcv.py:profile_stages"}
+KNOWN_LONG: set[str] = set()  # none left; a new one needs a reason here
 
 
 def test_every_function_reads_on_one_screen() -> None:

@@ -21,8 +21,8 @@ from test_bench import PEER_BACKENDS, invoke
 
 from cornpipe.bench import loader_bench
 from cornpipe.bench.peers import build_peer, peer_unusable
-from cornpipe.loaders.base import MEAN_255, STD_255
-from cornpipe.loaders.folder import make_folder_loader
+from cornpipe.loaders.backends.folder import make_folder_loader
+from cornpipe.loaders.base import IMAGENET, MEAN_255, STD_255
 from cornpipe.shards.convert import convert_dataset
 from cornpipe.shards.shard_set import ShardSet
 
@@ -96,7 +96,7 @@ def test_the_torchvision_folder_peer_reads_the_files_of_the_torch_folder_split(c
     peer = build_peer("torchvision", str(colour_csv), split="train", batch_size=1, image_size=S, workers=1,
                       device="cpu", seed=0, folder=True)
     labels, shown, _ = one_epoch(peer)
-    baseline = make_folder_loader(None, "train", manifest_csv=str(colour_csv), workers=0)
+    baseline = make_folder_loader(None, "train", manifest_csv=str(colour_csv), workers=0, normalization=IMAGENET, oversample="none")
     assert Counter(labels) == Counter(baseline.position.tolist()) and shown == labels
 
 

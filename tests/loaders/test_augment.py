@@ -1,4 +1,4 @@
-"""Augmentation (loaders.augment): crop parameters, the PIL and batched paths agree, jitter, val."""
+"""Augmentation (loaders.pixels.augment): crop parameters, the PIL and batched paths agree, jitter, val."""
 
 from __future__ import annotations
 
@@ -7,24 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from cornpipe.loaders import fused
-from cornpipe.loaders.augment import (
-    AugParams,
-    apply_geometry_pil,
-    augment_batch,
-    center_boxes,
-    color_jitter_batch,
-    crop_resize_batch,
-    finish_batch,
-    flip_rot_batch,
-    normalize_batch,
-    pil_to_tensor,
-    random_resized_crop_boxes,
-    sample_params,
-    val_preprocess,
-    value_range,
-)
-from cornpipe.loaders.base import HOST_DTYPE, MEAN_255, STD_255, AugmentConfig
+from cornpipe.loaders.base import HOST_DTYPE, IMAGENET, MEAN_255, STD_255, AugmentConfig
+from cornpipe.loaders.pixels import finish_cpu
+from cornpipe.loaders.pixels.augment import apply_geometry_pil, augment_batch, pil_to_tensor, val_preprocess
+from cornpipe.loaders.pixels.finish import color_jitter_batch, finish_batch, normalize_batch, value_range
+from cornpipe.loaders.pixels.geometry import crop_resize_batch, flip_rot_batch
+from cornpipe.loaders.pixels.params import AugParams, center_boxes, random_resized_crop_boxes, sample_params
 
 
 def gradient_image(h: int = 60, w: int = 80) -> np.ndarray:
@@ -103,7 +91,7 @@ def test_color_jitter_matches_torchvision_in_the_fixed_order():
         assert torch.allclose(ours[i], ref, atol=0.05), i
 
 
-@pytest.mark.skipif(not fused.AVAILABLE, reason="needs numba")
+@pytest.mark.skipif(not finish_cpu.AVAILABLE, reason="needs numba")
 def test_fused_cpu_finish_computes_what_the_tensor_ops_compute():
     """The CPU loaders finish batches in one numba pass; it must be the same jitter + normalise,
     clamps included (bright images with strong brightness clamp at every step)."""
@@ -112,24 +100,24 @@ def test_fused_cpu_finish_computes_what_the_tensor_ops_compute():
     pixels[4] = 250  # flat and bright: brightness 1.4 saturates, the contrast centre moves
     factors = np.array([[1.4, 0.6, 1.4], [0.6, 1.4, 0.6], [1, 1, 1], [1, 0, 1], [1.4, 1.3, 0], [1.0, 1.2, 1.0]],
                        np.float32)
-    want = finish_batch(pixels, factors, fast=False)
-    got = finish_batch(pixels, factors, fast=True)
+    want = finish_batch(pixels, factors, fast=False, norm=IMAGENET)
+    got = finish_batch(pixels, factors, fast=True, norm=IMAGENET)
     assert got.shape == want.shape == (6, 3, 20, 28) and got.dtype == torch.float32 and got.is_contiguous()
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
     # interleaved (B, H, W, 3) input, as FFCV and DALI hand it over; a strided view; no jitter
     hwc = pixels.permute(0, 2, 3, 1).contiguous()
-    assert torch.allclose(finish_batch(hwc, factors, hwc=True, fast=True), want, atol=1e-4)
+    assert torch.allclose(finish_batch(hwc, factors, hwc=True, fast=True, norm=IMAGENET), want, atol=1e-4)
     view = pixels[:, :, ::2, 1:]
-    assert torch.allclose(finish_batch(view, factors, fast=True), finish_batch(view, factors, fast=False), atol=1e-4)
-    assert torch.allclose(finish_batch(pixels, None, fast=True), normalize_batch(pixels.float()), atol=1e-4)
-    nhwc = finish_batch(pixels, factors, channels_last=True, fast=True)  # written NHWC by the kernel itself
+    assert torch.allclose(finish_batch(view, factors, fast=True, norm=IMAGENET), finish_batch(view, factors, fast=False, norm=IMAGENET), atol=1e-4)
+    assert torch.allclose(finish_batch(pixels, None, fast=True, norm=IMAGENET), normalize_batch(pixels.float(), norm=IMAGENET), atol=1e-4)
+    nhwc = finish_batch(pixels, factors, channels_last=True, fast=True, norm=IMAGENET)  # written NHWC by the kernel itself
     assert nhwc.is_contiguous(memory_format=torch.channels_last) and torch.allclose(nhwc, want, atol=1e-4)
-    half = finish_batch(pixels, factors, dtype=torch.float16, channels_last=True, fast=True)
+    half = finish_batch(pixels, factors, dtype=torch.float16, channels_last=True, fast=True, norm=IMAGENET)
     assert half.dtype == torch.float16 and half.is_contiguous(memory_format=torch.channels_last)
-    assert finish_batch(pixels[:0], factors[:0], fast=True).shape == (0, 3, 20, 28)
+    assert finish_batch(pixels[:0], factors[:0], fast=True, norm=IMAGENET).shape == (0, 3, 20, 28)
 
 
-@pytest.mark.skipif(not fused.AVAILABLE, reason="needs numba")
+@pytest.mark.skipif(not finish_cpu.AVAILABLE, reason="needs numba")
 def test_flips_folded_into_the_fused_finish_are_flip_rot_batchs():
     """The resident backend hands its flips to the fused pass (rows written backwards / in reverse
     order) instead of flipping uint8 copies: the same images as flip_rot_batch then the finish, on
@@ -140,23 +128,23 @@ def test_flips_folded_into_the_fused_finish_are_flip_rot_batchs():
     hflip, vflip = np.array([False, True, False, True]), np.array([False, False, True, True])
     factors = np.array([[1.3, 0.7, 1.2], [0.8, 1.2, 0.9], [1, 1, 1], [1.1, 1.0, 0.5]], np.float32)
     params = AugParams(np.zeros((4, 4)), hflip, vflip, np.zeros(4, np.int64), factors)
-    want = finish_batch(flip_rot_batch(pixels.clone(), params), factors, fast=False)
+    want = finish_batch(flip_rot_batch(pixels.clone(), params), factors, fast=False, norm=IMAGENET)
     for fast in (True, False):
-        got = finish_batch(pixels, factors, fast=fast, flips=(hflip, vflip))
+        got = finish_batch(pixels, factors, fast=fast, flips=(hflip, vflip), norm=IMAGENET)
         assert torch.allclose(got, want, atol=1e-4), (fast, (got - want).abs().max())
     hwc = pixels.permute(0, 2, 3, 1).contiguous()
-    got = finish_batch(hwc, factors, hwc=True, fast=True, flips=(hflip, vflip))
+    got = finish_batch(hwc, factors, hwc=True, fast=True, flips=(hflip, vflip), norm=IMAGENET)
     assert torch.allclose(got, want, atol=1e-4)
-    host = finish_batch(pixels, factors, dtype=HOST_DTYPE, flips=(hflip, vflip))
+    host = finish_batch(pixels, factors, dtype=HOST_DTYPE, flips=(hflip, vflip), norm=IMAGENET)
     assert torch.equal(host, flip_rot_batch(pixels.clone(), params).permute(0, 2, 3, 1))
     assert torch.equal(pixels, before)
 
 
 def test_normalize_and_value_range():
     x = torch.tensor([0.0, 255.0]).view(2, 1, 1, 1).expand(2, 3, 4, 4)
-    out = normalize_batch(x, dtype=torch.float16, channels_last=True)
+    out = normalize_batch(x, dtype=torch.float16, channels_last=True, norm=IMAGENET)
     assert out.dtype == torch.float16 and out.is_contiguous(memory_format=torch.channels_last)
-    lo, hi = value_range()
+    lo, hi = value_range(IMAGENET)
     assert out.float().min().item() == pytest.approx(lo, abs=1e-2)
     assert out.float().max().item() == pytest.approx(hi, abs=1e-2)
     assert torch.allclose(out[0, :, 0, 0].float(), -torch.tensor(MEAN_255) / torch.tensor(STD_255), atol=1e-2)
@@ -167,9 +155,9 @@ def test_val_preprocess_is_a_deterministic_centre_crop():
     image = np.zeros((64, 96, 3), np.uint8)
     image[:] = (255, 0, 0)
     image[3:61, 19:77] = (0, 255, 0)
-    out = val_preprocess(Image.fromarray(image), 32)
+    out = val_preprocess(Image.fromarray(image), 32, 0.875, IMAGENET)
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32
-    assert torch.equal(out, val_preprocess(Image.fromarray(image), 32))
+    assert torch.equal(out, val_preprocess(Image.fromarray(image), 32, 0.875, IMAGENET))
     pixels = out * torch.tensor(STD_255).view(3, 1, 1) + torch.tensor(MEAN_255).view(3, 1, 1)
     assert pixels[1].min() > 250 and pixels[0].max() < 5
     side = center_boxes(np.array([[64, 96]]), 0.875)[0]
@@ -179,7 +167,7 @@ def test_val_preprocess_is_a_deterministic_centre_crop():
 def test_augment_batch_contract():
     images = torch.randint(0, 256, (5, 3, 40, 50), dtype=torch.uint8)
     params = sample_params(np.random.default_rng(0), np.array([[40, 50]] * 5), AugmentConfig(rot90=True))
-    out = augment_batch(images, params, 16)
+    out = augment_batch(images, params, 16, norm=IMAGENET)
     assert out.shape == (5, 3, 16, 16) and out.dtype == torch.float32
-    lo, hi = value_range()
+    lo, hi = value_range(IMAGENET)
     assert lo - 1e-4 <= out.min().item() and out.max().item() <= hi + 1e-4

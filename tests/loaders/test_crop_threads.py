@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from cornpipe.loaders.augment import augment_batch, sample_params
-from cornpipe.loaders.base import HOST_DTYPE, AugmentConfig
-from cornpipe.loaders.crop_threads import CropThreads
+from cornpipe.loaders.backends.crop_threads import CropThreads
+from cornpipe.loaders.base import HOST_DTYPE, IMAGENET, AugmentConfig
+from cornpipe.loaders.pixels.augment import augment_batch
+from cornpipe.loaders.pixels.params import sample_params
 
 
 def _store(n: int = 9) -> tuple[torch.Tensor, np.ndarray]:
@@ -40,8 +41,8 @@ def test_crop_threads_give_augment_batchs_batch(threads, config, dtype, channels
     index = np.array([4, 0, 8, 8, 2, 7, 1, 3, 5, 6, 0, 2, 4, 1, 3, 7, 8, 5, 6, 2, 0])  # 21: chunks of 8, 8, 5
     params = sample_params(np.random.default_rng(3), sizes[index], config)
     want = augment_batch(store, params, 24, dtype=dtype, channels_last=channels_last, index=index,
-                         kernel="interpolate")
-    got = threads.augment(store, params, 24, index, dtype=dtype, channels_last=channels_last)
+                         kernel="interpolate", norm=IMAGENET)
+    got = threads.augment(store, params, 24, index, dtype=dtype, channels_last=channels_last, norm=IMAGENET)
     assert got.dtype == want.dtype and got.shape == want.shape
     assert got.is_contiguous(memory_format=torch.channels_last) == channels_last or dtype == HOST_DTYPE
     assert torch.equal(got, want)
@@ -50,10 +51,10 @@ def test_crop_threads_give_augment_batchs_batch(threads, config, dtype, channels
 def test_a_held_batch_is_never_overwritten_by_the_next(threads):
     store, sizes = _store()
     index = np.arange(9)
-    first = threads.augment(store, sample_params(np.random.default_rng(0), sizes, AugmentConfig()), 24, index)
+    first = threads.augment(store, sample_params(np.random.default_rng(0), sizes, AugmentConfig()), 24, index, norm=IMAGENET)
     kept = first.clone()
     for seed in (1, 2, 3):
-        threads.augment(store, sample_params(np.random.default_rng(seed), sizes, AugmentConfig()), 24, index)
+        threads.augment(store, sample_params(np.random.default_rng(seed), sizes, AugmentConfig()), 24, index, norm=IMAGENET)
     assert torch.equal(first, kept)
 
 
@@ -79,7 +80,7 @@ def test_batches_are_made_under_inference_mode_too(threads, dtype):
     store, sizes = _store()
     index = np.arange(9)
     params = sample_params(np.random.default_rng(5), sizes, AugmentConfig())
-    want = augment_batch(store, params, 24, dtype=dtype, index=index, kernel="interpolate")
+    want = augment_batch(store, params, 24, dtype=dtype, index=index, kernel="interpolate", norm=IMAGENET)
     with torch.inference_mode():
-        got = threads.augment(store, params, 24, index, dtype=dtype)
+        got = threads.augment(store, params, 24, index, dtype=dtype, norm=IMAGENET)
     assert torch.equal(got, want)

@@ -20,17 +20,13 @@ import torch
 from conftest import FORMATS
 from PIL import Image
 
-from cornpipe.loaders import fused, make_loader
-from cornpipe.loaders import resident_loader as rl
-from cornpipe.loaders.augment import (
-    augment_batch,
-    color_jitter_batch,
-    finish_batch,
-    normalize_batch,
-)
-from cornpipe.loaders.base import MEAN_255, STD_255, AugmentConfig
+from cornpipe.loaders import make_loader
+from cornpipe.loaders.backends import resident_loader as rl
+from cornpipe.loaders.base import IMAGENET, MEAN_255, STD_255, AugmentConfig
 from cornpipe.loaders.common import augment_params, make_spec
-from cornpipe.loaders.finish import Finisher
+from cornpipe.loaders.pixels import finish_cpu
+from cornpipe.loaders.pixels.augment import augment_batch
+from cornpipe.loaders.pixels.finish import Finisher, color_jitter_batch, finish_batch, normalize_batch
 from cornpipe.shards.shard_set import ShardSet
 
 N_IMAGES = 32
@@ -86,7 +82,7 @@ def test_resident_gathered_crop_equals_the_crop_from_the_image_alone(textured_sh
     other images share the batch."""
     loader = make_loader(textured_shards, split, backend="resident", batch_size=4, image_size=IMAGE_SIZE,
                          workers=1, augment=GEOMETRY_ONLY if split == "train" else False, seed=3,
-                         options={"crop_kernel": "roi_align"})
+                         options={"crop_kernel": "roi_align"}, normalization=IMAGENET, oversample="none")
     try:
         worst, total, seen = 0.0, 0.0, 0
         for b, (rows, batch) in enumerate(zip(loader.batch_rows(), loader, strict=True)):
@@ -94,7 +90,7 @@ def test_resident_gathered_crop_equals_the_crop_from_the_image_alone(textured_sh
             params = augment_params(loader.spec, loader.sizes[rows], loader.epoch, b)
             got = grey_levels(batch.images)
             for i, row in enumerate(rows.tolist()):
-                alone = augment_batch(loader.store[row:row + 1], params.row(i), IMAGE_SIZE, kernel="roi_align")
+                alone = augment_batch(loader.store[row:row + 1], params.row(i), IMAGE_SIZE, kernel="roi_align", norm=IMAGENET)
                 diff = (got[i] - grey_levels(alone)[0]).abs()
                 worst, total = max(worst, diff.max().item()), total + diff.mean().item()
                 seen += 1
@@ -119,8 +115,8 @@ def test_finisher_tensor_path_equals_the_cpu_path(dtype: torch.dtype, channels_l
     pixels = torch.randint(0, 256, (5, 20, 24, 3), dtype=torch.uint8, generator=gen)  # (B, S, S, 3) HWC
     pixels[3] = 250  # bright and flat: brightness clamps, the contrast centre moves
     factors = np.array([[1.2, 0.8, 1.2], [0.8, 1.2, 0.8], [1, 1, 1], [1.2, 1.2, 0.8], [1, 0.9, 1.1]], np.float32)
-    cpu = Finisher(torch.device("cpu"), dtype, jitter=jitter, channels_last=channels_last)
-    tensor_ops = Finisher(torch.device("cpu"), dtype, jitter=jitter, channels_last=channels_last, tensor_ops=True)
+    cpu = Finisher(torch.device("cpu"), dtype, jitter=jitter, channels_last=channels_last, norm=IMAGENET)
+    tensor_ops = Finisher(torch.device("cpu"), dtype, jitter=jitter, channels_last=channels_last, tensor_ops=True, norm=IMAGENET)
     assert not cpu.tensor_ops and tensor_ops.tensor_ops
     want, got = cpu(pixels, factors), tensor_ops(pixels, factors)
     for x in (want, got):
@@ -136,9 +132,9 @@ def test_whole_batch_passes_equal_cpu_chunks(monkeypatch: pytest.MonkeyPatch) ->
     gen = torch.Generator().manual_seed(1)
     x = torch.randint(0, 256, (9, 3, 12, 12), generator=gen).float()
     factors = np.random.default_rng(0).uniform(0.7, 1.3, (9, 3)).astype(np.float32)
-    want = normalize_batch(color_jitter_batch(x.clone(), factors))
-    monkeypatch.setattr("cornpipe.loaders.augment._CPU_CHUNK", 1000)  # one chunk: the CUDA pass
-    got = normalize_batch(color_jitter_batch(x.clone(), factors))
+    want = normalize_batch(color_jitter_batch(x.clone(), factors), norm=IMAGENET)
+    monkeypatch.setattr("cornpipe.loaders.pixels.finish._CPU_CHUNK", 1000)  # one chunk: the CUDA pass
+    got = normalize_batch(color_jitter_batch(x.clone(), factors), norm=IMAGENET)
     assert torch.allclose(got, want, atol=1e-5)
 
 
@@ -146,10 +142,10 @@ def test_cuda_spec_defaults_are_fp16_and_channels_last(monkeypatch: pytest.Monke
     """What a CUDA request resolves to (the trainer relies on it), without a GPU."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    spec = make_spec("train", device="cuda")
+    spec = make_spec("train", device="cuda", normalization=IMAGENET)
     assert spec.device == torch.device("cuda", 0) and spec.on_cuda
     assert spec.dtype == torch.float16 and spec.channels_last
-    assert make_spec("train", device="cuda", channels_last=False, dtype=torch.float32).channels_last is False
+    assert make_spec("train", device="cuda", channels_last=False, dtype=torch.float32, normalization=IMAGENET).channels_last is False
 
 
 def test_resident_memory_cap_on_cuda_is_three_quarters_of_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -195,7 +191,7 @@ class FakeNvjpeg:
 
 
 def test_batched_decode_falls_back_per_image_and_keeps_rows_aligned() -> None:
-    from cornpipe.loaders.resident_decode import decode_images
+    from cornpipe.loaders.backends.resident_decode import decode_images
 
     sizes = [(20 + i, 30 - i) for i in range(7)]
     blobs = [_jpeg(i, h, w) for i, (h, w) in enumerate(sizes)]
@@ -219,7 +215,7 @@ def test_batched_decode_falls_back_per_image_and_keeps_rows_aligned() -> None:
 
 
 def test_batched_decode_result_of_the_wrong_size_falls_back() -> None:
-    from cornpipe.loaders.resident_decode import decode_images
+    from cornpipe.loaders.backends.resident_decode import decode_images
 
     """A decoder that returns an image of another size (a wrong orientation, a bad header) must not
     put it in the store: the crop boxes were drawn for the header's size."""
@@ -236,7 +232,7 @@ def test_resident_store_is_the_same_with_the_batched_decoder(textured_shards: Pa
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """The resident backend's fill with a batched decoder (nvJPEG on CUDA, a fake here that refuses
     every third image) holds each image in its own row, as the CPU decode does."""
-    plain = make_loader(textured_shards, "train", backend="resident", workers=1)
+    plain = make_loader(textured_shards, "train", backend="resident", workers=1, normalization=IMAGENET, oversample="none")
     fakes = []
 
     def fake_decoder(device: torch.device) -> FakeNvjpeg:
@@ -245,7 +241,7 @@ def test_resident_store_is_the_same_with_the_batched_decoder(textured_shards: Pa
         return fakes[-1]
 
     monkeypatch.setattr(rl, "batch_decoder", fake_decoder)
-    batched = make_loader(textured_shards, "train", backend="resident", workers=1)
+    batched = make_loader(textured_shards, "train", backend="resident", workers=1, normalization=IMAGENET, oversample="none")
     try:
         assert fakes and fakes[0].decoded == plain.rows - len(range(0, plain.rows, 3))
         assert torch.equal(batched.store, plain.store)
@@ -267,7 +263,7 @@ def test_batch_decoder_is_nvjpeg_on_cuda_and_none_elsewhere() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_nvjpeg_decode_matches_the_cpu_decode() -> None:
-    from cornpipe.loaders.resident_decode import decode_images
+    from cornpipe.loaders.backends.resident_decode import decode_images
 
     sizes = [(40, 56), (56, 40), (33, 47), (64, 64)]
     blobs = [_jpeg(i, h, w) for i, (h, w) in enumerate(sizes)]
@@ -289,23 +285,23 @@ def test_nvjpeg_decode_matches_the_cpu_decode() -> None:
 
 @pytest.fixture
 def fresh_numba_state():
-    fused._compiled.cache_clear()
+    finish_cpu._compiled.cache_clear()
     yield
-    fused._compiled.cache_clear()  # the next test imports the real numba again
+    finish_cpu._compiled.cache_clear()  # the next test imports the real numba again
 
 
 def test_broken_numba_falls_back_to_the_tensor_path_with_one_warning(monkeypatch: pytest.MonkeyPatch,
                                                                      fresh_numba_state: None) -> None:
-    monkeypatch.setattr(fused, "AVAILABLE", True)  # "installed" ...
+    monkeypatch.setattr(finish_cpu, "AVAILABLE", True)  # "installed" ...
     monkeypatch.setitem(sys.modules, "numba", None)  # ... but `import numba` fails
     gen = torch.Generator().manual_seed(2)
     pixels = torch.randint(0, 256, (4, 3, 10, 14), dtype=torch.uint8, generator=gen)
     factors = np.array([[1.2, 0.8, 1.1], [1, 1, 1], [0.8, 1.2, 0.9], [1.1, 1, 1]], np.float32)
-    want = finish_batch(pixels, factors, fast=False)
+    want = finish_batch(pixels, factors, fast=False, norm=IMAGENET)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        first = finish_batch(pixels, factors)
-        second = finish_batch(pixels, factors, channels_last=True)
+        first = finish_batch(pixels, factors, norm=IMAGENET)
+        second = finish_batch(pixels, factors, channels_last=True, norm=IMAGENET)
     assert torch.allclose(first, want, atol=1e-5) and torch.allclose(second, want, atol=1e-5)
     numba_warnings = [w for w in caught if "numba" in str(w.message)]
     assert len(numba_warnings) == 1, [str(w.message) for w in caught]

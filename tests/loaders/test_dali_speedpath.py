@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from cornpipe.loaders import make_loader
-from cornpipe.loaders.base import MEAN_255, STD_255, AugmentConfig
+from cornpipe.loaders.base import IMAGENET, MEAN_255, STD_255, AugmentConfig
 from cornpipe.loaders.common import make_spec
 
 pytest.importorskip("nvidia.dali")
 
-from cornpipe.loaders.dali_source import SourceSpec, geometry  # noqa: E402 - needs DALI's package only for the loader
+from cornpipe.loaders.backends.dali_source import SourceSpec, geometry  # noqa: E402 - needs DALI's package only for the loader
 
 S = 32  # output side, px: about the crops' size, so a crop off by a row or a wrong flip shows
 NO_JITTER = AugmentConfig(rot90=True, brightness=0.0, contrast=0.0, saturation=0.0)
@@ -32,7 +32,8 @@ def pixels(images: torch.Tensor) -> torch.Tensor:
 
 def epoch_of(root: Path, backend: str, e: int = 1, **kw) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Epoch e's image batches (as yielded) and sample ids of a fresh loader, closed after."""
-    kw = {"batch_size": 10, "image_size": S, "workers": 2, "seed": 5, "oversample": "balanced", **kw}
+    kw = {"batch_size": 10, "image_size": S, "workers": 2, "seed": 5, "oversample": "balanced",
+          "normalization": IMAGENET, **kw}
     lo = make_loader(root, "train", backend=backend, **kw)
     try:
         lo.set_epoch(e)
@@ -53,7 +54,7 @@ def test_the_decoded_window_holds_the_drawn_box_and_its_flips(tiny_shards: Path)
     from cornpipe.loaders.common import augment_params
     from cornpipe.shards.shard_set import ShardSet
 
-    spec = make_spec("train", batch_size=16, augment=AugmentConfig(scale=(0.05, 1.0)))
+    spec = make_spec("train", batch_size=16, augment=AugmentConfig(scale=(0.05, 1.0)), normalization=IMAGENET)
     rng = np.random.default_rng(0)
     hw = np.stack([rng.integers(20, 300, 64), rng.integers(20, 300, 64)], axis=1)
     position, grade, _ = ShardSet(tiny_shards).labels("train")
@@ -102,7 +103,7 @@ def test_jitter_finished_in_torch_where_dali_cannot_gives_the_same_batches(tiny_
     """The jitter runs in DALI's threads with the per-image kernel; without numba (or DALI's numba
     plugin) torch finishes the crops with the fused batch kernel: the same images either way, within
     the float rounding of the contrast centre, summed in another order (a level is ~0.017 normalised)."""
-    import cornpipe.loaders.dali_loader as dali_loader
+    import cornpipe.loaders.backends.dali_loader as dali_loader
 
     in_dali, ids = epoch_of(tiny_shards, "dali", augment=JITTER, channels_last=True)
     monkeypatch.setattr(dali_loader, "jitter_op", lambda mean, std: None)
@@ -114,7 +115,7 @@ def test_jitter_finished_in_torch_where_dali_cannot_gives_the_same_batches(tiny_
 
 
 def test_validation_batches_are_the_reference_images(tiny_shards):
-    kw = {"batch_size": 10, "image_size": S, "workers": 2}
+    kw = {"batch_size": 10, "image_size": S, "workers": 2, "oversample": "none", "normalization": IMAGENET}
     dali = make_loader(tiny_shards, "val", backend="dali", **kw)
     ref = make_loader(tiny_shards, "val", backend="resident", **kw)
     try:
@@ -131,7 +132,7 @@ def test_batches_handed_out_without_a_copy_stay_intact(tiny_shards):
     """DALI's normalised output reaches torch without a copy: a batch kept by the caller must not
     change while the loader runs on (more batches, the next epoch, a replay)."""
     lo = make_loader(tiny_shards, "train", backend="dali", batch_size=10, image_size=S, workers=2,
-                     augment=NO_JITTER)
+                     augment=NO_JITTER, normalization=IMAGENET, oversample="none")
     try:
         kept = list(lo)
         copies = [b.images.clone() for b in kept]

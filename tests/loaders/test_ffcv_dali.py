@@ -26,7 +26,7 @@ from PIL import Image
 
 from cornpipe.errors import LoaderError
 from cornpipe.loaders import make_loader
-from cornpipe.loaders.base import MEAN_255, STD_255, AugmentConfig
+from cornpipe.loaders.base import IMAGENET, MEAN_255, STD_255, AugmentConfig
 from cornpipe.loaders.sampling import epoch_indices
 from cornpipe.shards.shard_set import ShardSet
 
@@ -89,6 +89,8 @@ def loader(root: Path, backend: str, **kw):
     kw.setdefault("batch_size", 12)
     kw.setdefault("image_size", S)
     kw.setdefault("workers", 1)
+    kw.setdefault("oversample", "none")
+    kw.setdefault("normalization", IMAGENET)
     return make_loader(root, "train", backend=backend, **kw)
 
 
@@ -183,22 +185,23 @@ def test_augmented_pixels_match_the_reference_backend_and_replay(backend, refere
 
 @pytest.mark.parametrize("backend", ["ffcv", "dali"])
 def test_validation_images_match_the_torch_backend(backend, ramps):
-    a, r = paired_epoch(make_loader(ramps, "val", backend=backend, batch_size=8, image_size=S, workers=1),
-                        make_loader(ramps, "val", backend="torch", batch_size=8, image_size=S, workers=1), 0)
+    a, r = paired_epoch(make_loader(ramps, "val", backend=backend, batch_size=8, image_size=S, workers=1, normalization=IMAGENET, oversample="none"),
+                        make_loader(ramps, "val", backend="torch", batch_size=8, image_size=S, workers=1, normalization=IMAGENET, oversample="none"), 0)
     assert (pixels(a) - pixels(r)).abs().mean(dim=(1, 2, 3)).max() < 4.0
 
 
 def test_ffcv_decodes_large_crops_at_a_reduced_scale_with_the_same_pixels(tmp_path):
     """Crops >= 2x the output are decoded at 1/2, 1/4 or 1/8 scale (libjpeg-turbo's IDCT); the
     pixels must still be the crop's, at the right place, as on the torch backend."""
-    from cornpipe.loaders.ffcv_ops import _dct_eighths
+    from cornpipe.loaders.backends.ffcv_ops import _dct_eighths
 
     assert [_dct_eighths(side, side, S) for side in (16, 31, 32, 63, 64, 128, 500)] == [8, 8, 4, 4, 2, 1, 1]
     assert _dct_eighths(200, 40, S) == 4  # the shorter side decides
     big = ramp_set(tmp_path / "src", 16, ((90, 120), (120, 90), (140, 140)))  # val crops 78-122 px -> 1/4
     for split, aug, reference in (("val", None, "torch"), ("train", GEOMETRY, "resident")):
         kw = {"augment": aug} if aug else {}
-        lo, ref = (make_loader(big, split, backend=b, batch_size=8, image_size=S, workers=1, seed=3, **kw)
+        lo, ref = (make_loader(big, split, backend=b, batch_size=8, image_size=S, workers=1, seed=3,
+                               oversample="none", normalization=IMAGENET, **kw)
                    for b in ("ffcv", reference))
         assert_same_pictures(*paired_epoch(lo, ref, 1))
 

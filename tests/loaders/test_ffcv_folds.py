@@ -6,7 +6,7 @@ and val.beton), read exactly as the shared epoch draw says; and its decoder's no
   under oversampling; rank slices are disjoint and cover the fold; drop_last keeps whole batches;
   the same (seed, epoch) replays the same pixels; FFCV's process cache reads both files too.
 - Finishing inside the decoder (CPU, float32: colour jitter and normalisation) gives the pixels of
-  the uint8 + loaders.finish path, NCHW and channels_last, through flips, quarter turns and jitter;
+  the uint8 + loaders.pixels.finish path, NCHW and channels_last, through flips, quarter turns and jitter;
   the batches it hands out, float32 or host-only uint8, stay as they were while later batches are made.
 - A bad JPEG in the second file names that file and its split row.
 """
@@ -24,7 +24,7 @@ from conftest import needs_library
 
 from cornpipe.errors import LoaderError
 from cornpipe.loaders import make_loader
-from cornpipe.loaders.base import HOST_DTYPE, AugmentConfig
+from cornpipe.loaders.base import HOST_DTYPE, IMAGENET, AugmentConfig
 from cornpipe.shards.shard_set import ShardSet
 
 pytest.importorskip("ffcv")
@@ -52,6 +52,8 @@ def loader(root: Path, backend: str = "ffcv", **kw):
     kw.setdefault("workers", 1)
     kw.setdefault("device", "cpu")
     kw.setdefault("dtype", torch.float32)
+    kw.setdefault("oversample", "none")
+    kw.setdefault("normalization", IMAGENET)
     return make_loader(root, kw.pop("split", "train"), backend=backend, **kw)
 
 
@@ -132,7 +134,7 @@ def test_a_fold_keeps_drop_last_and_replays_its_epoch(tiny_shards: Path) -> None
 @pytest.mark.parametrize("augment", [False, NO_JITTER, TURNS, JITTER, EVERYTHING],
                          ids=["val", "flips", "turns", "jitter", "everything"])
 def test_finishing_in_the_decoder_gives_the_finish_paths_pixels(channels_last, augment, tiny_shards) -> None:
-    """The decoder's colour jitter and normalisation are loaders.finish's; the contrast centre is
+    """The decoder's colour jitter and normalisation are loaders.pixels.finish's; the contrast centre is
     summed in another order (row by row), hence the 1e-4 (a level is ~0.017 once normalised)."""
     kw = dict(sample_ids=fold(tiny_shards), augment=augment, channels_last=channels_last, seed=5, workers=2)
     fused, *_, ids = epoch(loader(tiny_shards, **kw), 4)

@@ -10,9 +10,9 @@ from conftest import needs_library
 
 from cornpipe.errors import LoaderError
 from cornpipe.loaders import make_loader
-from cornpipe.loaders.base import HOST_DTYPE, MEAN_255, STD_255, AugmentConfig
+from cornpipe.loaders.base import HOST_DTYPE, IMAGENET, MEAN_255, STD_255, AugmentConfig
 from cornpipe.loaders.common import make_spec
-from cornpipe.loaders.finish import Finisher
+from cornpipe.loaders.pixels.finish import Finisher
 
 S = 32
 GEOMETRY = AugmentConfig(rot90=True, brightness=0.0, contrast=0.0, saturation=0.0)  # crop, both flips, rot90
@@ -31,7 +31,7 @@ def one_epoch(root, backend: str, options: dict, split: str, dtype: torch.dtype 
               augment: AugmentConfig | bool | None) -> list:
     needs_library(backend)
     loader = make_loader(root, split, backend=backend, batch_size=8, image_size=S, device="cpu", workers=1,
-                         seed=3, dtype=dtype, augment=augment, options=options)
+                         seed=3, dtype=dtype, augment=augment, options=options, normalization=IMAGENET, oversample="none")
     try:
         loader.set_epoch(2)
         return [tuple(t.clone() for t in batch) for batch in loader]
@@ -73,18 +73,18 @@ def test_host_only_batches_leave_the_colour_jitter_to_the_gpu(tiny_shards, backe
 def test_a_library_buffer_is_copied_out_of(tmp_path):
     """FFCV reuses its batch buffers: a host-only batch must not change when the library writes the next one."""
     buffer = torch.randint(0, 256, (4, S, S, 3), dtype=torch.uint8)
-    finish = Finisher(torch.device("cpu"), HOST_DTYPE, jitter=True, channels_last=False)
+    finish = Finisher(torch.device("cpu"), HOST_DTYPE, jitter=True, channels_last=False, norm=IMAGENET)
     out = finish(buffer, torch.ones(4, 3))
     assert torch.equal(out, buffer) and out.data_ptr() != buffer.data_ptr()
-    owned = Finisher(torch.device("cpu"), HOST_DTYPE, jitter=True, channels_last=False, owned=True)
+    owned = Finisher(torch.device("cpu"), HOST_DTYPE, jitter=True, channels_last=False, owned=True, norm=IMAGENET)
     assert owned(buffer, torch.ones(4, 3)).data_ptr() == buffer.data_ptr()
 
 
 def test_host_only_is_uint8_on_the_cpu_and_nothing_else():
-    assert make_spec("train", dtype=torch.uint8).host_only
-    assert not make_spec("train").host_only
+    assert make_spec("train", dtype=torch.uint8, normalization=IMAGENET).host_only
+    assert not make_spec("train", normalization=IMAGENET).host_only
     with pytest.raises(LoaderError, match=r"floating point type or torch.uint8 \(host-only\), got torch.int64"):
-        make_spec("train", dtype=torch.int64)
+        make_spec("train", dtype=torch.int64, normalization=IMAGENET)
     if torch.cuda.is_available():
         with pytest.raises(LoaderError, match="stays on the CPU"):
-            make_spec("train", dtype=torch.uint8, device="cuda")
+            make_spec("train", dtype=torch.uint8, device="cuda", normalization=IMAGENET)

@@ -22,8 +22,8 @@ from PIL import Image
 
 from cornpipe.errors import LoaderError, MissingDependency
 from cornpipe.loaders import BACKEND_MODULES, make_loader
-from cornpipe.loaders.augment import value_range
-from cornpipe.loaders.base import MEAN_255, STD_255, AugmentConfig
+from cornpipe.loaders.base import IMAGENET, MEAN_255, STD_255, AugmentConfig
+from cornpipe.loaders.pixels.finish import value_range
 from cornpipe.loaders.sampling import epoch_indices
 from cornpipe.shards.shard_set import ShardSet, parse_dali_index
 
@@ -119,6 +119,8 @@ def loader_for(root: Path, backend: str, split: str = "train", **kw):
     kw.setdefault("batch_size", 32)
     kw.setdefault("image_size", IMAGE_SIZE)
     kw.setdefault("workers", 1)
+    kw.setdefault("oversample", "none")
+    kw.setdefault("normalization", IMAGENET)
     return make_loader(root, split, backend=backend, **kw)
 
 
@@ -133,7 +135,7 @@ def train_ids(root: Path) -> np.ndarray:
 def check_batches(loader, expected: dict, device: str = "cpu", dtype: torch.dtype = torch.float32) -> int:
     """Iterate one epoch; every batch honours the contract and every image shows its own colour
     and comes with its own labels. Returns the number of images seen."""
-    lo, hi = value_range()
+    lo, hi = value_range(IMAGENET)
     seen = 0
     for images, position, grade, sample_id in loader:
         b = len(sample_id)
@@ -329,11 +331,11 @@ def test_corrupt_image_in_a_shard_names_the_file(backend, colour_jpg, tmp_path):
 
 def test_unknown_names_list_the_valid_ones(colour_jpg):
     with pytest.raises(LoaderError, match="unknown backend 'pil'; valid: ffcv, dali, torch, resident"):
-        make_loader(colour_jpg, "train", backend="pil")
+        make_loader(colour_jpg, "train", backend="pil", normalization=IMAGENET, oversample="none")
     with pytest.raises(LoaderError, match="valid: none, balanced, sqrt, joint"):
-        make_loader(colour_jpg, "train", backend="torch", oversample="rare")
+        make_loader(colour_jpg, "train", backend="torch", oversample="rare", normalization=IMAGENET)
     with pytest.raises(LoaderError, match="unknown split 'test'"):
-        make_loader(colour_jpg, "test", backend="torch")
+        make_loader(colour_jpg, "test", backend="torch", normalization=IMAGENET, oversample="none")
 
 
 @pytest.mark.parametrize("backend", ["ffcv", "dali"])
@@ -346,13 +348,13 @@ def test_missing_library_names_the_extra_to_install(backend, colour_jpg, monkeyp
     monkeypatch.setitem(sys.modules, module, None)  # `import ffcv` now fails as if not installed
     with pytest.raises(MissingDependency, match=package):
         loader = make_loader(colour_jpg, "train", backend=backend, batch_size=8, image_size=IMAGE_SIZE,
-                             workers=1)
+                             workers=1, normalization=IMAGENET, oversample="none")
         loader.close()
 
 
 def test_resident_refuses_a_split_over_its_memory_cap(colour_jpg):
     with pytest.raises(LoaderError, match=r"resident backend needs .* may use"):
-        make_loader(colour_jpg, "train", backend="resident", options={"max_bytes": 10_000})
+        make_loader(colour_jpg, "train", backend="resident", options={"max_bytes": 10_000}, normalization=IMAGENET, oversample="none")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,7 +363,7 @@ def test_resident_refuses_a_split_over_its_memory_cap(colour_jpg):
 
 def test_folder_loader_keeps_labels_and_reads_each_image_once(colour_csv):
     loader = make_loader(None, "all", backend="torch-folder", batch_size=32, image_size=IMAGE_SIZE,
-                         workers=1, augment=GEOMETRY_ONLY, options={"manifest_csv": colour_csv})
+                         workers=1, augment=GEOMETRY_ONLY, options={"manifest_csv": colour_csv}, normalization=IMAGENET, oversample="none")
     try:
         # discovery order = file name order here, so sample id i is image i
         expected = {i: (c, p, float(g)) for i in range(N_IMAGES) for c, p, g in [colour_labels(i)]}
@@ -373,12 +375,12 @@ def test_folder_loader_keeps_labels_and_reads_each_image_once(colour_csv):
 
 
 def test_folder_split_matches_the_converted_split(synth_raw, tiny_shards):
-    from cornpipe.loaders.folder import make_folder_loader
+    from cornpipe.loaders.backends.folder import make_folder_loader
 
     shards = ShardSet(tiny_shards)
     for split in ("train", "val"):
         loader = make_folder_loader(synth_raw, split, batch_size=64, image_size=IMAGE_SIZE, workers=0, seed=7,
-                                    augment=False)
+                                    augment=False, normalization=IMAGENET, oversample="none")
         _, position, grade, _, _ = run_epoch(loader, 0)
         want_pos, want_grade, _ = shards.labels(split)
         assert sorted(zip(position.tolist(), grade.tolist(), strict=True)) == \

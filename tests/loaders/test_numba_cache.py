@@ -1,4 +1,4 @@
-"""numba's on-disk cache of a kernel that inlines loaders.pixel_kernels goes stale with them."""
+"""numba's on-disk cache of a kernel that inlines loaders.pixels.pixel_kernels goes stale with them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 nb = pytest.importorskip("numba")
-px = pytest.importorskip("cornpipe.loaders.pixel_kernels")
+px = pytest.importorskip("cornpipe.loaders.pixels.pixel_kernels")
 
 
 def _fresh_dispatcher(module_file: Path, helpers: Path):

@@ -17,6 +17,7 @@ from conftest import needs_library
 from cornpipe.cli import cli
 from cornpipe.errors import ConfigError
 from cornpipe.loaders import make_loader
+from cornpipe.loaders.base import IMAGENET
 from cornpipe.runs.config import TrainConfig
 from cornpipe.runs.cv import summarize_runs
 from cornpipe.runs.folds import fold_ids, stratified_folds
@@ -72,7 +73,7 @@ def test_any_backend_reads_a_subset_of_sample_ids_from_both_splits(backend: str,
     pick = [s for s in rows if s["split"] == "val"][:3] + [s for s in rows if s["split"] == "train"][:4]
     ids = [s["id"] for s in pick]
     kwargs = dict(backend=backend, batch_size=4, image_size=32, device="cpu", workers=0, dtype=torch.float32,
-                  oversample="none", shuffle=False, sample_ids=ids)
+                  oversample="none", shuffle=False, sample_ids=ids, normalization=IMAGENET)
     with make_loader(tiny_shards, "val", **kwargs) as loader:
         batches = list(loader)
     got = torch.cat([b.sample_id for b in batches]).tolist()

@@ -23,6 +23,7 @@ import torch
 from conftest import needs_library
 
 from cornpipe.loaders import make_loader
+from cornpipe.loaders.base import IMAGENET
 from cornpipe.runs.evaluation import evaluate_checkpoint
 from cornpipe.shards.shard_set import ShardSet
 
@@ -50,9 +51,11 @@ def cornpipe(*args: object, timeout: float = 400) -> subprocess.CompletedProcess
 def rank_ids(shards: Path, backend: str, split: str, world: int, **fields) -> list[np.ndarray]:
     """The sample ids each rank's loader yields in epoch 1."""
     out = []
+    fields.setdefault("oversample", "none")
     for rank in range(world):
         loader = make_loader(shards, split, backend=backend, batch_size=4, image_size=32, device="cpu",
-                             workers=0, rank=rank, world_size=world, dtype=torch.float32, **fields)
+                             workers=0, rank=rank, world_size=world, dtype=torch.float32, normalization=IMAGENET,
+                             **fields)
         try:
             loader.set_epoch(1)
             out.append(np.concatenate([b.sample_id.numpy() for b in loader]))

@@ -16,8 +16,8 @@ from conftest import error_line
 from PIL import Image, ImageOps
 
 from cornpipe.cli import cli
-from cornpipe.loaders.augment import val_preprocess
 from cornpipe.loaders.base import Normalization
+from cornpipe.loaders.pixels.augment import val_preprocess
 from cornpipe.models import create_model
 from cornpipe.runs.checkpoint import load_checkpoint
 from cornpipe.runs.config import TrainConfig

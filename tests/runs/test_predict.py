@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from cornpipe.cli import cli
 from cornpipe.loaders import make_loader
+from cornpipe.loaders.base import IMAGENET
 from cornpipe.models import create_model
 from cornpipe.runs.checkpoint import load_checkpoint
 from cornpipe.runs.config import TrainConfig
@@ -45,7 +46,8 @@ def test_predictions_equal_validation_outputs(checkpoint: Path, tiny_shards: Pat
     model.load_state_dict(state["model"])
     model.eval()
     expected = {}
-    loader = make_loader(shards, "val", backend="torch", batch_size=8, image_size=32, workers=0)
+    loader = make_loader(shards, "val", backend="torch", batch_size=8, image_size=32, workers=0, oversample="none",
+                         normalization=IMAGENET)
     with torch.no_grad():
         for batch in loader:
             out = model(batch.images)

@@ -15,6 +15,7 @@ from conftest import FORMATS, as_format_version_1, installed
 from PIL import Image
 
 from cornpipe.loaders import make_loader
+from cornpipe.loaders.base import IMAGENET
 from cornpipe.shards import fields as F
 from cornpipe.shards.inspect import verify_shards
 from cornpipe.shards.shard_set import ShardSet, parse_dali_index
@@ -110,7 +111,7 @@ def test_every_backend_reads_a_format_version_1_set_as_the_new_one(tiny_shards: 
                                                                     backend: str, options: dict) -> None:
     def val_batches(root: Path) -> list:
         loader = make_loader(root, "val", backend=backend, batch_size=4, image_size=32, device="cpu", workers=1,
-                             shuffle=False, options=options)
+                             shuffle=False, options=options, oversample="none", normalization=IMAGENET)
         try:
             return list(loader)
         finally:

@@ -1,24 +1,14 @@
 """Per-image pixel passes, numba, one (S, S, 3) uint8 crop at a time: the last step of every CPU batch.
 
-The `ffcv` decoder (loaders.ffcv_ops) runs them inside FFCV's batch kernel, on its threads, while the
-crop is still in the core's cache; `loaders.fused` runs them over the uint8 batches of the other
+The `ffcv` decoder (loaders.backends.ffcv_ops) runs them inside FFCV's batch kernel, on its threads, while the
+crop is still in the core's cache; `loaders.pixels.finish_cpu` runs them over the uint8 batches of the other
 backends, images in parallel; the dali jitter operator per image. Flips and quarter turns, then
 colour jitter and normalisation to float32, NCHW or NHWC: brightness, contrast around the mean grey
 of the brightened image, saturation around each pixel's grey, each step clamped to [0, 255], then
-(x - mean) * (1 / std) -- the definition of `loaders.augment`'s tensor ops, which the tests hold
-these to.
+(x - mean) * (1 / std) -- the definition of `loaders.pixels.finish`'s tensor ops, which the tests hold
+these to. Each is written so that its loops vectorise (timings of every choice: docs/loaders.md).
 
-Measured per 224 px image on one core of the 2-core test VM (a Xeon with AVX-512), numba with
-fastmath (the batch kernels are compiled with it), cache-hot, flipped or not:
-
-- `normalise`: ~32-40 us (before: ~130 us flipped, reading the row backwards with a signed index;
-  numba's `dst[:] = src[:, ::-1]`, FFCV's RandomHorizontalFlip, ~240 us).
-- `jitter_normalise`: ~70-76 us, of which the contrast centre ~14 us (brightness <= 1) or ~20 us;
-  ~83-90 us with every step's clamp computed as written, ~480 us as one loop with a branch per pixel.
-- `contrast_shift`: column sums of the flat rows (~14 us; summing r, g and b apart: 22-31 us).
-- `copy_flipped` (uint8 crops): ~20 us (a slice assignment ~84 us).
-
-Every loop is a plain case of its own: a branch inside a pixel loop stops it vectorising (~1.7x).
+Every loop is a plain case of its own: a branch inside a pixel loop stops it vectorising.
 Kernels that inline these are cached by numba on their own file only: `fresh_cache` keeps them fresh.
 """
 
@@ -32,7 +22,7 @@ from typing import TypeVar
 import numba as nb
 import numpy as np
 
-from cornpipe.loaders.fused import GREY_WEIGHTS
+from cornpipe.loaders.base import GREY_WEIGHTS
 
 # Inlined into the batch kernels (numba IR inlining, before typing): no separate dispatcher per
 # helper, whose overloads numba's parfor lowering corrupted when two kernels compiled the same helper
@@ -77,14 +67,14 @@ def fresh_cache(dispatcher: D, *sources: str) -> D:
 
 _WR, _WG, _WB = GREY_WEIGHTS
 # Indices run unsigned where a row is walked backwards: a signed index makes numba check for negative
-# (wrap-around) indices, which stops the loop vectorising (a reversed float32 row: 155 vs 15 us).
+# (wrap-around) indices, which stops the loop vectorising.
 _U = np.uint64
 
 
 @jit
 def copy_flipped(src, dst, hflip, vflip):
     """dst = vflip(hflip(src)) for (S, S, 3) uint8, row by row (numba's `dst[:] = src[:, ::-1]` is a
-    generic strided copy, ~4x slower)."""
+    generic strided copy, several times slower)."""
     s = src.shape[1]
     last, u0, u1, u2, u3 = _U(s - 1), _U(0), _U(1), _U(2), _U(3)
     for y in range(src.shape[0]):
@@ -95,7 +85,7 @@ def copy_flipped(src, dst, hflip, vflip):
                 q = u3 * (last - x)
                 out[u3 * x], out[u3 * x + u1], out[u3 * x + u2] = row[q], row[q + u1], row[q + u2]
         else:
-            for p in range(3 * s):  # (a slice assignment is numba's generic copy: ~4x slower)
+            for p in range(3 * s):  # (a slice assignment is numba's slower generic copy)
                 out[p] = row[p]
 
 
@@ -173,7 +163,7 @@ def contrast_shift(src, bf, cf):
     """(1 - cf) * the mean grey of the brightened, clamped (S, S, 3) uint8 image: the contrast step's
     constant term. bf >= 0. Each row is added, as a flat run of 3 * S values, onto one row of column
     sums (unit stride: it vectorises, where summing r, g and b apart does not), weighted at the end.
-    With bf <= 1 nothing clamps: exact integer sums, times bf (~15 us, against ~21 us in float32)."""
+    With bf <= 1 nothing clamps: exact integer sums, times bf (faster than float32 sums)."""
     top, one = np.float32(255.0), np.float32(1.0)
     width, n = 3 * src.shape[1], max(src.shape[0] * src.shape[1], 1)
     if bf <= one:

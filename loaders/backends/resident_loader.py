@@ -2,7 +2,7 @@
 
 For datasets that fit in (GPU) memory: no worker processes and no per-epoch decode. Each batch
 is a gather from the resident tensor plus batched augmentation with tensor ops on the device
-(`loaders.augment.augment_batch`: roi_align crop-resize, flips, rot90, jitter, normalize).
+(`loaders.pixels.augment.augment_batch`: roi_align crop-resize, flips, rot90, jitter, normalize).
 
 Storage: images keep their convert resolution and aspect. They are stored top-left in a tensor
 of shape (N, 3, H_max, W_max), H_max/W_max the largest height/width in the split, with each image's
@@ -13,15 +13,15 @@ Memory: N * 3 * H_max * W_max bytes, e.g. 3000 images at max_resolution 512 with
 and landscape orientation = 3000 * 3 * 512 * 512 = 2.2 GiB. `options["max_bytes"]` caps it
 (default: 75 % of free CUDA memory, or half the available RAM on CPU); over the cap is a
 LoaderError before anything is decoded. Decoding happens once, here: nvJPEG batches on CUDA with a
-per-image CPU fallback, PIL on threads on the CPU (`loaders.resident_decode`).
+per-image CPU fallback, PIL on threads on the CPU (`loaders.backends.resident_decode`).
 
 Augmentation draws: one generator per batch, seeded by (seed, epoch, rank, batch index).
 Crop-resize kernel (`options["crop_kernel"]`): "auto" = roi_align on a gathered batch on CUDA,
-torch's uint8 antialias kernel straight from the store on the CPU (~8x faster per core there), each
-image cropped and finished by one of `workers` threads (`loaders.crop_threads`);
+torch's uint8 antialias kernel straight from the store on the CPU (much faster per core there), each
+image cropped and finished by one of `workers` threads (`loaders.backends.crop_threads`);
 "roi_align" forces the CUDA path on the CPU too (tests use it to check that path without a GPU).
 Host-only (dtype uint8): the same crops and flips, handed out as (B, S, S, 3) uint8 without the
-jitter and normalisation (on the CPU flipped on the crop threads; otherwise `loaders.augment.host_batch`,
+jitter and normalisation (on the CPU flipped on the crop threads; otherwise `loaders.pixels.finish.host_batch`,
 roi_align's float pixels rounded).
 """
 
@@ -37,12 +37,13 @@ import torch
 from PIL import Image
 
 from cornpipe.errors import LoaderError
-from cornpipe.loaders.augment import CROP_KERNELS, augment_batch, roi_align_window, use_interpolate
+from cornpipe.loaders.backends.crop_threads import CropThreads
+from cornpipe.loaders.backends.resident_decode import batch_decoder, chunks, decode_images, place
+from cornpipe.loaders.backends.torch_loader import shard_of
 from cornpipe.loaders.base import Batch
 from cornpipe.loaders.common import EpochLoader, LoaderSpec, augment_params, cut_to_batches, source_rows
-from cornpipe.loaders.crop_threads import CropThreads
-from cornpipe.loaders.resident_decode import batch_decoder, chunks, decode_images, place
-from cornpipe.loaders.torch_loader import shard_of
+from cornpipe.loaders.pixels.augment import augment_batch
+from cornpipe.loaders.pixels.geometry import CROP_KERNELS, roi_align_window, use_interpolate
 
 _DECODE_CHUNK = 64  # images decoded at a time (one nvJPEG batch on CUDA)
 
@@ -90,13 +91,13 @@ class ResidentLoader(EpochLoader):
         dev = spec.device
         cpu_crops = use_interpolate(torch.empty(0, dtype=torch.uint8, device=dev), self.crop_kernel)
         # CPU: NHWC in memory: torch's uint8 antialias resize works on interleaved pixels, and
-        # loaders.fused reads them; from NCHW it converts both ways (689 vs 169 us per 224 px crop).
+        # loaders.pixels.finish_cpu reads them; from NCHW it would convert both ways (docs/loaders.md).
         # Allocated so (not converted after): the store may be half the machine's RAM.
         layout = torch.channels_last if cpu_crops else torch.contiguous_format
         self.store = torch.empty((self.rows, 3, height, width), dtype=torch.uint8, device=dev,
                                  memory_format=layout).zero_()
         self._fill(blobs)
-        # CPU: crops and their finish on the loader's own threads (loaders.crop_threads)
+        # CPU: crops and their finish on the loader's own threads (loaders.backends.crop_threads)
         self._crop_threads = CropThreads(spec.workers) if cpu_crops else None
         self.position_t = torch.from_numpy(self.position).to(dev)
         self.grade_t = torch.from_numpy(self.grade).to(dev)
@@ -129,7 +130,7 @@ class ResidentLoader(EpochLoader):
 
     def _fill(self, blobs: list[bytes]) -> None:
         """Decode every image once into self.store: nvJPEG batches on CUDA, PIL on threads (it releases
-        the GIL while decoding) for the rest and everywhere else (loaders.resident_decode)."""
+        the GIL while decoding) for the rest and everywhere else (loaders.backends.resident_decode)."""
         decode_batch = batch_decoder(self.store.device)
         with ThreadPoolExecutor(max_workers=max(1, self.spec.workers)) as pool:
             for rows in chunks(len(blobs), _DECODE_CHUNK):

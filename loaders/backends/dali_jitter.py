@@ -1,18 +1,17 @@
-"""Colour jitter + normalisation of the `dali` backend's CPU batches, inside DALI's operator threads.
+"""The finish step (colour jitter + normalisation) of the `dali` backend's CPU batches, inside DALI's operator threads.
 
-The kernel is the ffcv decoder's per-image form of `loaders.fused`'s jitter (the CPU definition every
-backend's finish runs): `loaders.pixel_kernels.jitter_normalise`, which reads the (S, S, 3) uint8
-crop as it is and writes the (3, S, S) float32 image, compiled with fastmath (its loops vectorise)
-and without numba's own threads, and called per image by DALI's `NumbaFunction` operator: DALI's
-threads run the images in parallel, beside decoding, as crop_mirror_normalize does without jitter.
-(Before: the crop copied into planes for `loaders.fused`'s batch kernel, ~0.8-0.9x the rate of
-`--work same` in `bench loaders --work both`.) Finishing on the
-main thread instead cost a third more CPU per image on 2 cores (torch's uint8 HWC->CHW copy, numba's
-threads contending with DALI's); this costs about what crop_mirror_normalize does.
+The kernel is the per-image form of the CPU finish every backend runs (`loaders.pixels.finish_cpu`):
+`loaders.pixels.pixel_kernels.jitter_normalise`, which reads the (S, S, 3) uint8 crop as it is and
+writes the (3, S, S) float32 image, compiled with fastmath (its loops vectorise) and without numba's
+own threads, and called per image by DALI's `NumbaFunction` operator: DALI's threads run the images
+in parallel, beside decoding, as crop_mirror_normalize does without jitter. Copying each crop into
+planes for the batch kernel first, or finishing on the main thread (torch's uint8 HWC->CHW copy,
+numba's threads contending with DALI's), cost more (docs/loaders.md); this costs about what
+crop_mirror_normalize does.
 
 Compiling takes a few seconds, once per process (the operator is kept and reused by every
 pipeline). Where numba or DALI's numba plugin does not work, `jitter_op` is None and the loader
-finishes in torch (loaders.finish), as on CUDA.
+finishes in torch (loaders.pixels.finish), as on CUDA.
 """
 
 from __future__ import annotations
@@ -23,21 +22,21 @@ from typing import Any
 
 import numpy as np
 
-from cornpipe.loaders import fused
+from cornpipe.loaders.pixels import finish_cpu
 
 
 @functools.cache
 def jitter_op(mean: tuple[float, ...], std: tuple[float, ...]) -> Any | None:
     """A DALI operator: (crop (S, S, 3) uint8, factors (3,) float32) -> jittered, (x - mean) / std
     (3, S, S) float32 per image; None where numba cannot run it."""
-    if not fused.ready():
+    if not finish_cpu.ready():
         return None
     try:
         import numba
         from nvidia.dali import types
         from nvidia.dali.plugin.numba import NumbaFunction
 
-        from cornpipe.loaders.pixel_kernels import jitter_normalise
+        from cornpipe.loaders.pixels.pixel_kernels import jitter_normalise
 
         def finish_one(crop, out, factors, mean, inv_std):  # pragma: no cover - compiled by numba
             """crop (S, S, 3) uint8 (DALI flipped it already) -> out (3, S, S) float32."""

@@ -1,4 +1,4 @@
-"""`torch` backend: a torch DataLoader with PIL decode over the tar shards (folders: loaders.folder).
+"""`torch` backend: a torch DataLoader with PIL decode over the tar shards (folders: loaders.backends.folder).
 
 This is the baseline every speed claim is a ratio to, and (over the original image folders) what
 the team trained with before: PIL decodes and augments each image in a worker process.
@@ -10,7 +10,7 @@ the team trained with before: PIL decodes and augments each image in a worker pr
 - Workers return uint8 (S, S, 3), as PIL holds it, after the geometric augmentation plus the sample's
   colour-jitter factors; the main process moves the uint8 batch to the device (pinned, non_blocking on
   CUDA) and jitters + normalises it there, in one batched op (on the CPU the fused pass of
-  `loaders.fused`, which reads interleaved pixels). Host-only (dtype uint8): the collated
+  `loaders.pixels.finish_cpu`, which reads interleaved pixels). Host-only (dtype uint8): the collated
   (B, S, S, 3) uint8 batch is the output.
 - A worker that hits a bad sample returns its one-line message instead of raising, so the user sees
   a one-line LoaderError naming the file (torch re-raises worker errors with a multi-line message).
@@ -28,13 +28,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cornpipe.errors import LoaderError
-from cornpipe.loaders.augment import (
-    apply_geometry_pil,
-    finish_batch,
-)
 from cornpipe.loaders.base import Batch
 from cornpipe.loaders.common import EpochLoader, LoaderSpec, augment_params, source_rows
-from cornpipe.loaders.finish import one_cpu_thread
+from cornpipe.loaders.pixels.augment import apply_geometry_pil
+from cornpipe.loaders.pixels.finish import finish_batch, one_cpu_thread
 
 
 class _Failure(str):
@@ -59,7 +56,7 @@ class ImageDataset(Dataset):
         params = augment_params(self.spec, np.array([[image.height, image.width]]), epoch, slot)
         crop = apply_geometry_pil(image, params, self.spec.image_size)
         # (S, S, 3) uint8, as PIL holds the crop: a host-only batch as it is, and what the fused CPU
-        # finish reads (from a planar batch it would first copy to NHWC, ~200 us per 224 px image)
+        # finish reads (from a planar batch it would first copy to NHWC: one more pass)
         pixels = torch.from_numpy(np.array(crop.convert("RGB"), dtype=np.uint8))
         return pixels, torch.from_numpy(params.jitter[0]), row
 
@@ -154,7 +151,7 @@ class TorchLoader(EpochLoader):
                 yield Batch(pixels, *self.labels_for(rows))
                 continue
             # With decoding in worker processes, torch's OpenMP threads here only fight the workers
-            # for the cores (10-20x slower batches measured on 2 cores): one thread on CPU.
+            # for the cores (much slower batches on 2 cores, docs/loaders.md): one thread on CPU.
             with one_cpu_thread(not spec.on_cuda and self._loader.num_workers > 0):
                 x = pixels.to(spec.device, non_blocking=spec.on_cuda)  # (B, S, S, 3) uint8
                 images = finish_batch(x, jitter if spec.augment is not None else None, dtype=spec.dtype, hwc=True,

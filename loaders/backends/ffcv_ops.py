@@ -4,39 +4,35 @@ Why not FFCV's own `RandomResizedCropRGBImageDecoder` + `RandomHorizontalFlip` +
 
 - Their random draws come from numba's per-thread generators, which nothing seeds: an epoch could
   not be replayed, and the draws would differ from every other backend's. Here the crop boxes and
-  flip/rot90 flags are drawn in Python by `loaders.augment.sample_params` (the sampler every
+  flip/rot90 flags are drawn in Python by `loaders.pixels.params.sample_params` (the sampler every
   backend uses, seeded by (seed, epoch, rank, batch)) and handed to the decoder through one of its
-  own FFCV memory buffers, written by `loaders.ffcv_loader` just before the batch runs.
-- FFCV JIT-compiles every operation of every `Loader` anew (5-20 s on a 2-core machine). The work
+  own FFCV memory buffers, written by `loaders.backends.ffcv_loader` just before the batch runs.
+- FFCV JIT-compiles every operation of every `Loader` anew (seconds per Loader on 2 cores). The work
   here lives in module-level numba functions compiled once per process and cached on disk
   (`cache=True`); the per-Loader closure FFCV compiles is a short call into them.
 - FFCV ignores libjpeg-turbo's return code, so a damaged JPEG becomes a silent garbage image. The
   kernel records the code per sample and the loader turns a failure into a LoaderError.
 - One decoder reads several .beton files (a cross-validation fold spans train.beton and val.beton):
   the storage state is a tuple with one FFCV state per file and each sample's params row names its
-  file (`loaders.ffcv_files`).
+  file (`loaders.backends.ffcv_files`).
 
 Outputs (`layout`):
-- U8: (B, S, S, 3) uint8 crops in FFCV's buffer, finished by `loaders.finish` (CUDA batches, and the
+- U8: (B, S, S, 3) uint8 crops in FFCV's buffer, finished by `loaders.pixels.finish` (CUDA batches, and the
   `fuse=False` reference path).
 - PLANAR / NHWC (a CPU float32 batch): each crop is colour-jittered (by the factors in its params
   row) and normalised while it is still in the core's cache, and written as float32 straight into the
   batch's own array, NCHW or NHWC (channels_last), the flips folded into that pass
-  (loaders.pixel_kernels). Measured per 224 px image on one core: numba's slice copy
-  `dst[:] = src[:, ::-1]` (FFCV's RandomHorizontalFlip, which copies every image) ~230-250 us, the
-  normalising pass ~32-40 us flipped or not (cache-hot; ~96 us writing a batch's fresh rows), FFCV's
-  NormalizeImage ~85 us; with the jitter ~70-76 us, against ~1 ms for loaders.finish's tensor ops;
-  its fused batch pass runs the same per-image passes but needs the uint8 batch written and read once
-  more, on the consuming thread.
+  (loaders.pixels.pixel_kernels): no flipped copy of every image (FFCV's RandomHorizontalFlip) and no
+  second pass; the fused CPU finish runs the same per-image passes but needs the uint8 batch written
+  and read once more, on the consuming thread (per-pass timings: docs/loaders.md).
 - HOST (host-only CPU batches, `loaders.base.HOST_DTYPE`): the U8 crops, written into the batch's
-  own array rather than FFCV's buffer, which loaders.finish would have to copy out (~10 MB a batch).
+  own array rather than FFCV's buffer, which loaders.pixels.finish would have to copy out.
 
 Images are decoded with FFCV's libffcv (libjpeg-turbo) and resized with its OpenCV `cv::resize`
 (INTER_AREA), as FFCV's decoders do. When a crop is at least twice the output size, the JPEG is
 decoded at 1/2, 1/4 or 1/8 scale, as long as the crop stays >= the output (`_dct_eighths`).
-Measured on a 512 px JPEG: INTER_AREA costs 0.65-1.2 ms for a non-integer downscale to 224 px (crops
-of 235-376 px) but 0.05 ms for an exact 2x one, and 0.07 ms to upscale: the largest cost of this
-backend at 512 px, and the reason to convert at about the training size.
+INTER_AREA's non-integer downscales are this backend's largest cost at 512 px (docs/loaders.md):
+the reason to convert at about the training size.
 """
 
 from __future__ import annotations
@@ -53,7 +49,7 @@ from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 from numba import types
 
-from cornpipe.loaders import pixel_kernels as px
+from cornpipe.loaders.pixels import pixel_kernels as px
 
 # Columns of the per-sample parameter row (int64) the loader writes before each batch; the last
 # three hold the colour jitter factors (brightness, contrast, saturation) as float64 bit patterns.
@@ -65,7 +61,7 @@ JPG_MODE = 0  # ffcv.fields.rgb_image.IMAGE_MODES["jpg"]
 # (B, S, S, 3); uint8 (B, S, S, 3) crops in the loader's array. All but U8 go into the loader's array.
 U8, PLANAR, NHWC, HOST = 0, 1, 2, 3
 
-_jit = px.jit  # inlined into the batch kernels (see loaders.pixel_kernels)
+_jit = px.jit  # inlined into the batch kernels (see loaders.pixels.pixel_kernels)
 
 # libffcv's C entry points, bound by symbol name (not by ctypes address) so that the numba functions
 # below can be cached on disk. Pointers travel as int64 (same registers on the x86-64/aarch64 ABIs).
@@ -100,8 +96,8 @@ def _read_process(address, pages, ptrs, sizes, page_to_slot, page_shift):
 def _dct_eighths(crop_h, crop_w, size):
     """M of the M/8 scale to decode at: the smallest of 8, 4, 2, 1 for which the crop keeps `size`
     pixels on its shorter side. libjpeg-turbo then does part of the downscaling in its IDCT (faster
-    than a full decode: 0.42 vs 0.72 ms for a 512 px q90 JPEG at 1/2) and the resize gets a smaller
-    input. Only powers of two: its other M/8 IDCTs are slower than the full decode (1.03 ms at 5/8)."""
+    than a full decode) and the resize gets a smaller input. Only powers of two: its other M/8 IDCTs
+    are slower than the full decode (docs/loaders.md)."""
     side = min(crop_h, crop_w)
     m = 8
     while m > 1 and side * (m // 2) >= size * 8:
@@ -210,8 +206,8 @@ def _batch_process(batch_indices, out_u8, out_float, temp, crop, params, metadat
 
 # Parallel builds only: FFCV's epoch thread sets numba's thread count to the loader's `workers`
 # (numba.set_num_threads, per calling thread), so workers=1 runs them on one thread. fastmath lets
-# the float loops of loaders.pixel_kernels vectorise (their inputs are uint8: no NaN or infinity).
-# px.fresh_cache: their cache also goes stale when loaders.pixel_kernels (inlined here) changes.
+# the float loops of loaders.pixels.pixel_kernels vectorise (their inputs are uint8: no NaN or infinity).
+# px.fresh_cache: their cache also goes stale when loaders.pixels.pixel_kernels (inlined here) changes.
 _batch_os = px.fresh_cache(nb.njit(nogil=True, cache=True, error_model="numpy", fastmath=True,
                                    parallel=True)(_batch_os))
 _batch_process = px.fresh_cache(nb.njit(nogil=True, cache=True, error_model="numpy", fastmath=True,
@@ -221,7 +217,7 @@ _batch_process = px.fresh_cache(nb.njit(nogil=True, cache=True, error_model="num
 @nb.njit(nogil=True, cache=True)
 def _files_os(batch_indices, out_u8, out_float, temp, crop, params, metadata, states, mean, inv_std, layout,
               page_shift):
-    """A batch over OS-cache states: one (mmap, ptrs, sizes) per file (loaders.ffcv_files); page_shift unused."""
+    """A batch over OS-cache states: one (mmap, ptrs, sizes) per file (loaders.backends.ffcv_files); page_shift unused."""
     for f in range(len(states)):
         mmap, ptrs, sizes = states[f]
         _batch_os(batch_indices, out_u8, out_float, temp, crop, params, metadata, mmap, ptrs, sizes, f, mean,
@@ -242,7 +238,7 @@ class ParamCropDecoder(Operation):
     """FFCV decoder for RGBImageField whose crop boxes, flips and colour jitter come from a buffer.
 
     Its memory is (output, decode scratch, crop scratch, params); `params`
-    (B, PARAM_COLUMNS) int64 is filled by the loader for each batch slot (see loaders.ffcv_loader)
+    (B, PARAM_COLUMNS) int64 is filled by the loader for each batch slot (see loaders.backends.ffcv_loader)
     and the kernel writes each sample's decode status back into it. `layout` U8: the output is
     FFCV's (B, S, S, 3) uint8 buffer. PLANAR / NHWC: jittered, normalised float32 (`mean`, `std` in
     0-255 units); HOST: uint8 crops; these are written into an array the loader puts in the output's
@@ -263,7 +259,7 @@ class ParamCropDecoder(Operation):
         self.page_shift = int(np.log2(page_size))
         self.biggest = int(biggest)
         self.layout = int(layout)
-        # the arithmetic of loaders.fused: float32 (x - mean) * float32(1 / std)
+        # the arithmetic of loaders.pixels.finish_cpu: float32 (x - mean) * float32(1 / std)
         self.mean = np.asarray(mean, dtype=np.float32)
         self.inv_std = (1.0 / np.asarray(std, dtype=np.float64)).astype(np.float32)
 

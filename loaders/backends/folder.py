@@ -16,8 +16,8 @@ import numpy as np
 from PIL import Image
 
 from cornpipe.errors import LoaderError
+from cornpipe.loaders.backends.torch_loader import ImageDataset, TorchLoader
 from cornpipe.loaders.common import LoaderSpec, make_spec
-from cornpipe.loaders.torch_loader import ImageDataset, TorchLoader
 
 FOLDER_SPLITS: tuple[str, ...] = ("all", "train", "val")
 FOLDER_OPTIONS: tuple[str, ...] = ("manifest_csv", "grade_scale", "val_fraction", "split_seed")

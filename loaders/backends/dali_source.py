@@ -237,3 +237,15 @@ class EpochSource:
             os.close(fd)
         self._fds.clear()
         self._plan_fd = None
+
+
+def worker_error(exc: BaseException | None) -> str | None:
+    """The message of a LoaderError raised in a DALI worker (`ERROR_MARK`, carried as text through the chain)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc)
+        if ERROR_MARK in text:
+            return text.split(ERROR_MARK, 1)[1].strip().splitlines()[0]
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -1,10 +1,9 @@
 """Batch arrays reused once nothing holds them: no fresh pages for every batch.
 
 A fresh array per batch costs its first-touch page faults every batch: a float32 batch of 64 images
-at 224 px is 38.5 MB, ~9,400 pages, larger than glibc's largest mmap threshold (32 MiB), so each one
-is mapped, faulted in and unmapped anew: 0.33-0.58 ms per MB on the 2-core test VM, ~0.2 ms per
-224 px float32 image (the fused CPU finish: 276 against 87 us per image, writing into fresh against
-reused memory). Batches are written into an `OutputPool`'s arrays instead, and an array is reused
+at 224 px is larger than glibc's largest mmap threshold (32 MiB), so each one is mapped, faulted in
+and unmapped anew, which costs the fused CPU finish about twice its own work (docs/loaders.md).
+Batches are written into an `OutputPool`'s arrays instead, and an array is reused
 only once no tensor made from it (a batch its consumer still holds, or a view of one) is alive.
 """
 

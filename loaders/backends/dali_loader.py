@@ -3,7 +3,7 @@
 Two ways to feed the pipeline (`options={"reader": ...}`):
 
 - "external" (default, every strategy): a parallel `fn.external_source` in batch mode
-  (loaders.dali_source) reads each batch's JPEGs by random access through the shards' DALI index, for
+  (loaders.backends.dali_source) reads each batch's JPEGs by random access through the shards' DALI index, for
   exactly the rows `loaders.sampling` draws for (seed, epoch, rank) -- the same epochs as every other
   backend, oversampling included -- with the shared augmentation draw of each batch (that of the ffcv
   and resident backends; replayable with the epoch).
@@ -18,8 +18,8 @@ Graph: ROI decode of the crop (`device="mixed"`, nvJPEG, on CUDA; libjpeg-turbo 
 the window; a flip is a reversed ROI edge) -> rot90 (`fn.rotate`, nearest, only when enabled) ->
 the finish, in DALI's threads: without colour jitter `crop_mirror_normalize` writes the batch
 contract's images (dtype, CHW or NHWC-in-memory, mean/std), handed to torch without a copy; with
-jitter on CPU, the fused numba kernel every CPU backend finishes with (loaders.dali_jitter), so every
-backend shares one definition of the jitter. Torch finishes DALI's uint8 crops instead (loaders.finish)
+jitter on CPU, the fused numba kernel every CPU backend finishes with (loaders.backends.dali_jitter), so every
+backend shares one definition of the jitter. Torch finishes DALI's uint8 crops instead (loaders.pixels.finish)
 for jitter on CUDA (batched tensor ops there), host-only uint8 batches and dtypes DALI does not write.
 
 Without a GPU the same graph runs on CPU (`device_id=None`). DALI's Python workers start by fork
@@ -40,11 +40,17 @@ import numpy as np
 import torch
 
 from cornpipe.errors import LoaderError, MissingDependency, install_hint
+from cornpipe.loaders.backends.dali_jitter import jitter_op
+from cornpipe.loaders.backends.dali_source import (
+    EpochPlan,
+    EpochSource,
+    SourceSpec,
+    row_locations,
+    worker_error,
+)
 from cornpipe.loaders.base import Batch
 from cornpipe.loaders.common import AUGMENT_STREAM, EpochLoader, LoaderSpec, source_rows
-from cornpipe.loaders.dali_jitter import jitter_op
-from cornpipe.loaders.dali_source import ERROR_MARK, EpochPlan, EpochSource, SourceSpec, row_locations
-from cornpipe.loaders.finish import Finisher
+from cornpipe.loaders.pixels.finish import Finisher
 from cornpipe.shards import fields as F
 
 try:
@@ -68,18 +74,6 @@ def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     first = next((ln.strip() for ln in text if ln.strip() and "Traceback" not in ln), "")
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
-def _worker_error(exc: BaseException) -> str | None:
-    """The message of a LoaderError raised in a DALI worker (carried as text through the chain)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        text = str(exc)
-        if ERROR_MARK in text:
-            return text.split(ERROR_MARK, 1)[1].strip().splitlines()[0]
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 class DaliLoader(EpochLoader):
@@ -112,7 +106,7 @@ class DaliLoader(EpochLoader):
         self._open: dict | None = None  # the epoch being iterated: dali_epoch, epoch, batches left
         # Who finishes the crops (colour jitter, mean/std, dtype, layout): DALI's threads, with
         # crop_mirror_normalize ("normalize", no jitter) or the shared fused jitter kernel ("jitter", CPU;
-        # decided at build, when it compiles), else torch (loaders.finish): jitter on CUDA (batched tensor
+        # decided at build, when it compiles), else torch (loaders.pixels.finish): jitter on CUDA (batched tensor
         # ops there), host-only uint8 batches, dtypes DALI does not write.
         jitters, floating = self.source_spec.jitters, spec.dtype.is_floating_point
         self.finish_in = ("normalize" if spec.dtype in NORMALIZED_TYPES and not jitters else
@@ -324,7 +318,7 @@ class DaliLoader(EpochLoader):
     def _diagnose(self, exc: BaseException, epoch: int, b: int) -> LoaderError:
         """One-line LoaderError for a failed batch: a worker's own message, else the first image of
         the batch that PIL cannot decode (naming its shard), else DALI's first line."""
-        message = _worker_error(exc)
+        message = worker_error(exc)
         if message is not None:
             return LoaderError(message)
         from PIL import Image
@@ -368,7 +362,7 @@ class DaliLoader(EpochLoader):
             raise
         except Exception as exc:
             self.close_pipeline()
-            message = _worker_error(exc)
+            message = worker_error(exc)
             raise LoaderError(message or f"DALI webdataset reader failed: {_one_line(exc)}") from exc
 
     # -- teardown -------------------------------------------------------------------------------

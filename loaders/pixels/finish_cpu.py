@@ -1,20 +1,18 @@
-"""Colour jitter + normalisation of a uint8 batch on the CPU in one fused numba pass.
+"""The finish step on the CPU: colour jitter + normalisation of a uint8 batch in one fused numba pass.
 
-The same definition as the tensor path (`loaders.augment.color_jitter_batch` then
+The same definition as the tensor path (`loaders.pixels.finish.color_jitter_batch` then
 `normalize_batch`): brightness, contrast (blend with the mean grey of the brightened image),
 saturation (blend with each pixel's grey), each step clamped to [0, 255] as torchvision does, then
-(x - MEAN_255) / STD_255. The tensor path makes ~10 float passes over the batch; on a CPU that was
-the loaders' serial bottleneck (1-2 ms per 224 px image on the main thread, 40-60 % of an `ffcv`
-epoch on 2 cores). Here each image is read as uint8 (twice when contrast is on: once for the
-contrast centre) and written once as float32, by `loaders.pixel_kernels` (the passes the `ffcv`
-decoder runs), images in parallel. They read interleaved pixels: (B, H, W, 3), or (B, 3, H, W) NHWC
-in memory, as the resident backend's crops and the torch backend's PIL crops come. Measured per
-224 px image on one core of the 2-core test VM, a 64-image batch: ~100 us, ~120 us with the jitter
-(the planar kernel before: 322 and 388 us; the tensor ops ~1 ms). The outputs are reused arrays
-(`loaders.memory`): into fresh memory each batch, the same pass took 276 us.
+(x - mean) / std with the run's statistics (the `norm` every caller passes). The tensor path makes
+~10 float passes over the batch, the loaders' serial bottleneck on a CPU. Here each image is read as
+uint8 (twice when contrast is on: once for the contrast centre) and written once as float32, by
+`loaders.pixels.pixel_kernels` (the passes the `ffcv` decoder runs), images in parallel. They read
+interleaved pixels: (B, H, W, 3), or (B, 3, H, W) NHWC in memory, as the resident backend's crops and
+the torch backend's PIL crops come. The outputs are reused arrays (`loaders.pixels.memory`): fresh
+memory each batch costs its page faults every batch. Timings: docs/loaders.md.
 
-numba ships with FFCV; without it (the bare GPU machine, where batches are finished on the GPU
-anyway) `AVAILABLE` is False and callers use the tensor path. An installed numba that fails to import
+numba is a base dependency; where it is missing anyway (an install without it) `AVAILABLE` is False
+and callers use the tensor path. An installed numba that fails to import
 (built for another NumPy, a broken llvmlite) makes `ready()` False with one RuntimeWarning, and callers
 use the tensor path too: a slower epoch, not a crashed run. The kernel releases the GIL and
 runs images in parallel on numba's threads when numba's threading layer is thread-safe (tbb, omp).
@@ -30,13 +28,11 @@ import warnings
 import numpy as np
 import torch
 
-from cornpipe.loaders.base import IMAGENET, Normalization
-from cornpipe.loaders.memory import Pools
+from cornpipe.loaders.base import Normalization
+from cornpipe.loaders.pixels.memory import Pools
 
-GREY_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)  # ITU-R 601 luma
-
-# numba is imported (~1 s) and the kernel compiled (or loaded from its cache) on the first call, not
-# when `loaders.augment` is imported by every command.
+# numba is imported (about a second) and the kernel compiled (or loaded from its cache) on the first call, not
+# when `loaders.pixels.finish` is imported by every command.
 AVAILABLE = importlib.util.find_spec("numba") is not None
 
 
@@ -56,7 +52,7 @@ def _thread_safe_layer() -> bool:
 def _finish_kernel(px, factors, flips, mean, inv_std, planar, out):  # pragma: no cover - compiled by numba
     """px (B, H, W, 3) uint8, factors (B, 3) float32, flips (B, 2) uint8 (horizontal, vertical) ->
     out float32, (B, 3, H, W) when `planar`, else (B, H, W, 3): one image per iteration, images in
-    parallel, each with `loaders.pixel_kernels`' passes (inlined here), which the `ffcv` decoder and
+    parallel, each with `loaders.pixels.pixel_kernels`' passes (inlined here), which the `ffcv` decoder and
     the dali jitter operator run too. An image whose factors are all 1 is only normalised."""
     one = np.float32(1.0)
     for i in prange(px.shape[0]):
@@ -75,12 +71,12 @@ def _place_kernel(px, flips, turns, out):  # pragma: no cover - compiled by numb
         _px.place(px[i], out[i], flips[i, 0] != 0, flips[i, 1] != 0, turns[i])
 
 
-# The output arrays: reused once the batch made from one is no longer held (loaders.memory), for the
+# The output arrays: reused once the batch made from one is no longer held (loaders.pixels.memory), for the
 # few most recent batch shapes (a loader's train and val batches, a last short batch).
 _POOLS = Pools(keep=4, shapes=4)
 
 prange = range  # numba.prange inside the compiled kernel (see _compiled)
-_px = None  # loaders.pixel_kernels, imported with numba (see _compiled)
+_px = None  # loaders.pixels.pixel_kernels, imported with numba (see _compiled)
 
 
 @functools.cache
@@ -92,7 +88,7 @@ def _compiled():  # noqa: ANN202 - a numba dispatcher, or None where numba does 
         warnings.warn(f"numba is installed but does not import ({type(exc).__name__}: {exc}); CPU batches "
                       f"are finished with the slower tensor ops", RuntimeWarning, stacklevel=3)
         return None
-    from cornpipe.loaders import pixel_kernels
+    from cornpipe.loaders.pixels import pixel_kernels
 
     global prange, _px
     prange, _px = numba.prange, pixel_kernels  # the kernel's globals, read when numba compiles it
@@ -114,27 +110,27 @@ def ready() -> bool:
     return AVAILABLE and _compiled() is not None
 
 
-def fused_finish(pixels: torch.Tensor, factors: np.ndarray | torch.Tensor | None, *,
-                 channels_last_input: bool, norm: Normalization = IMAGENET,
+def finish_fused(pixels: torch.Tensor, factors: np.ndarray | torch.Tensor | None, *,
+                 channels_last_input: bool, norm: Normalization,
                  flips: tuple[np.ndarray, np.ndarray] | None = None, channels_last: bool = False) -> torch.Tensor:
     """uint8 CPU pixels -> (flipped,) jittered, normalised (B, 3, H, W) float32: contiguous, or
     NHWC in memory (torch.channels_last) when `channels_last`, written so by the kernel.
 
     pixels: (B, H, W, 3) when `channels_last_input`, else (B, 3, H, W); any strides. The kernel reads
     interleaved pixels: a (B, 3, H, W) tensor already NHWC in memory (channels_last) is read in place,
-    any other is copied to NHWC first (~200 us per 224 px image).
+    any other is copied to NHWC first (an extra pass over the batch).
     factors: (B, 3) brightness, contrast, saturation (1 = unchanged); None = no jitter.
     flips: per-image horizontal and vertical flip flags, applied first (as `augment.flip_rot_batch`
     does, in the same pass instead of two uint8 copies); None = none.
     """
     if not ready():
-        raise RuntimeError("fused_finish needs numba (not installed, or it does not import)")
+        raise RuntimeError("finish_fused needs numba (not installed, or it does not import)")
     if pixels.dtype != torch.uint8 or pixels.device.type != "cpu":
-        raise ValueError(f"fused_finish needs uint8 CPU pixels, got {pixels.dtype} on {pixels.device}")
+        raise ValueError(f"finish_fused needs uint8 CPU pixels, got {pixels.dtype} on {pixels.device}")
     hwc = (pixels if channels_last_input else pixels.permute(0, 2, 3, 1)).contiguous()  # (B, H, W, 3)
     b, h, w, c = hwc.shape
     if c != 3:
-        raise ValueError(f"fused_finish needs 3 channels, got {c}")
+        raise ValueError(f"finish_fused needs 3 channels, got {c}")
     f, flags = kernel_inputs(b, factors, flips)
     written = take_output(b, h, w, channels_last)
     finish_into(hwc.numpy(), f, flags, written, norm, channels_last)
@@ -158,7 +154,7 @@ def kernel_inputs(b: int, factors: np.ndarray | torch.Tensor | None,
 
 def take_output(b: int, h: int, w: int, channels_last: bool, dtype: type = np.float32) -> np.ndarray:
     """An array for a batch: (B, H, W, 3) when `channels_last`, else (B, 3, H, W); reused once no
-    batch made from it is alive (`loaders.memory`), so every value must be written."""
+    batch made from it is alive (`loaders.pixels.memory`), so every value must be written."""
     return _POOLS.take((b, h, w, 3) if channels_last else (b, 3, h, w), dtype)
 
 

@@ -3,17 +3,17 @@
 Pipeline of one batch (FFCV's EpochIterator thread, then the consuming thread):
 
     rows    = loaders.sampling draw for (seed, epoch, rank)      -> FFCV traversal order (EpochOrder)
-    params  = loaders.augment.sample_params per batch             -> the decoder's params buffer
-    decode  = libjpeg-turbo decode + crop box + cv::resize + flips + rot90 (loaders.ffcv_ops, numba, CPU)
+    params  = loaders.pixels.params.sample_params per batch             -> the decoder's params buffer
+    decode  = libjpeg-turbo decode + crop box + cv::resize + flips + rot90 (loaders.backends.ffcv_ops, numba, CPU)
     CPU, float32: colour jitter + normalise in the same pass,     (B, 3, S, S) float32 (NHWC in memory
         written into the batch's own tensor                        when channels_last); done
     CPU, host-only: the uint8 crops, into the batch's own tensor  (B, S, S, 3) uint8; done
     otherwise: ToTensor -> ToDevice(non_blocking) on CUDA        (B, S, S, 3) uint8 on the device
-        loaders.finish on the device: -> float (channels_last on CUDA), colour jitter, normalise, dtype
+        loaders.pixels.finish on the device: -> float (channels_last on CUDA), colour jitter, normalise, dtype
 
 Rows from any split: a loader reads its split's .beton, or, for `LoaderSpec.sample_ids` (cross-
 validation folds), whichever .beton files hold those ids, through one FFCV Loader widened over all of
-them (loaders.ffcv_files). The epoch draw runs over the loader's own rows as on every other backend.
+them (loaders.backends.ffcv_files). The epoch draw runs over the loader's own rows as on every other backend.
 Batch composition: the files leave no trace in it. A batch is the draw's next `batch_size` rows,
 train.beton and val.beton rows mixed as the draw orders them (not one split per batch, no extra
 partial batch per file), so oversampling counts, rank slices, drop_last and `len()` are those of the
@@ -34,16 +34,16 @@ FFCV specifics handled here:
 - Building FFCV Loaders is costly (its operations are JIT-compiled per Loader), so Loaders are
   cached per (files, image size, workers, device, cache mode, output) and reused.
 - FFCV reuses its output buffers a few batches later; a batch handed out must not change under its
-  holder, so normalised batches are written into arrays of a `loaders.memory.OutputPool`, each reused
-  only once no tensor made from it is alive (a fresh array per batch costs its page faults every batch:
-  ~0.2-0.3 ms per 224 px float32 image, bench/profile_ffcv.py). For the same reason a CPU loader keeps FFCV's
+  holder, so normalised batches are written into arrays of a `loaders.pixels.memory.OutputPool`, each reused
+  only once no tensor made from it is alive (a fresh array per batch costs its page faults every batch,
+  docs/loaders.md). For the same reason a CPU loader keeps FFCV's
   batch-slot buffers from one epoch to the next (`_allocate_offered`) instead of FFCV's new ones.
 - FFCV sets torch's intra-op thread count (to 1 on import, to `workers` while an epoch runs); it is
   restored after each epoch and on close.
 - FFCV's epoch thread uses CUDA streams whenever a GPU exists (even for a CPU loader), on the current
   CUDA device: on a multi-GPU machine, `torch.cuda.set_device` to the loader's device first.
 Options: `os_cache` (default True: the OS page cache holds the .beton; False: FFCV's process cache);
-`fuse` (default True: finish CPU batches inside the decoder; False: always uint8 + loaders.finish).
+`fuse` (default True: finish CPU batches inside the decoder; False: always uint8 + loaders.pixels.finish).
 Augmentation draws replay with the epoch (same (seed, epoch) -> same pixels), as on torch/resident.
 """
 
@@ -60,8 +60,8 @@ import torch
 from cornpipe.errors import LoaderError, MissingDependency, install_hint
 from cornpipe.loaders.base import HOST_DTYPE, Batch
 from cornpipe.loaders.common import EpochLoader, LoaderSpec, augment_params, cut_to_batches, source_rows
-from cornpipe.loaders.finish import Finisher
-from cornpipe.loaders.memory import OutputPool
+from cornpipe.loaders.pixels.finish import Finisher
+from cornpipe.loaders.pixels.memory import OutputPool
 from cornpipe.shards import fields as F
 
 _threads = torch.get_num_threads()  # importing FFCV sets torch's intra-op threads to 1; undone below
@@ -73,8 +73,8 @@ try:
     from ffcv.transforms import ToDevice, ToTensor
     from ffcv.traversal_order.base import TraversalOrder
 
-    from cornpipe.loaders import ffcv_ops as ops
-    from cornpipe.loaders.ffcv_files import BetonSet, one_line
+    from cornpipe.loaders.backends import ffcv_ops as ops
+    from cornpipe.loaders.backends.ffcv_files import BetonSet, one_line
 except ImportError as exc:  # pragma: no cover - exercised by the missing-library test
     raise MissingDependency(f"the ffcv backend needs FFCV ({exc.name} is missing): {install_hint('ffcv')}") from exc
 finally:
@@ -89,7 +89,7 @@ _cache_lock = threading.Lock()
 
 class EpochOrder(TraversalOrder):
     """FFCV traversal order that returns `draw(epoch)`: loaders.sampling's rows for this rank (as the
-    Loader's virtual indices, loaders.ffcv_files)."""
+    Loader's virtual indices, loaders.backends.ffcv_files)."""
 
     def __init__(self, loader: Loader, draw: Callable[[int], np.ndarray]) -> None:
         super().__init__(loader)
@@ -115,8 +115,8 @@ _offered = threading.local()  # FFCV batch-slot buffers an FfcvLoader hands its 
 def _allocate_offered(allocate: Callable) -> Callable:
     """A Loader's graph.allocate_memory that returns the calling thread's offered buffers when they
     fit. FFCV allocates every epoch's slot buffers (decode scratch, crops, outputs) afresh, and their
-    pages are faulted in again each epoch: ~0.1 ms per image read when an epoch is no longer than the
-    slots (5 batches), as in the team's 62-image first run (bench/profile_ffcv.py)."""
+    pages are faulted in again each epoch, which counts when an epoch is no longer than the slots
+    (5 batches), as in the team's 62-image first run (docs/loaders.md)."""
 
     def allocate_memory(batch_size: int, slots: int):
         offer = getattr(_offered, "memory", None)
@@ -161,8 +161,8 @@ class _EpochRun(EpochIterator):
     def run(self) -> None:
         # The images of a batch go to numba's threads one at a time (thread-local: this epoch thread's
         # kernels only) rather than in equal halves decided up front: a crop that INTER_AREA shrinks
-        # costs ~5x one it enlarges, so one thread finished its half early and waited (in-process A/B,
-        # 256 px, 2 workers, 4 epochs alternating: 2,394-3,031 vs 2,061-2,341 img/s).
+        # costs several times one it enlarges, so one thread finished its half early and waited
+        # (A/B in docs/loaders.md).
         numba.set_parallel_chunksize(1)
         try:
             super().run()
@@ -190,7 +190,7 @@ def _clamp_workers(workers: int) -> int:
 def _layout(spec: LoaderSpec) -> int:
     """The decoder's output: on the CPU, the batch itself -- jittered and normalised float32, or
     host-only uint8 crops -- in an array of the loader's; otherwise (CUDA, float16, `fuse=False`)
-    uint8 crops in FFCV's buffer for loaders.finish."""
+    uint8 crops in FFCV's buffer for loaders.pixels.finish."""
     if spec.on_cuda or not spec.options.get("fuse", True):
         return ops.U8
     if spec.dtype == HOST_DTYPE:
@@ -267,7 +267,7 @@ class FfcvLoader(EpochLoader):
 
     def _params(self, epoch: int, batches: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Per batch: the decoder's int64 param rows (the jitter factors in them too) and the (B, 3)
-        colour jitter factors (for loaders.finish)."""
+        colour jitter factors (for loaders.pixels.finish)."""
         s = self.spec
         rows_out, jitter_out = [], []
         for b, rows in enumerate(batches):

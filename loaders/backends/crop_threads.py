@@ -1,20 +1,15 @@
-"""Crop-resize and finish of CPU batches from a resident uint8 store, on the loader's own threads.
+"""Crop-resize and finish of CPU batches from a resident uint8 store, on the resident backend's own threads.
 
-`augment.augment_batch` on the CPU runs each crop (torch's uint8 antialias resize) with torch's
-intra-op OpenMP threads, then the batch's fused finish on numba's threads. One 224 px crop is too
-small to split across cores: on the 2-core test VM one OpenMP thread resizes as fast as two
-(~200 us per crop of a 256 px image either way), and the two pools' threads, which busy-wait a while
-for more work after their part, compete for the cores (CPU time per image fell by a third without
-them). Here `threads` Python threads each crop *and* finish whole chunks of the batch, one image after
-another on one core (both the resize and the numba kernel release the GIL), with one OpenMP thread
-and one numba thread each. Chunks go to whichever thread is free.
+`loaders.pixels.augment.augment_batch` on the CPU runs each crop (torch's uint8 antialias resize) with
+torch's intra-op OpenMP threads, then the batch's fused finish on numba's threads. One 224 px crop is
+too small to split across cores (one OpenMP thread resizes it as fast as two), and the two pools'
+threads, which busy-wait a while for more work after their part, compete for the cores. Here
+`threads` Python threads each crop *and* finish whole chunks of the batch, one image after another on
+one core (both the resize and the numba kernel release the GIL), with one OpenMP thread and one numba
+thread each. Chunks go to whichever thread is free. Host-only batches get their flips and quarter
+turns (`pixel_kernels.place`) on the threads too. Before and after: docs/loaders.md.
 
-Measured in one process on that VM, 64-image batches of 256 px images to 224 px float32 NCHW: 226-262
-us wall per image against 323-455 before, 410-443 us of CPU per image against 623-865;
-with the colour jitter and vertical flip 246-282 against 410-518 wall. Host-only batches (the flips and
-any quarter turns by `pixel_kernels.place`, on the threads too): 231-272 us against 594-719.
-
-The batch is the same, value for value, as `augment.augment_batch`'s (tests/loaders/test_crop_threads.py).
+The batch is the same, value for value, as `augment_batch`'s (tests/loaders/test_crop_threads.py).
 """
 
 from __future__ import annotations
@@ -25,10 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from cornpipe.loaders import fused
-from cornpipe.loaders.augment import AugParams, crop_into, finish_crops, whole_pixel_boxes
-from cornpipe.loaders.base import HOST_DTYPE, IMAGENET, Normalization
-from cornpipe.loaders.memory import Pools
+from cornpipe.loaders.base import HOST_DTYPE, Normalization
+from cornpipe.loaders.pixels import finish_cpu
+from cornpipe.loaders.pixels.finish import finish_crops
+from cornpipe.loaders.pixels.geometry import crop_into, whole_pixel_boxes
+from cornpipe.loaders.pixels.memory import Pools
+from cornpipe.loaders.pixels.params import AugParams
 
 CHUNK = 8  # images per task: ~1.2 MB of uint8 crops at 224 px, still in a core's L2 when finished
 _SETUP = threading.Lock()  # one pool's threads set up at a time (the process default is lent to them)
@@ -38,7 +35,7 @@ def _single_threaded(barrier: threading.Barrier) -> None:
     """Run on each pool thread once: torch and numba on this thread alone."""
     torch.get_num_threads()  # torch sets a thread's OpenMP count at its first parallel op: now, not later
     torch.set_num_threads(1)  # this thread's count (and the process default, which the caller restores)
-    fused.one_thread()
+    finish_cpu.one_thread()
     barrier.wait()  # every task on its own thread: no thread is left unset
 
 
@@ -59,14 +56,14 @@ class CropThreads:
 
     def augment(self, images: torch.Tensor, params: AugParams, size: int, index: np.ndarray, *,
                 dtype: torch.dtype = torch.float32, channels_last: bool = False,
-                norm: Normalization = IMAGENET) -> torch.Tensor:
+                norm: Normalization) -> torch.Tensor:
         """`augment.augment_batch(images, params, size, index=index, kernel="interpolate", ...)`, on the
         threads: (N, 3, H, W) uint8 CPU `images` (NHWC in memory is fastest), box i of image index[i]."""
         rows = np.asarray(index).tolist()
         b = len(rows)
         boxes = whole_pixel_boxes(params.boxes, b)
         chunks = [range(s, min(s + CHUNK, b)) for s in range(0, b, CHUNK)]
-        if not fused.ready():  # no numba: the crops here, flips and the rest as tensor ops after
+        if not finish_cpu.ready():  # no numba: the crops here, flips and the rest as tensor ops after
             fresh = np.empty((b, size, size, 3), dtype=np.uint8)
             list(self._pool.map(lambda part: self._crop(images, rows, boxes, fresh, part), chunks))
             x = torch.from_numpy(fresh).permute(0, 3, 1, 2)
@@ -74,27 +71,27 @@ class CropThreads:
         host = dtype == HOST_DTYPE
         turns = np.ascontiguousarray(params.rot90, dtype=np.int64).reshape(b)
         placed = host or bool(turns.any())  # flips and quarter turns as uint8 first (not in the finish)
-        factors, flags = fused.kernel_inputs(b, params.jitter, (params.hflip, params.vflip))
+        factors, flags = finish_cpu.kernel_inputs(b, params.jitter, (params.hflip, params.vflip))
         crops = self._crops.take((b, size, size, 3), np.uint8)
         if host:  # the batch itself: (B, S, S, 3) uint8, handed out
-            geometry = fused.take_output(b, size, size, True, np.uint8)
+            geometry = finish_cpu.take_output(b, size, size, True, np.uint8)
         else:
             geometry = self._crops.take((b, size, size, 3), np.uint8) if placed else crops
-            out = fused.take_output(b, size, size, channels_last)
+            out = finish_cpu.take_output(b, size, size, channels_last)
             flags_left = np.zeros_like(flags) if placed else flags  # flips the finish still has to write
 
         def crop_finish(part: range) -> None:
             self._crop(images, rows, boxes, crops, part)
             s = slice(part.start, part.stop)
             if placed:
-                fused.place_into(crops[s], flags[s], turns[s], geometry[s])
+                finish_cpu.place_into(crops[s], flags[s], turns[s], geometry[s])
             if not host:
-                fused.finish_into(geometry[s], factors[s], flags_left[s], out[s], norm, channels_last)
+                finish_cpu.finish_into(geometry[s], factors[s], flags_left[s], out[s], norm, channels_last)
 
         list(self._pool.map(crop_finish, chunks))
         if host:
             return torch.from_numpy(geometry)
-        batch = fused.as_batch(out, channels_last)
+        batch = finish_cpu.as_batch(out, channels_last)
         return batch if dtype == torch.float32 else batch.to(dtype)  # (.to keeps the memory format)
 
     @staticmethod
