@@ -129,6 +129,8 @@ def check_resumed_config(saved: dict[str, Any], cfg: TrainConfig, run: Path) -> 
     """Refuse to resume `run` under a config its checkpoint was not trained with (as `train --resume`
     refuses such flags): a `cv` rerun resumes its killed fold with the cv's config, not the run's."""
     current = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in RESUME_FREE}
+    if cfg.loss_weights is None:  # not set: the run keeps the weights its task plan chose (runs.tasks)
+        del current["loss_weights"]
     merge_for_resume(saved, current, str(run))
 
 
