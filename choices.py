@@ -13,3 +13,4 @@ MIN_IMAGE_SIZE = 8  # px: the one lower bound, checked by the run config and by 
 OVERSAMPLE_STRATEGIES: tuple[str, ...] = ("none", "balanced", "sqrt", "joint")
 DEFAULT_OVERSAMPLE = "balanced"  # a training run's draw of train rows (rare position classes come up as often)
 GRADE_HEADS: tuple[str, ...] = ("regression", "corn")
+LOGGERS: tuple[str, ...] = ("none", "tensorboard")  # `train --log`: per-epoch scalars for an experiment tracker
