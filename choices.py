@@ -14,3 +14,4 @@ OVERSAMPLE_STRATEGIES: tuple[str, ...] = ("none", "balanced", "sqrt", "joint")
 DEFAULT_OVERSAMPLE = "balanced"  # a training run's draw of train rows (rare position classes come up as often)
 GRADE_HEADS: tuple[str, ...] = ("regression", "corn")
 SEED_MAX = 2**63 - 1  # the largest seed torch takes (int64); numpy takes no negative one: every --seed is 0..this
+LOGGERS: tuple[str, ...] = ("none", "tensorboard")  # `train --log`: per-epoch scalars for an experiment tracker

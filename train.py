@@ -100,6 +100,7 @@ from cornpipe.runs.run_dir import (
     shard_identity,
 )
 from cornpipe.runs.tasks import run_tasks
+from cornpipe.runs.tracking import check_logger, epoch_logger, set_deterministic
 from cornpipe.shards.inspect import check_shards
 from cornpipe.shards.shard_set import ShardSet
 
@@ -152,11 +153,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
     ctx = env_context()
     try:
         cfg = runtime(cfg)
+        check_logger(cfg)  # a missing tracker package fails before any work
+        deterministic = set_deterministic(cfg)  # before the first cuBLAS call
         if ctx.enabled:
             cfg = dataclasses.replace(cfg, device=init_distributed(ctx, cfg.device, cfg.dist_timeout))
         if not ctx.is_main:
             console = Console(stderr=True, quiet=True, markup=False)  # rank 0 speaks for the group
         console = console or Console(stderr=True, markup=False)
+        if deterministic:
+            console.print(deterministic, soft_wrap=True)  # one line, even in a narrow log
         # one writer per run folder (rank 0 writes it): a second `train --resume RUN` is refused
         held = hold_run_dir(Path(cfg.out), resume=resume, force=force, log=console.print,
                             inputs=(cfg.shards, cfg.init_weights)) if ctx.is_main else nullcontext()
@@ -364,7 +369,7 @@ def fit(s: Session, console: Console, verbose: bool) -> int:
         write_config_json(cfg, out / CONFIG_FILE, {"data": {**s.data, "world_size": ctx.world_size},
                                                     "environment": environment(s.run.device)})
     if s.run.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
+        torch.backends.cudnn.benchmark = not cfg.deterministic  # fixed input size: the fastest kernels
     step_model, eval_model = step_and_eval_models(s)
     train_steps = int(min(len(s.train_loader), cfg.max_batches or math.inf))
     val_steps = int(min(len(s.val_loader), cfg.max_val_batches or math.inf))  # val is in class order: all of it
@@ -378,7 +383,8 @@ def fit(s: Session, console: Console, verbose: bool) -> int:
     epoch = start_epoch
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[ips]:>7.1f} img/s"), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
+    with (Progress(*columns, console=console, disable=not console.is_terminal) as progress,
+          epoch_logger(cfg, out, s.data["positions"], start_epoch=start_epoch, enabled=ctx.is_main) as log_epoch):
         epochs_task = progress.add_task("epochs", total=cfg.epochs, completed=start_epoch, ips=0.0)
         batch_task = progress.add_task("train", total=train_steps, ips=0.0)
         for epoch in range(start_epoch, cfg.epochs):
@@ -400,6 +406,7 @@ def fit(s: Session, console: Console, verbose: bool) -> int:
             if ctx.is_main:
                 with (out / METRICS_FILE).open("a") as f:
                     f.write(json.dumps(record) + "\n")
+                log_epoch(record)  # --log: the same numbers to TensorBoard
             print_epoch(progress.console, record, previous, verbose, cfg.epochs)
             previous_record, previous = previous, record
             if ctx.is_main:

@@ -16,7 +16,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from cornpipe.choices import BACKENDS, GRADE_HEADS, OVERSAMPLE_STRATEGIES, SEED_MAX
+from cornpipe.choices import BACKENDS, GRADE_HEADS, LOGGERS, OVERSAMPLE_STRATEGIES, SEED_MAX
 from cornpipe.cli.handler import CornpipeCommand
 from cornpipe.errors import ConfigError
 from cornpipe.runs.config import (
@@ -27,6 +27,7 @@ from cornpipe.runs.config import (
     SCHEDULES,
     TrainConfig,
     config_from_sources,
+    to_toml,
 )
 
 FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
@@ -57,6 +58,8 @@ def _opt(*decls: str, help: str, **kwargs: Any) -> Any:
 @click.option("--force", is_flag=True, help="Overwrite the run files in an existing --out.")
 @click.option("--allow-new-shards", is_flag=True,
               help="With --resume: continue on a shard set other than the run's own (the report says so).")
+@click.option("--print-config", is_flag=True, help="Print the resolved config as TOML (what --config reads) "
+              "and exit without training.")
 @click.option("--verbose", is_flag=True, help="Print the full metrics table every epoch (default: one line an "
               "epoch, the table at the end and in report.md).")
 @_opt("--epochs", type=int, help="Maximum epochs.")
@@ -108,6 +111,10 @@ def _opt(*decls: str, help: str, **kwargs: Any) -> Any:
 @_opt("--max-val-batches", type=int, help="Cap on validation batches per epoch; 0 = all. The val split is stored "
       "in class order, so a capped validation sees some classes only.")
 @_opt("--seed", type=int, help="Random seed.")
+@_opt("--deterministic/--no-deterministic", help="Reproducible kernels: torch's deterministic algorithms, cuDNN "
+      "autotuning off (slower on CUDA; an op without a deterministic kernel stops the run).")
+@_opt("--log", type=click.Choice(LOGGERS), help="Experiment tracker: tensorboard writes per-epoch scalars and the "
+      "confusion matrix to RUN/tensorboard (the `tensorboard` extra).")
 @_opt("--folds", type=int, help="Cross-validation: train on a stratified K-fold of ALL samples (0 = the "
       "convert-time split); `cornpipe cv` runs every fold.")
 @_opt("--fold", type=int, help="Cross-validation: the fold that validates (0-based).")
@@ -125,8 +132,8 @@ def _opt(*decls: str, help: str, **kwargs: Any) -> Any:
                    "--rdzv-backend c10d --rdzv-endpoint HOST:PORT -m cornpipe train SHARDS --out RUN ...")
 @click.pass_context
 def train_command(ctx: click.Context, shards: str | None, out: str | None, config_file: str | None,
-                  resume: str | None, force: bool, verbose: bool, allow_new_shards: bool, nproc: int | None,
-                  seeds: str | None, **flags: Any) -> None:
+                  resume: str | None, force: bool, print_config: bool, verbose: bool, allow_new_shards: bool,
+                  nproc: int | None, seeds: str | None, **flags: Any) -> None:
     """Train on SHARDS (a `cornpipe convert` output) into --out RUN.
 
     \b
@@ -142,6 +149,9 @@ def train_command(ctx: click.Context, shards: str | None, out: str | None, confi
     if out:
         given["out"] = out
     cfg = config_from_sources(given, config_file=config_file, resume=resume)  # bad options fail here, once
+    if print_config:
+        click.echo(to_toml(cfg), nl=False)
+        return
     if seeds is not None:
         if resume:
             raise ConfigError("--seeds trains one run per seed in turn: rerun the same command to resume it, "
@@ -210,6 +220,9 @@ def cv_command(ctx: click.Context, shards: str, out: str, folds: int, group: str
     given.update(shards=shards, out=out, folds=0 if group else folds, fold_group=group or "none",
                  fold_seed=fold_seed)
     cfg = config_from_sources(given, config_file=sub.params.get("config_file"))
+    if sub.params.get("print_config"):
+        click.echo(to_toml(cfg), nl=False)
+        return
     _run_folds(cfg, _parse_seeds(seeds), sub.params.get("nproc"), sub.params.get("config_file"),
                bool(sub.params.get("force")))
 

@@ -31,6 +31,7 @@ from cornpipe.choices import (
     DEFAULT_IMAGE_SIZE,
     DEFAULT_OVERSAMPLE,
     GRADE_HEADS,
+    LOGGERS,
     MIN_IMAGE_SIZE,
     OVERSAMPLE_STRATEGIES,
     SEED_MAX,
@@ -117,6 +118,9 @@ class TrainConfig:
     max_val_batches: int = 0  # cap on validation batches (val is in class order: a capped val is biased); 0 = all
     verify: bool = True  # before the first epoch: manifest hash, file sizes, sha256 of sets up to 2 GB
     seed: int = 0  # all randomness is a function of (seed, epoch)
+    deterministic: bool = False  # torch's deterministic kernels, cuDNN autotuning off (slower; cornpipe.runs.tracking)
+    # tracking
+    log: str = "none"  # none | tensorboard: per-epoch scalars and the confusion matrix in RUN/tensorboard/
 
     def __post_init__(self) -> None:
         # optimiser-dependent defaults, filled in here so the saved config holds the numbers used
@@ -141,6 +145,7 @@ class TrainConfig:
         choice("amp", AMP_MODES)
         choice("monitor", MONITORS)
         check(bool(self.fold_group.strip()), "fold_group must be none, stage, source or a metadata column")
+        choice("log", LOGGERS)
         check(self.folds == 0 or self.folds >= 2, f"folds must be 0 (no folds) or >= 2 (got {self.folds})")
         check(self.fold >= 0 and (self.folds == 0 or self.fold < self.folds),
               f"fold must be in 0..folds-1 (got fold {self.fold} of {self.folds})")
@@ -289,8 +294,8 @@ def resolve_runtime(cfg: TrainConfig, cuda_available: bool) -> TrainConfig:
 
 # Changing these on --resume is safe; anything else would make the saved state meaningless.
 RESUME_OVERRIDABLE: frozenset[str] = frozenset(
-    {"epochs", "patience", "min_delta", "workers", "device", "amp", "compile", "bootstrap", "max_batches", "max_val_batches", "verify",
-     "out", "shards", "dist_timeout"})
+    {"epochs", "patience", "min_delta", "workers", "device", "amp", "compile", "bootstrap", "max_batches",
+     "max_val_batches", "verify", "out", "shards", "dist_timeout", "log"})
 
 
 def merge_for_resume(saved: dict[str, Any], overrides: dict[str, Any], run: str) -> TrainConfig:
@@ -330,6 +335,32 @@ def config_from_sources(given: dict[str, Any], *, config_file: str | Path | None
     if not values.get("out"):
         raise ConfigError("missing --out RUN (the run directory to create)")
     return TrainConfig.from_dict(values, source=str(config_file) if config_file else "options")
+
+
+def to_toml(cfg: TrainConfig) -> str:
+    """`cfg` as a run.toml that `--config` (load_toml) reads back to the same fields; None values are left
+    out (they mean "the default": auto device settings stay auto, so the file travels between machines)."""
+    lines = ["# cornpipe train --config FILE: the resolved training config"]
+    for name, value in cfg.to_dict().items():
+        if value is not None:
+            lines.append(f"{name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    """One TOML value: a string, bool, int, float or a list of them."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else
+                                                          "inf" if value > 0 else "-inf")
+    if isinstance(value, str):  # JSON's escapes are TOML's; DEL is the one control character JSON leaves raw
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {type(value).__name__}")
 
 
 def write_config_json(cfg: TrainConfig, path: Path, extra: dict[str, Any] | None = None) -> None:

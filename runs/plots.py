@@ -81,6 +81,15 @@ def plot_curves(records: Sequence[dict[str, Any]], path: Path, best_epoch: int |
 
 def plot_confusion(confusion: Sequence[Sequence[int]], names: Sequence[str], path: Path, title: str,
                    what: str = "position") -> Path:
+    """confusion_figure saved to `path`."""
+    fig = confusion_figure(confusion, names, title, what)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def confusion_figure(confusion: Sequence[Sequence[int]], names: Sequence[str], title: str,
+                     what: str = "position") -> Figure:
     """Counts and row-normalised (recall per true class) side by side; rows = true `what`."""
     cm = np.asarray(confusion, dtype=np.float64)
     rows = cm.sum(axis=1, keepdims=True)
@@ -101,6 +110,4 @@ def plot_confusion(confusion: Sequence[Sequence[int]], names: Sequence[str], pat
                 ax.text(j, i, fmt.format(data[i, j]), ha="center", va="center",
                         color="white" if data[i, j] > threshold else "black", fontsize=9)
     fig.suptitle(title)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig

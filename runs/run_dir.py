@@ -30,6 +30,7 @@ from cornpipe.runs.report import (
     REPORT_FILE,
     write_report,
 )
+from cornpipe.runs.tracking import TENSORBOARD_DIR
 from cornpipe.shards.atomic import check_can_create, check_not_an_input
 
 RUN_FILES = (METRICS_FILE, CONFIG_FILE, BEST, LAST, REPORT_FILE, CURVES_FILE, CONFUSION_FILE, GRADE_CONFUSION_FILE,
@@ -85,6 +86,8 @@ def prepare_run_dir(run: Path, force: bool, dry_run: bool = False) -> None:
         if not dry_run:
             for name in RUN_FILES:  # only what a run writes: --force never deletes a user's other files
                 (run / name).unlink(missing_ok=True)
+            for events in (run / TENSORBOARD_DIR).glob("events.out.tfevents.*"):  # an earlier run's --log
+                events.unlink()
     if not dry_run:
         run.mkdir(parents=True, exist_ok=True)
         mark_run_dir(run)
