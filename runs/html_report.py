@@ -107,13 +107,14 @@ def render_html(markdown_text: str, base: Path | str, title: str) -> str:
             "file can be moved or mailed on its own.</footer>\n</body>\n</html>\n")
 
 
-def write_html(md_path: Path | str, title: str | None = None) -> Path:
-    """Render `md_path` (report.md, cv.md) to the .html beside it, written whole or not at all."""
+def write_html(md_path: Path | str, out: Path | str | None = None) -> Path:
+    """Render `md_path` (report.md, cv.md) to `out` (the .html beside it unless given), written whole or
+    not at all; the page's title is the markdown's first heading."""
     md_path = Path(md_path)
     text = md_path.read_text(encoding="utf-8")
     first = next((line[2:].strip() for line in text.splitlines() if line.startswith("# ")), md_path.stem)
-    out = html_path(md_path)
+    out = html_path(md_path) if out is None else Path(out)
     tmp = out.with_suffix(".html.tmp")
-    tmp.write_text(render_html(text, md_path.parent, title or first), encoding="utf-8")
+    tmp.write_text(render_html(text, md_path.parent, first), encoding="utf-8")
     tmp.replace(out)
     return out

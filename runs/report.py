@@ -41,6 +41,7 @@ from cornpipe.shards.atomic import check_can_create
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 REPORT_FILE = "report.md"
+REPORT_HTML_FILE = "report.html"  # the same report as one self-contained page (runs/html_report.py)
 CURVES_FILE = "curves.png"
 CONFUSION_FILE = "confusion_matrix.png"
 GRADE_CONFUSION_FILE = "grade_confusion.png"
@@ -388,5 +389,5 @@ def _write_report(run_dir: Path) -> Path:
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines), encoding="utf-8")
     tmp.replace(path)
-    write_html(path)  # report.html beside it, from the same markdown: every section shows in both
+    write_html(path, run_dir / REPORT_HTML_FILE)  # report.html beside it, from the same markdown: every section shows in both
     return path
