@@ -28,7 +28,7 @@ nav.toc { background: #f6f8fa; border: 1px solid #d0d7de; border-radius: 6px; pa
 nav.toc ul { margin: 4px 0; padding-left: 20px; }
 nav.toc > ul { padding-left: 4px; list-style: none; }
 nav.toc a { color: #0b5394; text-decoration: none; }
-table { border-collapse: collapse; margin: 12px 0; font-size: 0.95em; }
+table { border-collapse: collapse; margin: 12px 0; font-size: 0.95em; display: block; max-width: 100%; overflow-x: auto; }
 th, td { border: 1px solid #8c959f; padding: 5px 10px; text-align: left; vertical-align: top; }
 th { background: #e8eef3; }
 tr:nth-child(even) td { background: #f8fafb; }

@@ -135,13 +135,33 @@ def screenshot(page: Path, png: Path, profile: Path) -> np.ndarray:
     return np.asarray(Image.open(png).convert("L"), dtype=np.float32)
 
 
-def test_report_html_is_drawn_by_a_real_browser(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    run.mkdir()
-    write_report(make_run(run, _prediction_rows(SOURCES)))
-    pixels = screenshot(run / "report.html", tmp_path / "shot.png", tmp_path / "profile")
+def assert_drawn(pixels: np.ndarray) -> None:
     assert pixels.shape == (3000, 1200)
     assert pixels.std() > 20  # text, tables and plots, not a blank or one-colour page
     assert (pixels < 200).mean() > 0.03  # a fair share of the page is ink (text, borders, plots)
-    top = pixels[:600]  # the title, the headline box and the contents are drawn first
-    assert (top < 200).mean() > 0.01
+    assert (pixels[:600] < 200).mean() > 0.01  # the title, the headline box and the contents come first
+
+
+def test_report_html_and_cv_html_are_drawn_by_a_real_browser(tmp_path: Path) -> None:
+    from test_cv import fake_cv_dir
+
+    from cornpipe.runs.cv import write_summary
+
+    run, cv = tmp_path / "run", tmp_path / "cv"
+    run.mkdir()
+    write_report(make_run(run, _prediction_rows(SOURCES)))
+    assert_drawn(screenshot(run / "report.html", tmp_path / "report.png", tmp_path / "profile"))
+    fake_cv_dir(cv, 30, 3, [0])
+    write_summary(cv, [(f, 0) for f in range(3)])
+    assert_drawn(screenshot(cv / "cv.html", tmp_path / "cv.png", tmp_path / "profile"))
+
+
+def test_under_ci_a_missing_browser_fails_instead_of_skipping(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="no headless chromium"):
+        screenshot(tmp_path / "report.html", tmp_path / "shot.png", tmp_path / "profile")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        screenshot(tmp_path / "report.html", tmp_path / "shot.png", tmp_path / "profile")
