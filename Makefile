@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
-APT_PACKAGES := libturbojpeg0-dev libopencv-dev pkg-config
+APT_PACKAGES := libturbojpeg0-dev libopencv-dev pkg-config chromium-headless-shell
 DEMO ?= demo
 
 .PHONY: setup sysdeps test demo demo-pretrained lint clean
@@ -13,8 +13,10 @@ DEMO ?= demo
 setup: sysdeps $(VENV)/.installed
 
 # FFCV compiles against libjpeg-turbo and OpenCV: pip's opencv-python lacks the C++ headers.
+# chromium-headless-shell: the test that draws report.html in a real browser (tests/runs/test_report_html.py).
 sysdeps:
-	@if pkg-config --exists libturbojpeg opencv4 2>/dev/null && $(PYTHON) -c 'import venv, ensurepip' 2>/dev/null; then \
+	@if pkg-config --exists libturbojpeg opencv4 2>/dev/null && $(PYTHON) -c 'import venv, ensurepip' 2>/dev/null \
+		&& command -v chromium-headless-shell >/dev/null; then \
 		echo "system libraries present"; \
 	else \
 		$(SUDO) apt-get update && \

@@ -230,7 +230,7 @@ def cv_command(ctx: click.Context, shards: str, out: str, folds: int, group: str
 def _run_folds(cfg: TrainConfig, seeds: list[int], nproc: int | None, config_file: str | None,
                force: bool = False) -> None:
     """Every fold x seed of `cornpipe cv` / `train --seeds`: in this process, or each on torchrun (--nproc)."""
-    from cornpipe.runs.cv import CV_MD, run_folds
+    from cornpipe.runs.cv import CV_HTML, CV_MD, run_folds
     from cornpipe.shards.shard_set import ShardSet
 
     if nproc is not None and nproc > 1:
@@ -240,7 +240,7 @@ def _run_folds(cfg: TrainConfig, seeds: list[int], nproc: int | None, config_fil
     samples = ShardSet(cfg.shards).manifest["samples"]
     with _progress_lines(train_fn, cfg, samples, seeds) as tracked:
         run_folds(cfg, Path(cfg.out), samples, seeds, tracked, click.echo, force=force)
-    click.echo(f"summary: {Path(cfg.out) / CV_MD}")
+    click.echo(f"summary: {Path(cfg.out) / CV_MD} (one page with its plots: {CV_HTML})")
 
 
 @contextmanager
@@ -355,11 +355,11 @@ def models_command(pattern: str | None, only_pretrained: bool) -> None:
 @click.command("report", cls=CornpipeCommand)
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 def report_command(run: str) -> None:
-    """Rebuild RUN/report.md, curves.png and confusion_matrix.png from RUN/metrics.jsonl."""
+    """Rebuild RUN/report.md, report.html, curves.png and confusion_matrix.png from RUN/metrics.jsonl."""
     from cornpipe.runs.report import write_report
 
     write_report(Path(run))
-    click.echo(f"wrote {Path(run) / 'report.md'}, curves.png, confusion_matrix.png")
+    click.echo(f"wrote {Path(run) / 'report.md'}, report.html, curves.png, confusion_matrix.png")
 
 
 @click.command("predict", cls=CornpipeCommand)

@@ -40,6 +40,7 @@ SUMMARY_METRICS: tuple[tuple[str, str], ...] = (
 OOF_METRICS = tuple(key for key, _ in SUMMARY_METRICS if key != "loss")  # from the pooled predictions
 RESULT_FILE = "cv_result.json"  # written into a run folder when its training finished
 CV_JSON, CV_MD, CV_CONFUSION, OOF_CSV = "cv.json", "cv.md", "cv_confusion.png", "oof_predictions.csv"
+CV_HTML = "cv.html"  # cv.md as one self-contained page (runs/html_report.py)
 
 
 # ---- running the folds ---------------------------------------------------------------------------------
@@ -187,10 +188,11 @@ def pool_predictions(out: Path, rows: Sequence[dict[str, Any]], positions: Seque
 
 
 def write_summary(out: Path, runs: Sequence[tuple[int | None, int]]) -> dict[str, Any]:
-    """cv.json, cv.md and cv_confusion.png in `out` from its runs' cv_result.json and config.json.
+    """cv.json, cv.md (and cv.html from it) and cv_confusion.png in `out` from its runs' cv_result.json and config.json.
 
     Runs without a fold (`cornpipe train --seeds`) are summarised across seeds: each seed is a "fold"."""
     from cornpipe.runs.breakdown import cv_section
+    from cornpipe.runs.html_report import write_html
     from cornpipe.runs.plots import plot_confusion
 
     rows = []
@@ -218,6 +220,7 @@ def write_summary(out: Path, runs: Sequence[tuple[int | None, int]]) -> dict[str
         plot_confusion(summary["pooled_confusion"], positions, out / CV_CONFUSION,
                        "out-of-fold confusion, every sample once")
     (out / CV_MD).write_text(format_summary(summary) + cv_section(out, oof["file"], config))
+    write_html(out / CV_MD, out / CV_HTML)  # cv.html beside it, images embedded
     return summary
 
 

@@ -2,7 +2,7 @@
 
 `write_report(run_dir)` reads `metrics.jsonl` (one JSON object per epoch, written by train.py),
 `config.json` and `val_predictions.csv` when present, and writes `report.md`, `curves.png`,
-`confusion_matrix.png` and `grade_confusion.png`. report.md opens with the best epoch and its 95 %
+`confusion_matrix.png` and `grade_confusion.png`, and report.html from report.md (runs/html_report.py). report.md opens with the best epoch and its 95 %
 intervals in one sentence; the breakdown by source and stage comes from the per-sample predictions
 (runs/breakdown.py); the latest epoch against the one before comes last.
 `format_epoch_table(record, previous)` is the table the trainer prints after each epoch.
@@ -34,12 +34,14 @@ from cornpipe.runs.breakdown import (
     predictions_section,
     read_predictions,
 )
+from cornpipe.runs.html_report import write_html
 from cornpipe.runs.plots import plot_confusion, plot_curves
 from cornpipe.shards.atomic import check_can_create
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 REPORT_FILE = "report.md"
+REPORT_HTML_FILE = "report.html"  # the same report as one self-contained page (runs/html_report.py)
 CURVES_FILE = "curves.png"
 CONFUSION_FILE = "confusion_matrix.png"
 GRADE_CONFUSION_FILE = "grade_confusion.png"
@@ -387,4 +389,5 @@ def _write_report(run_dir: Path) -> Path:
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines), encoding="utf-8")
     tmp.replace(path)
+    write_html(path, run_dir / REPORT_HTML_FILE)  # report.html beside it, from the same markdown: every section shows in both
     return path

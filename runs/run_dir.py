@@ -28,13 +28,14 @@ from cornpipe.runs.report import (
     METRICS_FILE,
     PREDICTIONS_FILE,
     REPORT_FILE,
+    REPORT_HTML_FILE,
     write_report,
 )
 from cornpipe.runs.tracking import TENSORBOARD_DIR
 from cornpipe.shards.atomic import check_can_create, check_not_an_input
 
-RUN_FILES = (METRICS_FILE, CONFIG_FILE, BEST, LAST, REPORT_FILE, CURVES_FILE, CONFUSION_FILE, GRADE_CONFUSION_FILE,
-             PREDICTIONS_FILE)
+RUN_FILES = (METRICS_FILE, CONFIG_FILE, BEST, LAST, REPORT_FILE, REPORT_HTML_FILE, CURVES_FILE, CONFUSION_FILE,
+             GRADE_CONFUSION_FILE, PREDICTIONS_FILE)
 RUN_MARKER = ".cornpipe-run"  # written by cornpipe into every run folder it makes: what --force may clear
 OWN_ENTRIES = (RUN_MARKER, LOCK_NAME)  # entries that do not make a folder "used"
 RESUME_FREE = RESUME_OVERRIDABLE | {"channels_last"}  # may differ on resume (channels_last: resolved per machine)
@@ -175,7 +176,7 @@ def restore_best_and_report(run: Path, cfg: TrainConfig, model: nn.Module, ema: 
                   f"{'; stopped early' if stopper.should_stop else ''}")
     console.print("val: " + ", ".join(show(k) for k in ("position_accuracy", "position_macro_f1",
                                                           "grade_mae", "grade_within_tol")))
-    console.print(f"report: {run / REPORT_FILE}")
+    console.print(f"report: {run / REPORT_FILE} (one page with its plots: {REPORT_HTML_FILE})")
     return TrainResult(run=run, model=ema.module if ema else model, best_epoch=stopper.best_epoch,
                        best_val=val, epochs_run=epochs_run, stopped_early=stopper.should_stop)
 
