@@ -11,24 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from conftest import cli_run as run
+from conftest import error_line
 from PIL import Image
 
-from cornpipe.cli import cli
 from cornpipe.shards import fields as F
 from cornpipe.shards.shard_set import BetonFile, ShardSet, parse_dali_index
-
-RUNNER = CliRunner()
-
-
-def run(*args: str):
-    return RUNNER.invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def error_line(result) -> str:
-    lines = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 def jpeg_bytes(w: int = 48, h: int = 32, seed: int = 0, mode: str = "RGB", **save) -> bytes:
