@@ -97,6 +97,19 @@ def error_line(result) -> str:
     return lines[0]
 
 
+def copy_with_a_damaged_tar(src: Path, copy: Path) -> Path:
+    """Copy the shard set `src` to `copy` and flip one byte of its first training tar (same size: only
+    the sha256 tells); returns that tar."""
+    import shutil
+
+    shutil.copytree(src, copy)
+    tar = copy / "train-000000.tar"
+    data = bytearray(tar.read_bytes())
+    data[2000] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    return tar
+
+
 def jpeg_bytes(seed: int, size: int = 40) -> bytes:
     """A small noise JPEG, different for every seed."""
     import io

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import cli_run as run
-from conftest import error_line
+from conftest import copy_with_a_damaged_tar, error_line
 from PIL import Image
 
 from cornpipe.shards import fields as F
@@ -291,11 +291,7 @@ def test_verify_intact_and_damaged(tiny_shards: Path, tmp_path: Path) -> None:
     assert "decoded 54 images from .beton and 54 from tar shards" in result.output
 
     copy = tmp_path / "copy"
-    shutil.copytree(tiny_shards, copy)
-    tar = copy / "train-000000.tar"
-    data = bytearray(tar.read_bytes())
-    data[2000] ^= 0xFF
-    tar.write_bytes(bytes(data))
+    tar = copy_with_a_damaged_tar(tiny_shards, copy)
     result = run("verify", copy)
     assert result.exit_code == 1
     assert error_line(result) == f"Error: {tar} is damaged (sha256 mismatch)"
