@@ -104,6 +104,8 @@ PEER_BACKENDS = [
 ]
 
 
+# slow: every backend and peer library in an isolated process, a cold FFCV import each; make test runs it
+@pytest.mark.slow
 @pytest.mark.parametrize(("backend", "peer"), PEER_BACKENDS)
 def test_bench_loaders_compares_each_backend_with_its_own_library(tiny_shards, tmp_path, backend, peer):
     out = tmp_path / "peers.json"
@@ -149,6 +151,8 @@ def test_bench_loaders_skips_a_peer_whose_library_is_missing(tiny_shards, tmp_pa
     assert row["augment"]["vflip"] == default.vflip and row["augment"]["brightness"] == default.brightness
 
 
+# slow: every backend and peer library in an isolated process, a cold FFCV import each; make test runs it
+@pytest.mark.slow
 def test_bench_loaders_work_both_times_what_the_augmentation_costs_in_the_same_rounds(tiny_shards, tmp_path):
     """--work both: each backend once with the peers' work and once with cornpipe's own augmentation,
     in every round, and the ratio of the two; the peer runs once, with the peers' work."""
