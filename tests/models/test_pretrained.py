@@ -71,6 +71,9 @@ def test_a_file_that_is_not_a_state_dict_is_one_line(tmp_path: Path) -> None:
 
 def test_pretrained_offline_names_init_weights(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no waiting on a network this machine does not have
+    # huggingface_hub reads that variable once, on import: once timm has imported it (any earlier test),
+    # only its constant stops the ~45 s of retries against an unreachable hub
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(ModelConfigError, match="--init-weights FILE"):
         create_model("timm:resnet18", num_positions=3, grade_scale=SCALE, pretrained=True)
     with pytest.raises(ModelConfigError, match="timm has no model 'no_such_net'"):
