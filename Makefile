@@ -32,6 +32,12 @@ $(VENV)/.installed: pyproject.toml
 test: setup
 	$(BIN)/python -m pytest -q
 
+# Everything but the tests marked slow (torch.compile, multi-process and long runs): the loop while
+# editing. `make test` still runs them all, and is what CI runs.
+.PHONY: test-fast
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
 lint: setup
 	$(BIN)/ruff check .
 

@@ -1,4 +1,5 @@
-"""Session fixtures shared by every test module: one tiny synthetic survey and its shard set."""
+"""Shared by every test module: one tiny synthetic survey and its shard set (session fixtures), the tiny
+training settings, and the helpers that read a run's metrics and drive the CLI."""
 
 from __future__ import annotations
 
@@ -23,12 +24,62 @@ def installed(module: str) -> bool:
 
 FORMATS = ("beton", "wds") if installed("ffcv") else ("wds",)
 
+# The smallest training run that still exercises every step: CPU, a tiny net, 32 px, no loader workers.
+TINY = dict(model="resnet_plus_tiny", image_size=32, batch_size=16, workers=0, device="cpu", bootstrap=50,
+            loader="torch")
+# what may differ between two identical runs: wall-clock measurements
+TIMING_KEYS = {"time_s", "images_per_s", "data_wait_share"}
+
+
+def cli_options(settings: dict) -> list[str]:
+    """`TrainConfig` keyword settings as `cornpipe train` options: {"image_size": 32} -> ["--image-size", "32"]."""
+    return [part for key, value in settings.items() for part in (f"--{key.replace('_', '-')}", str(value))]
+
+
+def records(run: Path) -> list[dict]:
+    """The run folder's metrics.jsonl, one dict per epoch."""
+    from cornpipe.runs.run_dir import read_metrics
+
+    return read_metrics(run / "metrics.jsonl")
+
+
+def without_timing(record):
+    """`record` without its wall-clock fields, at any depth: what two identical runs share."""
+    if isinstance(record, dict):
+        return {k: without_timing(v) for k, v in record.items() if k not in TIMING_KEYS}
+    return record
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    """Two checkpoints hold bit-identical model and EMA weights."""
+    import torch
+
+    for part in ("model", "ema"):
+        x = a[part] if part == "model" else a[part]["module"]
+        y = b[part] if part == "model" else b[part]["module"]
+        assert x.keys() == y.keys()
+        for key in x:
+            assert torch.equal(x[key], y[key]), (part, key)
+
 
 def needs_library(backend: str) -> None:
     """Skip the calling test when `backend`'s library (FFCV, DALI) is not installed."""
     module = {"ffcv": "ffcv", "dali": "nvidia.dali"}.get(backend)
     if module is not None and not installed(module):
         pytest.skip(f"{backend} backend: {module} is not installed")
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny nets are all per-op overhead: on a shared 2-core machine two intra-op threads wait on
+    each other (a 40-step run took 25 s instead of 0.4 s); one thread is faster for these sizes."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 def cli_run(*args: object):
     """`cornpipe ARGS...` through click's CliRunner; a traceback fails the test (catch_exceptions=False)."""
@@ -44,6 +95,19 @@ def error_line(result) -> str:
     lines = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
     assert len(lines) == 1, result.output
     return lines[0]
+
+
+def copy_with_a_damaged_tar(src: Path, copy: Path) -> Path:
+    """Copy the shard set `src` to `copy` and flip one byte of its first training tar (same size: only
+    the sha256 tells); returns that tar."""
+    import shutil
+
+    shutil.copytree(src, copy)
+    tar = copy / "train-000000.tar"
+    data = bytearray(tar.read_bytes())
+    data[2000] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    return tar
 
 
 def jpeg_bytes(seed: int, size: int = 40) -> bytes:

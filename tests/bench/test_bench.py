@@ -5,7 +5,6 @@ that it reports it from what really happened, not how fast anything is."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -19,7 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import cli_run as invoke
+from conftest import installed
 
 from cornpipe.bench.ceiling import decode_ceiling
 from cornpipe.bench.isolate import run_isolated
@@ -27,7 +27,6 @@ from cornpipe.bench.loader_bench import SAME_WORK
 from cornpipe.bench.machine import machine_facts
 from cornpipe.bench.summary import OUT_FILES, SUMMARY_MAX_CHARS
 from cornpipe.bench.summary import main as write_summary
-from cornpipe.cli import cli
 from cornpipe.errors import BenchError
 from cornpipe.loaders.base import AugmentConfig
 
@@ -46,10 +45,6 @@ NO_FFCV_DALI = textwrap.dedent("""
 
     sys.meta_path.insert(0, _Missing())
 """)
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,21 +96,16 @@ def test_bench_loaders_errors_are_one_line(tiny_shards, tmp_path):
         assert result.exit_code == 1 and result.output.strip().splitlines()[-1].startswith("Error: ")
 
 
-def _lib_installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:  # a parent package (`nvidia`) is missing
-        return False
-
-
 PEER_BACKENDS = [
-    pytest.param("ffcv", "ffcv-native", marks=pytest.mark.skipif(not _lib_installed("ffcv"), reason="no ffcv")),
+    pytest.param("ffcv", "ffcv-native", marks=pytest.mark.skipif(not installed("ffcv"), reason="no ffcv")),
     pytest.param("dali", "dali-native",
-                 marks=pytest.mark.skipif(not _lib_installed("nvidia.dali"), reason="no DALI")),
+                 marks=pytest.mark.skipif(not installed("nvidia.dali"), reason="no DALI")),
     ("torch", "torchvision"),
 ]
 
 
+# slow: every backend and peer library in an isolated process, a cold FFCV import each; make test runs it
+@pytest.mark.slow
 @pytest.mark.parametrize(("backend", "peer"), PEER_BACKENDS)
 def test_bench_loaders_compares_each_backend_with_its_own_library(tiny_shards, tmp_path, backend, peer):
     out = tmp_path / "peers.json"
@@ -161,6 +151,8 @@ def test_bench_loaders_skips_a_peer_whose_library_is_missing(tiny_shards, tmp_pa
     assert row["augment"]["vflip"] == default.vflip and row["augment"]["brightness"] == default.brightness
 
 
+# slow: every backend and peer library in an isolated process, a cold FFCV import each; make test runs it
+@pytest.mark.slow
 def test_bench_loaders_work_both_times_what_the_augmentation_costs_in_the_same_rounds(tiny_shards, tmp_path):
     """--work both: each backend once with the peers' work and once with cornpipe's own augmentation,
     in every round, and the ratio of the two; the peer runs once, with the peers' work."""

@@ -124,6 +124,8 @@ def host_only_bench(shards: Path, backends: str, out: Path, *extra: object):
                   "--json", out, *extra)
 
 
+# slow: every backend and peer library in an isolated process, a cold FFCV import each; make test runs it
+@pytest.mark.slow
 def test_host_only_reaches_every_row_and_the_json(tiny_shards, synth_raw, tmp_path):
     out = tmp_path / "host.json"
     result = host_only_bench(tiny_shards, "torch,resident", out, "--source", synth_raw)
@@ -150,6 +152,8 @@ def test_host_only_reaches_every_row_and_the_json(tiny_shards, synth_raw, tmp_pa
         "Error: --host-only times uint8 batches on the host: use --device cpu or auto, not cuda"
 
 
+# slow: every backend and peer library in an isolated process, a cold FFCV import each; make test runs it
+@pytest.mark.slow
 @pytest.mark.parametrize(("backend", "peer"), PEER_BACKENDS[:2])  # ffcv, dali (torch: above)
 def test_host_only_library_peers_hand_out_uint8_nhwc(tiny_shards, tmp_path, backend, peer):
     out = tmp_path / "host.json"

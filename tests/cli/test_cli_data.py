@@ -11,24 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from conftest import cli_run as run
+from conftest import copy_with_a_damaged_tar, error_line
 from PIL import Image
 
-from cornpipe.cli import cli
 from cornpipe.shards import fields as F
 from cornpipe.shards.shard_set import BetonFile, ShardSet, parse_dali_index
-
-RUNNER = CliRunner()
-
-
-def run(*args: str):
-    return RUNNER.invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def error_line(result) -> str:
-    lines = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 def jpeg_bytes(w: int = 48, h: int = 32, seed: int = 0, mode: str = "RGB", **save) -> bytes:
@@ -304,11 +292,7 @@ def test_verify_intact_and_damaged(tiny_shards: Path, tmp_path: Path) -> None:
     assert "decoded 54 images from .beton and 54 from tar shards" in result.output
 
     copy = tmp_path / "copy"
-    shutil.copytree(tiny_shards, copy)
-    tar = copy / "train-000000.tar"
-    data = bytearray(tar.read_bytes())
-    data[2000] ^= 0xFF
-    tar.write_bytes(bytes(data))
+    tar = copy_with_a_damaged_tar(tiny_shards, copy)
     result = run("verify", copy)
     assert result.exit_code == 1
     assert error_line(result) == f"Error: {tar} is damaged (sha256 mismatch)"

@@ -10,12 +10,11 @@ from __future__ import annotations
 import csv
 import os
 import pickle
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_run, error_line, jpeg_bytes
+from conftest import cli_run, copy_with_a_damaged_tar, error_line, jpeg_bytes
 
 from cornpipe.errors import CheckpointError, ConfigError
 from cornpipe.runs.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
@@ -273,11 +272,7 @@ def test_non_utf8_train_config_is_one_line(tmp_path: Path) -> None:
 
 def test_verify_names_every_damaged_file(tiny_shards: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
-    shutil.copytree(tiny_shards, copy)
-    tar = copy / "train-000000.tar"
-    data = bytearray(tar.read_bytes())
-    data[2000] ^= 0xFF
-    tar.write_bytes(bytes(data))
+    tar = copy_with_a_damaged_tar(tiny_shards, copy)
     idx = copy / "val-000000.idx"
     idx.unlink()
     rejected = copy / "rejected.csv"

@@ -16,15 +16,7 @@ from cornpipe.models.resnet_plus import blur_pool
 
 SCALE = [0, 3, 5, 7, 9]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny nets are all per-op overhead: on a shared 2-core machine two intra-op threads wait on
-    each other (a 40-step run took 25 s instead of 0.4 s); one thread is faster for these sizes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _contract(name: str, grade_head: str, **kw) -> None:

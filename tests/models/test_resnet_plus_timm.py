@@ -27,13 +27,7 @@ HAND_WRITTEN_PARAMETERS = {
     "resnet_plus50": 26_066_452,
 }
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_name_has_the_hand_written_parameter_count() -> None:

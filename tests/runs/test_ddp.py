@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import needs_library
+from conftest import TINY, assert_same_weights, cli_options, needs_library, records, without_timing
 
 from cornpipe.loaders import make_loader
 from cornpipe.loaders.base import IMAGENET
@@ -28,19 +28,7 @@ from cornpipe.runs.evaluation import evaluate_checkpoint
 from cornpipe.shards.shard_set import ShardSet
 
 BACKENDS = ("torch", "resident", "ffcv", "dali")
-TINY_ARGS = ["--model", "resnet_plus_tiny", "--image-size", "32", "--batch-size", "8", "--max-batches", "2",
-             "--workers", "0", "--device", "cpu", "--bootstrap", "50", "--loader", "torch"]
-TIMING_KEYS = {"time_s", "images_per_s", "data_wait_share"}
-
-
-def without_timing(record):
-    if isinstance(record, dict):
-        return {k: without_timing(v) for k, v in record.items() if k not in TIMING_KEYS}
-    return record
-
-
-def records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+TINY_ARGS = cli_options({**TINY, "batch_size": 8, "max_batches": 2})
 
 
 def cornpipe(*args: object, timeout: float = 400) -> subprocess.CompletedProcess:
@@ -136,12 +124,7 @@ def test_resumed_two_rank_run_ends_like_an_uninterrupted_one(ddp_run: Path, tiny
     straight = torch.load(ddp_run / "last.pt", weights_only=True)
     resumed = torch.load(run / "last.pt", weights_only=True)
     assert resumed["epoch"] == straight["epoch"] == 3
-    for part in ("model", "ema"):
-        a = straight[part] if part == "model" else straight[part]["module"]
-        b = resumed[part] if part == "model" else resumed[part]["module"]
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), (part, key)
+    assert_same_weights(straight, resumed)
     assert [without_timing(r) for r in records(run)] == [without_timing(r) for r in records(ddp_run)]
 
 

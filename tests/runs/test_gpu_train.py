@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import records
 
 from cornpipe.cli import cli
 from cornpipe.models import create_model
@@ -29,10 +30,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 CUDA_RUN = dict(model="resnet_plus_tiny", image_size=32, batch_size=16, workers=1, loader="resident", device="cuda",
                 amp="fp16", compile=True, channels_last=True, ema=True, bootstrap=0, max_batches=2)
 POSITIONS = ["lower", "middle", "upper"]
-
-
-def records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

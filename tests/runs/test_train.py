@@ -15,28 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import FORMATS
+from conftest import FORMATS, TINY, assert_same_weights, records, without_timing
 
 from cornpipe.cli import cli
 from cornpipe.runs.checkpoint import load_checkpoint
 from cornpipe.runs.config import TrainConfig
 from cornpipe.runs.early_stopping import monitor_value
 from cornpipe.train import train
-
-TINY = dict(model="resnet_plus_tiny", image_size=32, batch_size=16, workers=0, device="cpu", bootstrap=50,
-            loader="torch")
-# what may differ between two identical runs: wall-clock measurements
-TIMING_KEYS = {"time_s", "images_per_s", "data_wait_share"}
-
-
-def without_timing(record: dict) -> dict:
-    if isinstance(record, dict):
-        return {k: without_timing(v) for k, v in record.items() if k not in TIMING_KEYS}
-    return record
-
-
-def records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -119,12 +104,7 @@ def test_resumed_run_matches_uninterrupted_run(tiny_shards: Path, tmp_path: Path
     straight = load_checkpoint(tmp_path / "straight" / "last.pt")
     resumed = load_checkpoint(tmp_path / "resumed" / "last.pt")
     assert resumed["epoch"] == straight["epoch"] == 5
-    for part in ("model", "ema"):
-        a = straight[part] if part == "model" else straight[part]["module"]
-        b = resumed[part] if part == "model" else resumed[part]["module"]
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), (part, key)
+    assert_same_weights(straight, resumed)
     assert resumed["scheduler"] == straight["scheduler"]
     assert resumed["early_stopping"] == straight["early_stopping"]
     assert ([without_timing(r) for r in lines] == [without_timing(r) for r in records(tmp_path / "resumed")])
@@ -297,6 +277,8 @@ def learn_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "shards"
 
 
+# slow: two seeds x 14 epochs over 288 images, a check for changes to the model, loss or loop; make test runs it
+@pytest.mark.slow
 def test_learns_position_and_grade_on_synthetic_data(learn_shards: Path, tmp_path: Path) -> None:
     # The ordinal (CORN) head suits a 5-level scale; the sigmoid regression head levels off around
     # 0.9-1.1 MAE here. EMA weights smooth the swing of a 72-image validation set; without oversampling

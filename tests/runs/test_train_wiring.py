@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import TINY, cli_options, records
 
 import cornpipe.train as train_module
 from cornpipe.cli import cli
@@ -22,13 +23,8 @@ from cornpipe.runs.config import TrainConfig
 from cornpipe.runs.early_stopping import monitor_value
 from cornpipe.train import train
 
-TINY_ARGS = ["--model", "resnet_plus_tiny", "--image-size", "32", "--batch-size", "16", "--workers", "0",
-             "--device", "cpu", "--loader", "torch", "--bootstrap", "0"]
+TINY_ARGS = cli_options({**TINY, "bootstrap": 0})
 SCALE = [0.0, 3.0, 5.0, 7.0, 9.0]
-
-
-def records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_loss_weights_from_the_command_line_weigh_the_loss_the_run_used(tiny_shards: Path, tmp_path: Path) -> None:

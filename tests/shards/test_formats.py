@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from conftest import cli_run as run
+from conftest import error_line
 
-from cornpipe.cli import cli
 from cornpipe.errors import ConvertError, LoaderError
 from cornpipe.shards import fields as F
 from cornpipe.shards.convert import convert_dataset
@@ -19,19 +19,8 @@ from cornpipe.shards.inspect import verify_shards
 from cornpipe.shards.manifest import write_manifest_hash
 from cornpipe.shards.shard_set import ShardSet
 
-RUNNER = CliRunner()
 NO_FFCV = ("Error: writing .beton files needs FFCV: pip install 'cornpipe[ffcv]', or convert with --formats wds "
            "(tar shards only, enough for the torch, resident and dali backends)")
-
-
-def run(*args: object):
-    return RUNNER.invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def error_line(result) -> str:
-    lines = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 @pytest.fixture
