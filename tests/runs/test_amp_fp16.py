@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY as BASE_TINY
 
 from cornpipe.models import create_model
 from cornpipe.runs.config import TrainConfig, resolve_runtime
 from cornpipe.train import train
 
-TINY = dict(model="resnet_plus_tiny", image_size=32, batch_size=16, workers=0, device="cpu", bootstrap=0,
-            loader="torch", verify=False, epochs=1, max_batches=2)
+TINY = {**BASE_TINY, "bootstrap": 0, "verify": False, "epochs": 1, "max_batches": 2}
 
 
 def test_fp16_is_allowed_on_the_cpu_but_never_chosen_there() -> None:

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY as BASE_TINY
 from torch._dynamo.callback import callback_handler
 
 from cornpipe.runs.config import TrainConfig
 from cornpipe.train import train
 
-TINY = dict(model="resnet_plus_tiny", image_size=32, batch_size=16, workers=0, device="cpu", bootstrap=0,
-            loader="torch")
+TINY = {**BASE_TINY, "bootstrap": 0}
 
 
 @pytest.mark.slow

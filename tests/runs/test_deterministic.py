@@ -11,21 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY as BASE_TINY
+from conftest import without_timing
 from rich.console import Console
 
 from cornpipe.runs.config import TrainConfig
 from cornpipe.runs.tracking import CUBLAS_WORKSPACE, set_deterministic
 from cornpipe.train import train
 
-TINY = dict(model="resnet_plus_tiny", image_size=32, batch_size=16, workers=0, device="cpu", bootstrap=20,
-            max_batches=2, epochs=2, verify=False)
-TIMING_KEYS = {"time_s", "images_per_s", "data_wait_share"}  # wall-clock measurements differ run to run
-
-
-def without_timing(value: object) -> object:
-    if isinstance(value, dict):
-        return {k: without_timing(v) for k, v in value.items() if k not in TIMING_KEYS}
-    return value
+TINY = {**BASE_TINY, "bootstrap": 20, "max_batches": 2, "epochs": 2, "verify": False}
 
 
 @pytest.fixture()

@@ -7,12 +7,12 @@ CPU, resnet_plus_tiny at 32 px on the conftest shard set; the training runs here
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_run
+from conftest import TINY as BASE_TINY
+from conftest import cli_run, records
 from PIL import Image
 from torch import nn
 
@@ -22,12 +22,9 @@ from cornpipe.runs.config import TrainConfig
 from cornpipe.runs.ema import ModelEma
 from cornpipe.train import train
 
-TINY = dict(model="resnet_plus_tiny", image_size=32, batch_size=16, workers=0, device="cpu", bootstrap=0,
-            loader="torch", verify=False)
+TINY = {**BASE_TINY, "bootstrap": 0, "verify": False}
 
 
-def records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 # ------------------------------------------------------------------------------------------------
