@@ -151,9 +151,13 @@ def read_predictions(folder: Path | str) -> Predictions:
                        probs, rows, sorted(k for k in per_seed if k), _shards_of(folder, kind))
 
 
-def rank_issues(given: Any, probs: Any) -> tuple[list[int], list[float]]:
-    """(indices cleanlab flags as label issues, most suspect first; every sample's label-quality score)."""
+def rank_issues(given: Any, probs: Any) -> tuple[list[int], list[float], list[int]]:
+    """(indices cleanlab flags as label issues, most suspect first; every sample's label-quality score;
+    the classes cleanlab found too few examples of to flag every issue in)."""
     _require_cleanlab()
+    import re
+    import warnings
+
     import numpy as np
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
@@ -161,9 +165,12 @@ def rank_issues(given: Any, probs: Any) -> tuple[list[int], list[float]]:
     labels = np.asarray(given, dtype=np.int64)
     p = np.clip(np.asarray(probs, dtype=np.float64), 1e-12, None)
     p /= p.sum(axis=1, keepdims=True)  # float32 text and seed means: rows sum to 1 only to rounding
-    ranked = find_label_issues(labels, p, return_indices_ranked_by="self_confidence", n_jobs=1)
-    scores = get_label_quality_scores(labels, p)
-    return [int(i) for i in ranked], [float(s) for s in scores]
+    with warnings.catch_warnings(record=True) as caught:  # its per-class warning becomes one note
+        warnings.simplefilter("always")
+        ranked = find_label_issues(labels, p, return_indices_ranked_by="self_confidence", n_jobs=1)
+        scores = get_label_quality_scores(labels, p)
+    few = sorted({int(m.group(1)) for w in caught if (m := re.search(r"in class: (\d+), it has too few", str(w.message)))})
+    return [int(i) for i in ranked], [float(s) for s in scores], few
 
 
 def _manifest_samples(shards: str | None) -> tuple[Any, dict[int, dict]] | None:
@@ -185,7 +192,7 @@ def audit(folder: Path | str, out: Path | str, *, top: int = SHEET_TOP) -> Audit
     out = Path(out)
     check_can_create(out)
     pred = read_predictions(folder)
-    ranked, scores = rank_issues(pred.given, pred.probs)
+    ranked, scores, few = rank_issues(pred.given, pred.probs)
     found = _manifest_samples(pred.shards)
     manifest = found[1] if found else {}
     issues = []
@@ -204,6 +211,9 @@ def audit(folder: Path | str, out: Path | str, *, top: int = SHEET_TOP) -> Audit
         writer.writerows([[r["path"], r["source"], r["given"], r["suggested"], f"{r['score']:.4f}"]
                           for r in issues])
     notes = []
+    if few:
+        notes.append(f"too few samples of {', '.join(pred.positions[k] for k in few)} for cleanlab to flag every "
+                     "issue there")
     if pred.kind == "run":
         total = f" of {len(manifest)}" if manifest else ""
         notes.append(f"saw only part of the data: the run's validation split ({len(pred.sample_ids)}{total} "

@@ -113,3 +113,10 @@ def test_without_cleanlab_the_error_names_the_extra(tiny_shards: Path, tmp_path:
     monkeypatch.setitem(sys.modules, "cleanlab", None)  # import cleanlab raises ImportError
     line = error_line(cli_run("audit", _cv_folder(tmp_path, tiny_shards), "--out", tmp_path / "a"))
     assert "cleanlab" in line and "cornpipe[audit]" in line
+
+
+def test_classes_too_small_to_judge_are_named_not_warned_about() -> None:
+    from cornpipe.runs.audit import rank_issues
+
+    ranked, scores, few = rank_issues([0, 1, 2], [[0.5, 0.3, 0.2], [0.2, 0.5, 0.3], [0.3, 0.2, 0.5]])
+    assert few == [0, 1, 2] and len(scores) == 3
