@@ -47,10 +47,11 @@ def _prediction_rows(shards: Path, seeds: tuple[int | None, ...], split: str | N
     return rows
 
 
-def _cv_folder(tmp_path: Path, shards: Path, seeds: tuple[int, ...] = (0, 1)) -> Path:
+def _cv_folder(tmp_path: Path, shards: Path, seeds: tuple[int, ...] = (0, 1), named: Path | None = None) -> Path:
+    """A cv folder as `cornpipe cv` leaves it (marker naming the shard set, or `named`; oof_predictions.csv)."""
     cv = tmp_path / "cv"
     cv.mkdir()
-    (cv / ".cornpipe-cv").write_text(json.dumps({"cv_id": "x", "config": {"shards": str(shards)}}))
+    (cv / ".cornpipe-cv").write_text(json.dumps({"cv_id": "x", "config": {"shards": str(named or shards)}}))
     _write(cv / "oof_predictions.csv", _prediction_rows(shards, seeds))
     return cv
 
@@ -120,3 +121,13 @@ def test_classes_too_small_to_judge_are_named_not_warned_about() -> None:
 
     ranked, scores, few = rank_issues([0, 1, 2], [[0.5, 0.3, 0.2], [0.2, 0.5, 0.3], [0.3, 0.2, 0.5]])
     assert few == [0, 1, 2] and len(scores) == 3
+
+
+def test_a_moved_shard_set_still_gives_the_csv_and_says_why_no_sheet(tiny_shards: Path, tmp_path: Path) -> None:
+    cv = _cv_folder(tmp_path, tiny_shards, named=tmp_path / "moved-away")  # a shard set no longer there
+    result = cli_run("audit", cv, "--out", tmp_path / "audit")
+    assert result.exit_code == 0, result.output
+    assert "no suspects.png" in result.output and not (tmp_path / "audit" / "suspects.png").exists()
+    _, rows = _issues(tmp_path / "audit")
+    manifest = {s["id"]: s["path"] for s in json.loads((tiny_shards / "manifest.json").read_text())["samples"]}
+    assert {r["path"] for r in rows[:len(PLANTED)]} == {manifest[i] for i in PLANTED}  # from the predictions file
