@@ -82,8 +82,19 @@ def _shards_of(folder: Path, kind: str) -> str | None:
             continue
         data = data.get("config", data) if isinstance(data, dict) else {}
         if isinstance(data, dict) and isinstance(data.get("shards"), str):
-            return data["shards"]
+            return _resolve(data["shards"], folder)
     return None
+
+
+def _resolve(shards: str, folder: Path) -> str:
+    """A run's config keeps the shard path as typed (relative to where it trained): from here, or from a
+    folder above the run (where `cornpipe train`/`cv` ran, most often)."""
+    path = Path(shards)
+    if path.is_absolute() or (path / "manifest.json").is_file():
+        return shards
+    found = next((up / path for up in list(folder.resolve().parents)[:3] if (up / path / "manifest.json").is_file()),
+                 None)
+    return str(found) if found else shards
 
 
 def _locate(folder: Path) -> tuple[str, Path]:

@@ -84,13 +84,19 @@ def test_planted_flips_rank_first_with_their_manifest_paths(tiny_shards: Path, t
 def test_a_run_folder_is_audited_and_said_to_be_partial(tiny_shards: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps({"shards": str(tiny_shards)}))
+    (tmp_path / "survey-shards").symlink_to(tiny_shards)
+    # config.json keeps the path as typed where training ran (here: the folder above the run)
+    (run / "config.json").write_text(json.dumps({"shards": "survey-shards"}))
     _write(run / "val_predictions.csv", _prediction_rows(tiny_shards, (None,), split="val"))
     result = cli_run("audit", run, "--out", tmp_path / "audit")
     assert result.exit_code == 0, result.output
     assert "saw only part of the data" in result.output and "of 54 samples" in result.output
+    assert (tmp_path / "audit" / "suspects.png").is_file()  # thumbnails found through the relative path
     columns, rows = _issues(tmp_path / "audit")
     assert columns == ["path", "source", "given", "suggested", "score"]
+    val = {s["path"] for s in json.loads((tiny_shards / "manifest.json").read_text())["samples"]
+           if s["split"] == "val" and s["id"] in PLANTED}
+    assert val and {r["path"] for r in rows[:len(val)]} == val
 
 
 def test_bad_folders_are_one_error_line(tiny_shards: Path, tmp_path: Path) -> None:
