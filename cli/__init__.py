@@ -9,6 +9,7 @@ its traceback.
     cli/runs.py     train, report, predict, models         (over cornpipe.train, .runs, .predict, .models)
     cli/evaluate.py evaluate                               (over cornpipe.runs.model_eval)
     cli/export.py   export                                 (over cornpipe.runs.export)
+    cli/audit.py    audit                                  (over cornpipe.runs.audit)
     cli/bench.py    bench loaders, bench train             (over cornpipe.bench; nothing else imports it)
     cli/handler.py  the command classes: CornpipeError -> `Error: <cause>`
 """
@@ -45,6 +46,7 @@ def cli() -> None:
 
 
 def _register() -> None:
+    from cornpipe.cli.audit import audit_command
     from cornpipe.cli.bench import bench
     from cornpipe.cli.data import convert, inspect_command, synth, verify
     from cornpipe.cli.evaluate import evaluate_command
@@ -52,7 +54,7 @@ def _register() -> None:
     from cornpipe.cli.runs import cv_command, models_command, predict_command, report_command, train_command
 
     for command in (synth, convert, inspect_command, verify, train_command, cv_command, report_command,
-                    predict_command, evaluate_command, export_command, models_command, bench):
+                    predict_command, evaluate_command, export_command, audit_command, models_command, bench):
         cli.add_command(command)
 
 

@@ -58,11 +58,12 @@ def test_the_wheel_declares_extras_and_a_bare_install_needs_no_compiler(wheel: P
     bare = [r for r in requires if "extra ==" not in r]
     assert not any(r.startswith(("ffcv", "nvidia-dali")) for r in bare), bare  # FFCV compiles against apt libs
     assert any(r.startswith("tomli") and "python_version" in r for r in bare)
-    for extra in ("ffcv", "dali", "dali-cuda13", "all", "export"):
+    for extra in ("ffcv", "dali", "dali-cuda13", "all", "export", "audit"):
         assert f"Provides-Extra: {extra}" in meta
     assert any(r.startswith("nvidia-dali-cuda120") and 'extra == "dali"' in r for r in requires)
     assert any(r.startswith("nvidia-dali-cuda130") and 'extra == "dali-cuda13"' in r for r in requires)
     assert any(r.startswith("onnxruntime") and 'extra == "export"' in r for r in requires)
+    assert any(r.startswith("cleanlab") and 'extra == "audit"' in r for r in requires)
     assert "cornpipe = cornpipe.cli:main" in entry_points
 
 
