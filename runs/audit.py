@@ -23,12 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from cornpipe.errors import ConfigError, MissingDependency, install_hint
+from cornpipe.runs.cv import CV_JSON
+from cornpipe.runs.cv import OOF_CSV as OOF_FILE
+from cornpipe.runs.cv_dir import CV_MARKER
+from cornpipe.runs.report import CONFIG_FILE, PREDICTIONS_FILE
 from cornpipe.shards.atomic import check_can_create, write_atomically
 
 ISSUES_FILE, SHEET_FILE = "label_issues.csv", "suspects.png"
 COLUMNS = ("path", "source", "given", "suggested", "score")
-OOF_FILE, PREDICTIONS_FILE, CONFIG_FILE = "oof_predictions.csv", "val_predictions.csv", "config.json"
-CV_MARKER, CV_JSON = ".cornpipe-cv", "cv.json"  # runs.cv_dir / runs.cv (named here: they import torch)
 SHEET_TOP = 24  # thumbnails on the contact sheet: a page a pathologist reads at a glance
 
 
