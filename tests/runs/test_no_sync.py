@@ -127,6 +127,25 @@ def test_steady_state_steps_make_no_blocking_transfer(tiny_shards: Path, monkeyp
     assert all(not c for c in val), f"blocking transfers per validation step: {val}"
 
 
+def test_finisher_tensor_ops_make_no_blocking_transfer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The finish step ffcv, dali and the torch backend run on CUDA (tensor ops): after its first batch
+    (its constants built), a batch's jitter factors travel without blocking, and nothing is read back."""
+    import numpy as np
+
+    from cornpipe.loaders.base import IMAGENET
+    from cornpipe.loaders.pixels.finish import Finisher
+
+    finish = Finisher(torch.device("cpu"), torch.float32, jitter=True, channels_last=True, tensor_ops=True,
+                      norm=IMAGENET)
+    pixels = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8)
+    factors = np.random.default_rng(0).uniform(0.8, 1.2, (4, 3)).astype(np.float32)
+    finish(pixels, factors)
+    counter = SyncCounter(monkeypatch)
+    for _ in range(3):
+        finish(pixels, factors)
+    assert not counter.calls, dict(counter.calls)
+
+
 def test_the_counter_sees_a_blocking_transfer(monkeypatch: pytest.MonkeyPatch) -> None:
     """The counter the test above relies on counts what cornpipe's code would block on."""
     from cornpipe.models.losses import MultiTaskLoss
@@ -135,6 +154,10 @@ def test_the_counter_sees_a_blocking_transfer(monkeypatch: pytest.MonkeyPatch) -
     loss = MultiTaskLoss(grade_head="corn")
     loss.level_index(torch.tensor([0.0, 3.0]))  # the CPU branch reads its check on the host
     assert counter.calls["__bool__"] == 1
+    from cornpipe.loaders.pixels.finish import _constant
+
+    _constant.__wrapped__((1.0, 2.0, 3.0), torch.float32, torch.device("cpu"))  # a blocking copy, uncached
+    assert counter.calls["to"] == 1
 
 
 @pytest.mark.gpu
