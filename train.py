@@ -79,7 +79,7 @@ from cornpipe.runs.ema import ModelEma
 from cornpipe.runs.environment import environment
 from cornpipe.runs.epoch_metrics import Collector, TimedBatches, summarize
 from cornpipe.runs.evaluation import evaluate, prediction_tensors, write_predictions
-from cornpipe.runs.optim import NonFiniteStep, base_lr, make_optimizer, optimizer_step, scheduled_lr, set_lr
+from cornpipe.runs.optim import FiniteWatch, base_lr, make_optimizer, optimizer_step, scheduled_lr, set_lr
 from cornpipe.runs.report import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -121,20 +121,22 @@ def train_one_epoch(model: nn.Module, loader: Any, loss_fn: nn.Module, optimizer
     raw_model = unwrap(model)  # EMA and grad clipping see the plain module (under compile and DDP)
     collected = Collector(device)
     timed = TimedBatches(loader, steps, device)
+    watch = FiniteWatch(device)
     for step, batch in enumerate(timed):
         lr = scheduled_lr(cfg, epoch * steps + step, steps)
         if lr is not None:
             set_lr(optimizer, lr)  # the trunk's groups at lr * trunk_lr_scale
         images = batch.images  # (B, 3, H, W), normalised, on the device, in the memory format cfg chose
-        try:
-            outputs, loss, parts = optimizer_step(model, raw_model, images, batch.position, batch.grade,
-                                                  loss_fn, optimizer, scaler, dtype, cfg.grad_clip)
-        except NonFiniteStep:
-            raise NonFiniteLoss(epoch + 1, step + 1, batch.sample_id.tolist(), last_good) from None
+        outputs, loss, parts = optimizer_step(model, raw_model, images, batch.position, batch.grade,
+                                              loss_fn, optimizer, scaler, dtype, cfg.grad_clip, watch=watch)
         if ema is not None:
             ema.update(raw_model)
         collected.add(outputs, batch.position, batch.grade, batch.sample_id, loss, parts)
+        if (bad := watch.first_bad()) is not None:  # read every few steps: no device sync per step
+            raise NonFiniteLoss(epoch + 1, bad + 1, collected.sample_id[bad].tolist(), last_good)
         progress.update(task, advance=1, ips=collected.images / timed.elapsed())
+    if (bad := watch.first_bad(final=True)) is not None:
+        raise NonFiniteLoss(epoch + 1, bad + 1, collected.sample_id[bad].tolist(), last_good)
     return {**collected.arrays(), **timed.finish(), "images": collected.images}
 
 

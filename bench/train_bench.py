@@ -173,7 +173,7 @@ def measure_variant(variant: str, cfg: TrainBenchConfig) -> dict[str, Any]:
     """Steady-state images/s of one variant (runs in the calling process)."""
     import torch
 
-    from cornpipe.runs.optim import NonFiniteStep, make_optimizer, optimizer_step
+    from cornpipe.runs.optim import FiniteWatch, make_optimizer, optimizer_step
 
     cfg = resolve(cfg)
     torch.manual_seed(cfg.seed)
@@ -218,18 +218,18 @@ def measure_variant(variant: str, cfg: TrainBenchConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         images, position, grade = next(batches)
         wait = time.perf_counter() - t0
-        try:
-            optimizer_step(step_model, model, images, position, grade, loss_fn, optimizer, scaler, amp_dtype,
-                           run.cfg.grad_clip)
-        except NonFiniteStep:
-            raise BenchError(f"{variant}: non-finite loss in the benchmark step") from None
+        optimizer_step(step_model, model, images, position, grade, loss_fn, optimizer, scaler, amp_dtype,
+                       run.cfg.grad_clip, watch=watch)  # no device sync per step, as in the trainer
         return wait
 
+    watch = FiniteWatch(device, every=2**62)  # read once, after the timed steps
     try:
         first_steps_s, windows, waits = _timed_windows(step, cfg, device)
     finally:
         if loader is not None:
             loader.close()
+    if watch.first_bad(final=True) is not None:
+        raise BenchError(f"{variant}: non-finite loss in the benchmark step")
     step_s = cfg.batch_size / sorted(windows)[len(windows) // 2]
     result: dict[str, Any] = {
         "variant": variant, "data": cfg.data if loader is None else f"{cfg.loader} loader",

@@ -84,3 +84,13 @@ class Batch(NamedTuple):
 
 
 
+
+
+def to_device(values: object, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host values (numpy, list, CPU tensor) -> a tensor on `device` without blocking the host:
+    on CUDA a pinned copy sent with non_blocking=True (from pageable memory the copy would wait
+    for the GPU to finish every step queued before it)."""
+    host = torch.as_tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)

@@ -27,6 +27,7 @@ from cornpipe.loaders.base import (
     AugmentConfig,
     Batch,
     Normalization,
+    to_device,
 )
 from cornpipe.loaders.pixels.params import AugParams, sample_params, val_params
 from cornpipe.loaders.sampling import check_strategy, epoch_indices, num_batches, rank_length
@@ -268,11 +269,8 @@ class EpochLoader:
     def labels_for(self, rows: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(position int64, grade float32, sample_id int64) of `rows`, each (B,) on the device."""
         r = rows.numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows)
-        dev = self.spec.device
-        nb = dev.type == "cuda"
-        return (torch.from_numpy(self.position[r]).to(dev, non_blocking=nb),
-                torch.from_numpy(self.grade[r]).to(dev, non_blocking=nb),
-                torch.from_numpy(self.sample_id[r]).to(dev, non_blocking=nb))
+        dev = self.spec.device  # pinned, non-blocking copies on CUDA (loaders.base.to_device)
+        return to_device(self.position[r], dev), to_device(self.grade[r], dev), to_device(self.sample_id[r], dev)
 
     def __iter__(self) -> Iterator[Batch]:
         raise NotImplementedError

@@ -70,12 +70,45 @@ class NonFiniteStep(Exception):
     """The loss (or, without a GradScaler, the gradient) of a step was NaN/inf; no update was made."""
 
 
+FINITE_CHECK_STEPS = 50  # the trainer reads its non-finite flag every this many steps (and at the epoch's end)
+
+
+class FiniteWatch:
+    """The first step of an epoch whose loss (or gradient) was NaN/inf, kept on the device.
+
+    Reading a flag every step is a device sync that stops the CPU from queueing the next step, so
+    `optimizer_step` records into this instead and the trainer reads it every `every` steps and at
+    the end of the epoch. Steps after a bad one still run (their results are never saved: the run
+    stops at the read with the first bad step named).
+    """
+
+    def __init__(self, device: torch.device, every: int = FINITE_CHECK_STEPS) -> None:
+        self.first = torch.full((), -1, dtype=torch.int64, device=device)  # -1: every step finite so far
+        self.every, self.step = every, 0
+
+    def record(self, finite: torch.Tensor) -> None:
+        """Note this step's finiteness (a 0-d bool tensor) without reading it."""
+        self.first = torch.where(finite | (self.first >= 0), self.first, self.step)
+        self.step += 1
+
+    def first_bad(self, final: bool = False) -> int | None:
+        """The 0-based first bad step, read every `every` steps or when `final` (a device sync); else None."""
+        if not final and self.step % self.every:
+            return None
+        first = int(self.first)
+        return first if first >= 0 else None
+
+
 def optimizer_step(model: nn.Module, raw_model: nn.Module, images: torch.Tensor, position: torch.Tensor,
                    grade: torch.Tensor, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
                    scaler: torch.amp.GradScaler, dtype: torch.dtype | None,
-                   grad_clip: float) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+                   grad_clip: float, watch: FiniteWatch | None = None,
+                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
     """One training step (autocast forward, float32 loss, scaled backward, clipping, optimiser step):
-    the trainer's and `cornpipe bench train`'s. Returns (outputs, loss, loss parts)."""
+    the trainer's and `cornpipe bench train`'s. Returns (outputs, loss, loss parts).
+
+    Without `watch` a non-finite loss raises NonFiniteStep before the update (a device sync);
+    with it the step is recorded there and nothing is read on the host."""
     with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         outputs = model(images)
     outputs = {k: v.float() for k, v in outputs.items()}  # the loss always runs in float32
@@ -86,13 +119,14 @@ def optimizer_step(model: nn.Module, raw_model: nn.Module, images: torch.Tensor,
     if grad_clip > 0:
         scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
         grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
-    # Device sync point, once a step: no optimiser step may ever see a NaN/inf loss. With the fp16
-    # GradScaler an inf gradient is expected now and then (the scaler skips that step and lowers
-    # its scale), so only the loss is checked there; without a scaler the gradient is checked too.
+    # With the fp16 GradScaler an inf gradient is expected now and then (the scaler skips that step
+    # and lowers its scale), so only the loss is checked there; without a scaler the gradient too.
     finite = torch.isfinite(loss)
     if grad_norm is not None and not scaler.is_enabled():
         finite = finite & torch.isfinite(grad_norm)
-    if not bool(finite):
+    if watch is not None:
+        watch.record(finite)
+    elif not bool(finite):  # device sync point: this step's update never sees a NaN/inf loss
         raise NonFiniteStep
     scaler.step(optimizer)
     scaler.update()

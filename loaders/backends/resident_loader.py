@@ -40,7 +40,7 @@ from cornpipe.errors import LoaderError
 from cornpipe.loaders.backends.crop_threads import CropThreads
 from cornpipe.loaders.backends.resident_decode import batch_decoder, chunks, decode_images, place
 from cornpipe.loaders.backends.torch_loader import shard_of
-from cornpipe.loaders.base import Batch
+from cornpipe.loaders.base import Batch, to_device
 from cornpipe.loaders.common import EpochLoader, LoaderSpec, augment_params, cut_to_batches, source_rows
 from cornpipe.loaders.pixels.augment import augment_batch
 from cornpipe.loaders.pixels.geometry import CROP_KERNELS, roi_align_window, use_interpolate
@@ -144,7 +144,7 @@ class ResidentLoader(EpochLoader):
         spec = self.spec
         epoch = self.epoch
         rows_all = cut_to_batches(self.indices(epoch), spec)
-        rows_dev = torch.from_numpy(rows_all).to(spec.device)
+        rows_dev = to_device(rows_all, spec.device)  # once an epoch, without waiting for the GPU
         bs = spec.batch_size
         for b, start in enumerate(range(0, len(rows_all), bs)):
             rows = rows_all[start:start + bs]

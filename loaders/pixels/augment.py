@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cornpipe.loaders.base import HOST_DTYPE, Normalization
+from cornpipe.loaders.base import HOST_DTYPE, Normalization, to_device
 from cornpipe.loaders.pixels.finish import color_jitter_batch, finish_crops, host_batch, normalize_batch
 from cornpipe.loaders.pixels.geometry import (
     crop_resize_batch,
@@ -101,7 +101,7 @@ def augment_batch(images: torch.Tensor, params: AugParams, size: int, *, dtype: 
         x = crop_resize_uint8(images, params.boxes, size, index)
         return finish_crops(x, params, dtype=dtype, channels_last=channels_last, norm=norm)
     if index is not None:
-        images = images[torch.as_tensor(index, device=images.device)]
+        images = images[to_device(index, images.device)]
     x = flip_rot_batch(crop_resize_batch(images, params.boxes, size, kernel="roi_align"), params)
     if dtype == HOST_DTYPE:
         return host_batch(x)

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 
 import numpy as np
 import torch
 
-from cornpipe.loaders.base import GREY_WEIGHTS, HOST_DTYPE, Normalization
+from cornpipe.loaders.base import GREY_WEIGHTS, HOST_DTYPE, Normalization, to_device
 from cornpipe.loaders.pixels import finish_cpu
 from cornpipe.loaders.pixels.geometry import flip_rot_batch
 from cornpipe.loaders.pixels.params import AugParams
@@ -36,10 +37,17 @@ from cornpipe.loaders.pixels.params import AugParams
 _CPU_CHUNK = 4  # images per pass of jitter / normalize on the CPU
 
 
+@lru_cache(maxsize=64)
+def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(1, 3, 1, 1) per-channel constants on `device`, built once per run: a fresh host->device copy
+    every batch would be a blocking transfer (a device sync) on CUDA."""
+    with torch.inference_mode(False):  # usable in training after a first call under inference mode
+        return torch.tensor(values, dtype=dtype).view(1, 3, 1, 1).to(device)
+
+
 def _grey(x: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) -> (B, 1, H, W) ITU-R 601 luma."""
-    w = torch.tensor(GREY_WEIGHTS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x * w).sum(dim=1, keepdim=True)
+    return (x * _constant(tuple(GREY_WEIGHTS), x.dtype, x.device)).sum(dim=1, keepdim=True)
 
 
 def color_jitter_batch(x: torch.Tensor, factors: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -50,7 +58,8 @@ def color_jitter_batch(x: torch.Tensor, factors: np.ndarray | torch.Tensor) -> t
     # Which steps to run is decided on the host copy: no device sync for a CUDA batch.
     host = factors.detach().cpu().numpy() if isinstance(factors, torch.Tensor) else np.asarray(factors)
     active = (host.reshape(-1, 3) != 1).any(axis=0)
-    f = torch.as_tensor(factors, dtype=x.dtype).reshape(-1, 3).to(x.device, non_blocking=True)
+    on_device = isinstance(factors, torch.Tensor) and factors.device == x.device
+    f = (factors.to(x.dtype) if on_device else to_device(host, x.device, dtype=x.dtype)).reshape(-1, 3)
     for start in range(0, len(x), _chunk(x)):  # in place on each chunk (views of x)
         end = start + _chunk(x)
         _jitter(x[start:end], f[start:end], active)
@@ -79,8 +88,8 @@ def _jitter(x: torch.Tensor, f: torch.Tensor, active: np.ndarray) -> None:
 def normalize_batch(x: torch.Tensor, dtype: torch.dtype = torch.float32,
                     channels_last: bool = False, *, norm: Normalization) -> torch.Tensor:
     """(B, 3, H, W) values in [0, 255] -> (x - norm.mean) / norm.std as `dtype`."""
-    mean = torch.tensor(norm.mean, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
-    inv_std = 1.0 / torch.tensor(norm.std, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
+    mean = _constant(tuple(norm.mean), torch.float32, x.device)
+    inv_std = 1.0 / _constant(tuple(norm.std), torch.float32, x.device)
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     for start in range(0, len(x), _chunk(x)):
         end = start + _chunk(x)

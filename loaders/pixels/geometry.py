@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from cornpipe.loaders.base import to_device
 from cornpipe.loaders.pixels.params import AugParams
 
 CROP_KERNELS: tuple[str, ...] = ("auto", "interpolate", "roi_align")
@@ -46,7 +47,7 @@ def crop_resize_batch(images: torch.Tensor, boxes: np.ndarray | torch.Tensor, si
     boxes_t = torch.as_tensor(boxes, dtype=torch.float32).reshape(b, 4)
     top, left, h, w = boxes_t.unbind(1)
     rois = torch.stack([torch.arange(b, dtype=torch.float32), left, top, left + w, top + h], dim=1)
-    rois = rois.to(images.device)
+    rois = to_device(rois, images.device)  # one non-blocking copy of the batch's boxes
     per_image = 4 * images[0].numel() if b else 1
     chunk = max(1, _CHUNK_BYTES // per_image)
     outs = []
@@ -119,7 +120,7 @@ def crop_into(images: torch.Tensor, row: int, box: list[int], out: torch.Tensor)
 
 def _select(mask: np.ndarray, device: torch.device) -> torch.Tensor | None:
     rows = np.flatnonzero(mask)
-    return torch.as_tensor(rows, device=device) if rows.size else None
+    return to_device(rows, device) if rows.size else None
 
 
 def flip_rot_batch(x: torch.Tensor, params: AugParams) -> torch.Tensor:
