@@ -52,10 +52,15 @@ def class_maps(model: nn.Module, images: torch.Tensor, classes: Sequence[int]) -
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     except ImportError as exc:
         raise CornpipeError(EXTRA_MISSING) from exc
-    _, layer = target_layer(model, int(images.shape[-1]))
+    name, layer = target_layer(model, int(images.shape[-1]))
     wrapper = PositionLogits(model).eval()
-    with torch.enable_grad(), GradCAM(model=wrapper, target_layers=[layer]) as cam:
-        maps = cam(input_tensor=images.float(), targets=[ClassifierOutputTarget(int(c)) for c in classes])
+    try:
+        with torch.enable_grad(), GradCAM(model=wrapper, target_layers=[layer]) as cam:
+            maps = cam(input_tensor=images.float(), targets=[ClassifierOutputTarget(int(c)) for c in classes])
+    except (ValueError, RuntimeError) as exc:  # a token trunk (ViT): its stage is no (B, C, H, W) map
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CornpipeError(f"no class-activation map from {name} ({why}): Grad-CAM needs a trunk whose last "
+                            "stage is a convolutional feature map") from exc
     # grad-cam scales each map to [0, 1]; a flat map (all-zero gradients) stays 0, never NaN
     return np.clip(np.nan_to_num(np.asarray(maps, dtype=np.float32)), 0.0, 1.0)
 

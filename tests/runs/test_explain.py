@@ -11,6 +11,7 @@ import torch
 from conftest import cli_run, error_line, jpeg_bytes
 from PIL import Image
 
+from cornpipe.errors import CornpipeError
 from cornpipe.models import create_model
 from cornpipe.runs.cam import EXTRA_MISSING, class_maps, target_layer
 from cornpipe.runs.config import TrainConfig
@@ -89,6 +90,13 @@ def test_target_layer_is_the_last_stage_the_image_size_resolves() -> None:
     model = create_model("resnet_plus_tiny", num_positions=3, grade_scale=[0, 3, 5, 7, 9])
     assert target_layer(model, 224)[0] == "trunk.layer4"  # 7x7 cells
     assert target_layer(model, 32)[0] == "trunk.layer2"  # layer4 would be 1x1, layer3 2x2: nowhere to point
+
+
+def test_a_trunk_grad_cam_cannot_map_is_one_cornpipe_error() -> None:
+    """A ViT's blocks give tokens, not a (B, C, H, W) map: said in one line, never a traceback."""
+    model = create_model("timm:vit_tiny_patch16_224", num_positions=3, grade_scale=[0, 3, 5, 7, 9]).eval()
+    with pytest.raises(CornpipeError, match="Grad-CAM needs a trunk whose last stage is a convolutional"):
+        class_maps(model, torch.zeros(1, 3, 224, 224), [0])
 
 
 def test_unreadable_image_is_listed_and_alone_is_one_error_line(run: Path, synth_raw: Path, tiny_shards: Path,
