@@ -56,7 +56,8 @@ def class_maps(model: nn.Module, images: torch.Tensor, classes: Sequence[int]) -
     wrapper = PositionLogits(model).eval()
     try:
         with torch.enable_grad(), GradCAM(model=wrapper, target_layers=[layer]) as cam:
-            maps = cam(input_tensor=images.float(), targets=[ClassifierOutputTarget(int(c)) for c in classes])
+            # the graph grad-cam needs runs from the input; weights that do not ask for gradients skip theirs
+            maps = cam(input_tensor=images.float().requires_grad_(True), targets=[ClassifierOutputTarget(int(c)) for c in classes])
     except (ValueError, RuntimeError) as exc:  # a token trunk (ViT): its stage is no (B, C, H, W) map
         why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CornpipeError(f"no class-activation map from {name} ({why}): Grad-CAM needs a trunk whose last "

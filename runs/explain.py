@@ -55,7 +55,7 @@ def _load(model: Path, device: str) -> tuple[Any, dict[str, Any]]:
     state = load_checkpoint(checkpoint, purpose="predict")
     run = run_from_checkpoint(state, str(checkpoint), device=device, amp="off", compile=False,
                               channels_last=False)
-    run.model.eval()
+    run.model.eval().requires_grad_(False)  # class_maps needs activation gradients only, never the weights'
     return run, state
 
 
