@@ -132,3 +132,14 @@ def test_report_of_a_run_has_the_panel(run: Path) -> None:
     report = (run / "report.md").read_text()
     assert "## What the model looks at" in report
     assert f"]({CAM_PANEL_FILE})" in report
+
+
+def test_training_without_grad_cam_ends_and_the_report_says_how_to_get_the_panel(
+        tiny_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pytorch_grad_cam", None)
+    out = tmp_path / "run"
+    train(TrainConfig(shards=str(tiny_shards), out=str(out), model="resnet_plus_tiny", image_size=32,
+                      batch_size=16, epochs=1, workers=0, device="cpu", bootstrap=0, loader="torch",
+                      max_batches=1))
+    assert (out / "best.pt").is_file() and not (out / CAM_PANEL_FILE).exists()
+    assert "pip install 'cornpipe[explain]'" in (out / "report.md").read_text()
