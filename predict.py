@@ -19,7 +19,6 @@ file never stops the others.
 from __future__ import annotations
 
 import csv
-import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,22 +29,14 @@ import torch
 from PIL import Image
 
 from cornpipe.errors import CornpipeError
-from cornpipe.loaders.base import AugmentConfig, Normalization
-from cornpipe.loaders.pixels.augment import val_preprocess
 from cornpipe.models.metrics import snap_to_scale
 from cornpipe.runs import evaluation
 from cornpipe.runs.build import Run, model_checkpoint, run_from_checkpoint
 from cornpipe.runs.checkpoint import load_checkpoint
+from cornpipe.runs.inference_input import load_for_inference, pixels_for_inference  # noqa: F401  (predict's names)
 from cornpipe.shards.atomic import check_can_create, check_not_an_input, check_own_file, write_atomically
-from cornpipe.shards.files import NotRegularFile, printable, read_regular_bytes
-from cornpipe.shards.imageio import (
-    IMAGE_EXTENSIONS,
-    ImageRejected,
-    encode_jpeg,
-    prepare_image,
-    resize_longest,
-    upright_rgb,
-)
+from cornpipe.shards.files import NotRegularFile, printable
+from cornpipe.shards.imageio import IMAGE_EXTENSIONS, ImageRejected
 
 ImageInput = str | Path | Image.Image | np.ndarray  # a file, a PIL image, or HxWx3 uint8 RGB pixels
 
@@ -67,31 +58,6 @@ def image_files(inputs: Sequence[Path]) -> list[Path]:
         else:
             files.append(item)
     return files
-
-
-def load_for_inference(path: Path, convert_params: dict, image_size: int, norm: Normalization) -> torch.Tensor:
-    """One image file -> (3, S, S) float32, normalised as in training; ImageRejected/OSError when unreadable."""
-    prepared = prepare_image(read_regular_bytes(path), max_resolution=int(convert_params["max_resolution"]))
-    return _as_stored(prepared.pixels, convert_params, image_size, norm)
-
-
-def pixels_for_inference(image: Image.Image | np.ndarray, convert_params: dict, image_size: int,
-                         norm: Normalization) -> torch.Tensor:
-    """An in-memory PIL image or HxWx3 uint8 array -> what load_for_inference gives for its file."""
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise CornpipeError(f"an image array must be HxWx3 uint8 RGB (got shape {image.shape}, {image.dtype})")
-        image = Image.fromarray(image, "RGB")
-    else:
-        image = upright_rgb(image)
-    resized = resize_longest(image, int(convert_params["max_resolution"]))
-    return _as_stored(np.ascontiguousarray(np.asarray(resized, dtype=np.uint8)), convert_params, image_size, norm)
-
-
-def _as_stored(pixels: np.ndarray, convert_params: dict, image_size: int, norm: Normalization) -> torch.Tensor:
-    jpeg = encode_jpeg(pixels, int(convert_params["jpeg_quality"]))  # what the shards hold
-    with Image.open(io.BytesIO(jpeg)) as image:
-        return val_preprocess(image.convert("RGB"), image_size, AugmentConfig().val_crop_fraction, norm)
 
 
 def _batches(files: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:

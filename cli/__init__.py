@@ -10,6 +10,7 @@ its traceback.
     cli/evaluate.py evaluate                               (over cornpipe.runs.model_eval)
     cli/export.py   export                                 (over cornpipe.runs.export)
     cli/audit.py    audit                                  (over cornpipe.runs.audit)
+    cli/explain.py  explain                                (over cornpipe.runs.explain)
     cli/bench.py    bench loaders, bench train             (over cornpipe.bench; nothing else imports it)
     cli/handler.py  the command classes: CornpipeError -> `Error: <cause>`
 """
@@ -50,11 +51,13 @@ def _register() -> None:
     from cornpipe.cli.bench import bench
     from cornpipe.cli.data import convert, inspect_command, synth, verify
     from cornpipe.cli.evaluate import evaluate_command
+    from cornpipe.cli.explain import explain_command
     from cornpipe.cli.export import export_command
     from cornpipe.cli.runs import cv_command, models_command, predict_command, report_command, train_command
 
     for command in (synth, convert, inspect_command, verify, train_command, cv_command, report_command,
-                    predict_command, evaluate_command, export_command, audit_command, models_command, bench):
+                    predict_command, evaluate_command, explain_command, export_command, audit_command,
+                    models_command, bench):
         cli.add_command(command)
 
 

@@ -34,6 +34,7 @@ from cornpipe.runs.breakdown import (
     predictions_section,
     read_predictions,
 )
+from cornpipe.runs.explain import CAM_PANEL_FILE  # drawn when training ends; the report only links it
 from cornpipe.runs.html_report import write_html
 from cornpipe.runs.plots import plot_confusion, plot_curves
 from cornpipe.shards.atomic import check_can_create
@@ -301,6 +302,20 @@ def _predictions_lines(run_dir: Path, config: dict[str, Any], best: dict[str, An
                                what)
 
 
+def _cam_lines(run_dir: Path) -> list[str]:
+    """"What the model looks at": the activation-map panel drawn when training ended (runs.explain)."""
+    lines = ["## What the model looks at", ""]
+    if not (run_dir / CAM_PANEL_FILE).is_file():
+        return lines + [f"No {CAM_PANEL_FILE}: it is drawn when training ends, with the `explain` extra installed "
+                        "(pip install 'cornpipe[explain]'); `cornpipe explain RUN IMAGES... --out DIR` draws the maps "
+                        "of any image.", ""]
+    return lines + ["Validation errors and correct calls per true position, each with the Grad-CAM of the position "
+                    "the model chose (red: where the call rests most). Maps that sit on the background, a border or "
+                    "one source's look rather than on the leaf and its lesions are shortcut learning: such a model "
+                    "will not carry to another field or camera.", "", f"![activation-map panel]({CAM_PANEL_FILE})",
+                    ""]
+
+
 def write_report(run_dir: Path | str) -> Path:
     """Write report.md, curves.png and the confusion PNGs into `run_dir`; returns report.md's path.
     A run folder that takes no writes (read-only) is one ReportError line.
@@ -359,6 +374,7 @@ def _write_report(run_dir: Path) -> Path:
         lines += confusion_table(confusion, names, "position") + [""]
         lines += [f"![position confusion matrix, epoch {shown['epoch']}]({CONFUSION_FILE})", ""]
     lines += _predictions_lines(run_dir, config, best)
+    lines += _cam_lines(run_dir)
 
     lines += ["## Assessment", "", *(f"- {note}" for note in assess(records, best)), ""]
     tolerance = config_get(config, "tolerance", "grade_tolerance")

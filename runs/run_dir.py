@@ -14,7 +14,7 @@ from typing import Any
 from rich.console import Console
 from torch import nn
 
-from cornpipe.errors import ConfigError
+from cornpipe.errors import ConfigError, CornpipeError
 from cornpipe.runs.checkpoint import BEST, LAST, load_checkpoint
 from cornpipe.runs.config import RESUME_OVERRIDABLE, TrainConfig, merge_for_resume
 from cornpipe.runs.early_stopping import EarlyStopping
@@ -164,6 +164,7 @@ def restore_best_and_report(run: Path, cfg: TrainConfig, model: nn.Module, ema: 
     if ema is not None:
         ema.load_state_dict(best["ema"])
     if report:
+        _cam_panel(run, console)
         write_report(run)
     val = best["val"]
     ci = val.get("ci", {})
@@ -179,6 +180,16 @@ def restore_best_and_report(run: Path, cfg: TrainConfig, model: nn.Module, ema: 
     console.print(f"report: {run / REPORT_FILE} (one page with its plots: {REPORT_HTML_FILE})")
     return TrainResult(run=run, model=ema.module if ema else model, best_epoch=stopper.best_epoch,
                        best_val=val, epochs_run=epochs_run, stopped_early=stopper.should_stop)
+
+
+def _cam_panel(run: Path, console: Console) -> None:
+    """RUN/cam_panel.png for the report; a run never fails for want of it (the console says why)."""
+    from cornpipe.runs.explain import write_cam_panel
+
+    try:
+        write_cam_panel(run)
+    except (CornpipeError, OSError) as exc:
+        console.print(f"no activation-map panel: {exc}", style="yellow")
 
 
 def shard_identity(root: Path | str, counts: dict[str, int]) -> dict[str, Any]:

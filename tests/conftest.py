@@ -183,3 +183,15 @@ def as_format_version_1(src: Path, out: Path) -> Path:
     (out / F.MANIFEST).write_text(json.dumps(manifest, indent=1))
     write_manifest_hash(out)
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def real_cam_panel():
+    """Training ends by drawing an activation-map panel (grad-cam: seconds a run on a CPU, dozens of runs in
+    the suite); only tests/runs/test_explain.py is about it, and it asks for the real one (this value)."""
+    from cornpipe.runs import run_dir
+
+    real = run_dir._cam_panel
+    run_dir._cam_panel = lambda run, console: None
+    yield real
+    run_dir._cam_panel = real

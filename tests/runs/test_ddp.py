@@ -82,7 +82,7 @@ def ddp_run(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 @pytest.mark.slow
 def test_two_ranks_write_one_run_that_a_single_process_reproduces(ddp_run: Path) -> None:
     assert sorted(p.name for p in ddp_run.iterdir() if not p.name.startswith(".")) == sorted(
-        ["best.pt", "config.json", "confusion_matrix.png", "curves.png", "grade_confusion.png", "last.pt",
+        ["best.pt", "cam_panel.png", "config.json", "confusion_matrix.png", "curves.png", "grade_confusion.png", "last.pt",
          "metrics.jsonl", "report.md", "val_predictions.csv"])
     lines = records(ddp_run)
     assert [r["epoch"] for r in lines] == [1, 2, 3]  # rank 0 alone writes: no line twice
