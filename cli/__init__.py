@@ -9,6 +9,7 @@ its traceback.
     cli/runs.py     train, report, predict, models         (over cornpipe.train, .runs, .predict, .models)
     cli/evaluate.py evaluate                               (over cornpipe.runs.model_eval)
     cli/export.py   export                                 (over cornpipe.runs.export)
+    cli/sweep.py    sweep                                  (over cornpipe.runs.sweep)
     cli/bench.py    bench loaders, bench train             (over cornpipe.bench; nothing else imports it)
     cli/handler.py  the command classes: CornpipeError -> `Error: <cause>`
 """
@@ -50,8 +51,9 @@ def _register() -> None:
     from cornpipe.cli.evaluate import evaluate_command
     from cornpipe.cli.export import export_command
     from cornpipe.cli.runs import cv_command, models_command, predict_command, report_command, train_command
+    from cornpipe.cli.sweep import sweep_command
 
-    for command in (synth, convert, inspect_command, verify, train_command, cv_command, report_command,
+    for command in (synth, convert, inspect_command, verify, train_command, cv_command, sweep_command, report_command,
                     predict_command, evaluate_command, export_command, models_command, bench):
         cli.add_command(command)
 
