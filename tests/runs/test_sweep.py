@@ -114,3 +114,32 @@ def test_a_rerun_with_other_fixed_settings_is_refused(tiny_shards: Path, tmp_pat
     assert sweep(tiny_shards, out, space, 1).exit_code == 0
     result = cli_run("sweep", tiny_shards, "--out", out, "--trials", 1, "--space", space, *QUICK[:-2], "--folds", 3)
     assert result.exit_code == 1 and "holds a sweep started with other settings (folds 2 -> 3)" in error_line(result)
+
+
+def test_median_pruning_stops_a_trial_below_earlier_ones_after_its_first_fold(
+        tiny_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from cornpipe.runs import cv, sweep
+    from cornpipe.runs.config import TrainConfig
+    from cornpipe.runs.sweep_space import Param
+    from cornpipe.shards.shard_set import ShardSet
+
+    trained: list[tuple[str, int]] = []  # (trial folder, fold)
+    value = {"trial-003": 0.1}  # every other trial scores 0.9 on every fold
+
+    def fake_folds(cfg, out, samples, seeds, train_fn, log):  # run_folds without training
+        for fold in range(cfg.folds):
+            train_fn(dataclasses.replace(cfg, fold=fold, out=str(out / f"fold{fold}-seed0")), resume=False, force=False)
+        scores = [value.get(out.name, 0.9)] * cfg.folds
+        return {"metrics": {"position_macro_f1": {**cv.interval(scores), "per_fold": scores}}}
+
+    monkeypatch.setattr(cv, "run_folds", fake_folds)
+    monkeypatch.setattr(sweep, "_run_value", lambda run, metric: value.get(run.parent.name, 0.9))
+    base = TrainConfig(shards=str(tiny_shards), out=str(tmp_path / "sweep"), folds=3)
+    study = sweep.run_sweep(base, tmp_path / "sweep", ShardSet(tiny_shards).manifest["samples"], [0], 4,
+                            [Param("ema", choices=(False, True))],
+                            lambda cfg, **kw: trained.append((Path(cfg.out).parent.name, cfg.fold)), lambda line: None)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3 + ["PRUNED"]
+    assert [f for t, f in trained if t == "trial-003"] == [0]  # its folds 1 and 2 never trained
+    assert [r[1] for r in rows(tmp_path / "sweep")] == ["complete"] * 3 + ["pruned"]
