@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import cli_run, error_line
+from conftest import cli_run, error_line, installed
 
-pytest.importorskip("optuna")
+needs_optuna = pytest.mark.skipif(not installed("optuna"), reason="the sweep extra (optuna) is not installed")
 
 QUICK = ("--model", "resnet_plus_tiny", "--image-size", "32", "--batch-size", "16", "--max-batches", "2",
          "--workers", "0", "--epochs", "1", "--device", "cpu", "--bootstrap", "0", "--folds", "2")
@@ -26,6 +26,7 @@ def rows(out: Path) -> list[list[str]]:
     return [[c.strip() for c in ln.strip("|").split(" | ")] for ln in body]
 
 
+@needs_optuna
 @pytest.mark.slow  # five 2-fold cv trainings: about 2 min on a shared 2-core CPU
 def test_sweep_writes_a_best_config_train_takes_and_a_rerun_continues(tiny_shards: Path, tmp_path: Path) -> None:
     import optuna
@@ -79,6 +80,7 @@ def test_sweep_writes_a_best_config_train_takes_and_a_rerun_continues(tiny_shard
     assert sorted(p.name for p in out.glob("trial-*")) == ["trial-000", "trial-001", "trial-002"]
 
 
+@needs_optuna
 @pytest.mark.parametrize(("text", "message"), [
     ("learning_rate = [1e-3]\n", "unknown key 'learning_rate'"),
     ("lr = {low = 1e-2, high = 1e-3}\n", "low must be below high"),
@@ -96,6 +98,7 @@ def test_a_bad_space_is_one_error_line_before_any_trial(tiny_shards: Path, tmp_p
     assert not (tmp_path / "sweep").exists()
 
 
+@needs_optuna
 def test_a_failing_trial_is_a_row_with_its_reason(tiny_shards: Path, tmp_path: Path) -> None:
     space = tmp_path / "space.toml"
     space.write_text('model = ["no_such_model"]\n')  # TrainConfig takes any name; building the model fails
@@ -107,6 +110,7 @@ def test_a_failing_trial_is_a_row_with_its_reason(tiny_shards: Path, tmp_path: P
     assert not (out / "best.toml").exists()
 
 
+@needs_optuna
 def test_a_rerun_with_other_fixed_settings_is_refused(tiny_shards: Path, tmp_path: Path) -> None:
     space = tmp_path / "space.toml"
     space.write_text('model = ["no_such_model"]\n')
@@ -116,6 +120,7 @@ def test_a_rerun_with_other_fixed_settings_is_refused(tiny_shards: Path, tmp_pat
     assert result.exit_code == 1 and "holds a sweep started with other settings (folds 2 -> 3)" in error_line(result)
 
 
+@needs_optuna
 def test_median_pruning_stops_a_trial_below_earlier_ones_after_its_first_fold(
         tiny_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import dataclasses
@@ -143,3 +148,13 @@ def test_median_pruning_stops_a_trial_below_earlier_ones_after_its_first_fold(
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3 + ["PRUNED"]
     assert [f for t, f in trained if t == "trial-003"] == [0]  # its folds 1 and 2 never trained
     assert [r[1] for r in rows(tmp_path / "sweep")] == ["complete"] * 3 + ["pruned"]
+
+
+def test_without_optuna_the_sweep_is_one_error_line_naming_the_extra(tiny_shards: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "optuna", None)  # `import optuna` raises ImportError
+    result = cli_run("sweep", tiny_shards, "--out", tmp_path / "sweep", "--trials", 1)
+    assert result.exit_code == 1 and "pip install 'cornpipe[sweep]'" in error_line(result)
+    assert not (tmp_path / "sweep").exists()
