@@ -37,7 +37,8 @@ def sweep_command(ctx: click.Context, shards: str, out: str, trials: int, space_
                   folds: int, group: str | None, seeds: str, fold_seed: int) -> None:
     """Search training settings on SHARDS with Optuna: every trial is a `cornpipe cv` over the same folds.
 
-    Any further option is a fixed `cornpipe train` setting (e.g. --model, --epochs, --nproc). A trial
+    Any further option is a fixed `cornpipe train` setting (e.g. --model, --epochs, --nproc); --monitor
+    defaults to --metric (grade_within_tol: to train's default). A trial
     reports each fold's metric; median pruning stops a trial below the median of earlier ones. Rerun
     the same command after a kill to continue the study (finished trials are kept, a killed one is
     retried). DIR/sweep.md lists the trials best first (mean ± sd, 95 % interval across folds);
@@ -45,7 +46,7 @@ def sweep_command(ctx: click.Context, shards: str, out: str, trials: int, space_
     Needs the `sweep` extra (optuna).
     """
     from cornpipe.cli.runs import _given_fields, _parse_seeds, _torchrun_train, train_command
-    from cornpipe.runs.config import config_from_sources
+    from cornpipe.runs.config import MONITORS, config_from_sources, load_toml
 
     sub = train_command.make_context("cornpipe sweep", [shards, "--out", out, *ctx.args])
     for name in ("resume", "seeds", "folds", "fold", "fold_group", "fold_seed", "force", "print_config"):
@@ -57,6 +58,9 @@ def sweep_command(ctx: click.Context, shards: str, out: str, trials: int, space_
     given.update(shards=shards, out=out, folds=0 if group else folds, fold_group=group or "none",
                  fold_seed=fold_seed)
     config_file = sub.params.get("config_file")
+    from_file = {k.replace("-", "_") for k in load_toml(config_file)} if config_file else set()
+    if metric in MONITORS and "monitor" not in given and "monitor" not in from_file:
+        given["monitor"] = metric  # each fold's best epoch, early stopping and plateau follow the objective
     base = config_from_sources(given, config_file=config_file)
     seed_list = _parse_seeds(seeds)
     from cornpipe.runs.sweep import SWEEP_MD, _optuna, run_sweep
