@@ -11,6 +11,7 @@ its traceback.
     cli/export.py   export                                 (over cornpipe.runs.export)
     cli/audit.py    audit                                  (over cornpipe.runs.audit)
     cli/explain.py  explain                                (over cornpipe.runs.explain)
+    cli/sweep.py    sweep                                  (over cornpipe.runs.sweep)
     cli/bench.py    bench loaders, bench train             (over cornpipe.bench; nothing else imports it)
     cli/handler.py  the command classes: CornpipeError -> `Error: <cause>`
 """
@@ -54,10 +55,11 @@ def _register() -> None:
     from cornpipe.cli.explain import explain_command
     from cornpipe.cli.export import export_command
     from cornpipe.cli.runs import cv_command, models_command, predict_command, report_command, train_command
+    from cornpipe.cli.sweep import sweep_command
 
-    for command in (synth, convert, inspect_command, verify, train_command, cv_command, report_command,
-                    predict_command, evaluate_command, explain_command, export_command, audit_command,
-                    models_command, bench):
+    for command in (synth, convert, inspect_command, verify, train_command, cv_command, sweep_command,
+                    report_command, predict_command, evaluate_command, explain_command, export_command,
+                    audit_command, models_command, bench):
         cli.add_command(command)
 
 
