@@ -14,6 +14,7 @@ from conftest import cli_run, error_line, jpeg_bytes
 
 from cornpipe.errors import LoaderError
 from cornpipe.loaders import make_loader
+from cornpipe.loaders.base import IMAGENET
 from cornpipe.runs.config import TrainConfig
 from cornpipe.shards import fields as F
 from cornpipe.shards.shard_set import ShardSet
@@ -58,7 +59,7 @@ def test_a_tar_turned_into_a_folder_mid_training_is_one_line(tiny_shards: Path, 
     copy = tmp_path / "shards"
     shutil.copytree(tiny_shards, copy)
     loader = make_loader(ShardSet(copy), "train", "torch", batch_size=8, image_size=32, workers=2,
-                         device="cpu")
+                         device="cpu", normalization=IMAGENET)
     assert sum(len(b.position) for b in loader) > 0  # epoch 1 reads the tar
     tar = copy / "train-000000.tar"
     tar.unlink()
@@ -110,7 +111,7 @@ def test_predict_with_a_fifo_among_its_images(checkpoint: Path, tmp_path: Path) 
         rows = {Path(r["path"]).name: r for r in csv.DictReader(f)}
     assert rows["pipe.jpg"]["error"] == "not a regular file (named pipe)"
     assert rows["caf\\xe9.jpg"]["error"] == "not a regular file (named pipe)"
-    assert rows["na\\xefve.jpg"]["error"] == "" and rows["na\\xefve.jpg"]["position"]
+    assert rows["na\\xefve.jpg"]["error"] == "" and rows["na\\xefve.jpg"]["position_pred"]
     assert rows["a.jpg"]["error"] == ""
 
 
