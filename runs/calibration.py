@@ -12,8 +12,9 @@ When training ends the trainer fits T on best.pt's validation predictions and st
                                    "fitted": bool, "reason": why T = 1 when not fitted (else None)}
 
 predict, load_model, evaluate and export apply it (raw probabilities on request). A validation set with
-fewer than MIN_SAMPLES samples, or with fewer than two classes present, is too small to fit T: T stays 1 and
-the report says why. ECE: ECE_BINS equal-width bins of the top-label confidence, the |accuracy - confidence|
+fewer than MIN_SAMPLES samples, or with fewer than two classes present, is too small to fit T; one without a
+single error cannot fit it either (the NLL falls all the way to T -> 0), nor can one whose fit runs to a bound
+of T_BOUNDS: T stays 1 and the report says why. ECE: ECE_BINS equal-width bins of the top-label confidence, the |accuracy - confidence|
 gap of each bin weighted by its share of samples.
 """
 
@@ -111,7 +112,14 @@ def calibrate(prob: Any, labels: Any, min_samples: int = MIN_SAMPLES) -> dict[st
         reason = f"{n} validation samples, fewer than the {min_samples} a temperature needs"
     elif present < 2:
         reason = f"only {present} position class present in validation; a temperature needs two or more"
+    elif (prob.argmax(axis=1) == labels).all():
+        # with no error to weigh, the NLL keeps falling as T -> 0: no temperature is identifiable
+        reason = (f"every one of the {n} validation predictions is correct, so no temperature can be fitted "
+                  "(sharpening would always look better)")
     temperature = 1.0 if reason else fit_temperature(logits_from_probs(prob), labels)
+    if not reason and not (T_BOUNDS[0] * 1.01 < temperature < T_BOUNDS[1] / 1.01):
+        reason = f"the fit ran to the search bound (T = {temperature:.3g}): validation does not pin T down"
+        temperature = 1.0
     before = ece(prob, labels) if n else None
     after = ece(apply_temperature(prob, temperature), labels) if n else None
     return {"temperature": temperature, "ece_before": before, "ece_after": after, "n": n,
@@ -173,12 +181,10 @@ def section_lines(record: dict[str, Any] | None, prob: Any, labels: Any, folder:
         return lines + [f"Not fitted: {what} has no per-sample validation predictions.", ""]
     temperature = float(record["temperature"])
     if record.get("fitted"):
-        at_bound = " (at the search bound: treat it with caution)" if not (
-            T_BOUNDS[0] * 1.01 < temperature < T_BOUNDS[1] / 1.01) else ""
         sense = ("over-confident: probabilities are softened" if temperature > 1
                  else "under-confident: probabilities are sharpened")
         lines += [f"Temperature scaling fitted on {what} ({record['n']} samples): **T = {temperature:.3f}**"
-                  f"{at_bound} (the raw model was {sense}). predict, evaluate and export divide the position "
+                  f" (the raw model was {sense}). predict, evaluate and export divide the position "
                   "logits by T before the softmax; `--raw-probs` gives the uncalibrated probabilities. "
                   "The predicted class never changes; val_predictions.csv keeps the raw probabilities.", ""]
     else:

@@ -181,3 +181,13 @@ def test_cv_fits_on_out_of_fold_predictions(tmp_path: Path) -> None:
     assert record is not None and record["fitted"] and record["n"] == 300
     assert f"**T = {record['temperature']:.3f}**" in text and "out-of-fold" in text
     assert (tmp_path / "cv_calibration.png").stat().st_size > 0
+
+
+def test_validation_without_errors_keeps_t_1() -> None:
+    # the demo's 72 validation images all right: the NLL falls to T -> 0; sharpening to certainty is no fit
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 200)
+    prob = np.full((200, 3), 0.1)
+    prob[np.arange(200), labels] = 0.8
+    record = calibrate(prob, labels)
+    assert record["temperature"] == 1.0 and not record["fitted"] and "every one of the 200" in record["reason"]
