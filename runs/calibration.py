@@ -153,7 +153,7 @@ def plot_reliability(prob: Any, labels: Any, temperature: float, path: Path, tit
 
     edges = np.linspace(0, 1, ECE_BINS + 1)
     centres = (edges[:-1] + edges[1:]) / 2
-    fig, ax = plt.subplots(figsize=(5.2, 5.0))
+    fig, ax = plt.subplots(figsize=(5.2, 5.8))
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfectly calibrated")
     for shown, label, colour in ((prob, "raw", "tab:red"),
                                  (apply_temperature(prob, temperature), f"calibrated (T = {temperature:.3g})",
@@ -166,7 +166,7 @@ def plot_reliability(prob: Any, labels: Any, temperature: float, path: Path, tit
     share = count / max(count.sum(), 1)
     ax.bar(centres, share, width=1 / ECE_BINS, color="lightgrey", alpha=0.6, label="share of samples (raw)")
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-class probability)", ylabel="accuracy", title=title)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=8)  # below: off the points
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -186,10 +186,12 @@ def section_lines(record: dict[str, Any] | None, prob: Any, labels: Any, folder:
         lines += [f"Temperature scaling fitted on {what} ({record['n']} samples): **T = {temperature:.3f}**"
                   f" (the raw model was {sense}). predict, evaluate and export divide the position "
                   "logits by T before the softmax; `--raw-probs` gives the uncalibrated probabilities. "
-                  "The predicted class never changes; val_predictions.csv keeps the raw probabilities.", ""]
+                  "The predicted class never changes; val_predictions.csv keeps the raw probabilities. "
+                  "The calibrated ECE is measured on the images T was fitted on, so it is optimistic.", ""]
     else:
+        few = ", measured on too few images to trust" if (record.get("n") or 0) < MIN_SAMPLES else ""
         lines += [f"**Not fitted, T = 1**: {record.get('reason')}. The probabilities are the raw softmax; "
-                  "ECE below is the raw one, measured on too few images to trust.", ""]
+                  f"the ECE below is the raw one{few}.", ""]
     lines += ["| | ECE (15 bins, top label) |", "|---|---|",
               f"| raw | {_num(record.get('ece_before'))} |",
               f"| calibrated (T = {temperature:.3g}) | {_num(record.get('ece_after'))} |", ""]
