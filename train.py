@@ -52,6 +52,7 @@ from cornpipe.models import input_stats
 from cornpipe.models.finetune import set_trunk_frozen, trunk_norms_eval
 from cornpipe.models.init_weights import load_init_weights
 from cornpipe.runs.build import Fold, Run, amp_dtype, build_run, run_fold, runtime
+from cornpipe.runs.calibration import calibrate_run
 from cornpipe.runs.checkpoint import (
     BEST,
     CHECKPOINT_FORMAT,
@@ -241,6 +242,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, force: bool, con
     barrier(ctx)  # rank 0's last checkpoint is on disk before any rank reads best.pt
     if ctx.is_main:  # the best epoch's per-sample predictions (kept in best.pt), before the report reads them
         write_predictions(s.out, s.shards.manifest["samples"])
+        calibrate_run(s.out)  # T for predict/evaluate/export, fitted on best.pt's validation predictions
     return restore_best_and_report(s.out, cfg, s.model, s.ema, s.stopper, console, epochs_run=epochs_run,
                                    report=ctx.is_main)
 

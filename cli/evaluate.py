@@ -36,14 +36,16 @@ def _run_option(name: str, default: str | None) -> click.Parameter:
 @click.option("--split", type=click.Choice(["train", "val"]), default=None,
               help="Evaluate one convert-time split (a CV run's own shard set: its val fold) [default: every "
                    "sample].")
-def evaluate_command(model: str, shards: str, out: str, split: str | None, **flags: Any) -> None:
+@click.option("--raw-probs", "raw_probs", is_flag=True,
+              help="Uncalibrated softmax probabilities (default: divided by the run's fitted temperature).")
+def evaluate_command(model: str, shards: str, out: str, split: str | None, raw_probs: bool, **flags: Any) -> None:
     """Evaluate MODEL (a run folder, which uses RUN/best.pt, or a checkpoint) on SHARDS (a `cornpipe convert`
     output): the metrics, 95 % intervals, confusion matrix and per-sample predictions a run's validation
     writes, computed by the same code."""
     from cornpipe.runs.model_eval import EVAL_METRICS_FILE, evaluate_model
 
     overrides = {k: v for k, v in flags.items() if v is not None}
-    record = evaluate_model(Path(model), Path(shards), Path(out), split=split, **overrides)
+    record = evaluate_model(Path(model), Path(shards), Path(out), split=split, raw=raw_probs, **overrides)
     m = record["metrics"]
     click.echo(f"{m['n_samples']} images: position accuracy {m['position_accuracy']:.4f}, macro-F1 "
                f"{m['position_macro_f1']:.4f}, grade MAE {m['grade_mae']:.4f} -> {Path(out) / EVAL_METRICS_FILE}")

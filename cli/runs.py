@@ -370,15 +370,17 @@ def report_command(run: str) -> None:
               help="Average with the horizontally flipped image.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--raw-probs", "raw_probs", is_flag=True,
+              help="Uncalibrated softmax probabilities (default: divided by the run's fitted temperature).")
 def predict_command(model: str, inputs: tuple[str, ...], out: str, tta: bool, device: str,
-                    batch_size: int) -> None:
+                    batch_size: int, raw_probs: bool) -> None:
     """Predict position and grade for IMAGES (files or folders) with MODEL (a run folder, which uses
     RUN/best.pt, or a checkpoint); writes a CSV: path, position_pred, prob_<class>..., grade_pred,
     grade_pred_level, error. In Python: cornpipe.load_model(MODEL).predict(images)."""
     from cornpipe.predict import predict
 
     summary = predict(Path(model), [Path(p) for p in inputs], Path(out), tta=tta, device=device,
-                      batch_size=batch_size)
+                      batch_size=batch_size, raw=raw_probs)
     click.echo(f"predicted {summary.predicted} image(s), {summary.failed} unreadable -> {out}")
     if summary.predicted == 0:
         raise click.ClickException(f"no image could be read ({summary.failed} failed; see {out})")

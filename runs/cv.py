@@ -192,6 +192,7 @@ def write_summary(out: Path, runs: Sequence[tuple[int | None, int]]) -> dict[str
 
     Runs without a fold (`cornpipe train --seeds`) are summarised across seeds: each seed is a "fold"."""
     from cornpipe.runs.breakdown import cv_section
+    from cornpipe.runs.calibration import cv_calibration
     from cornpipe.runs.html_report import write_html
     from cornpipe.runs.plots import plot_confusion
 
@@ -211,6 +212,7 @@ def write_summary(out: Path, runs: Sequence[tuple[int | None, int]]) -> dict[str
                "rows": [{k: v for k, v in r.items() if k != "val"}
                         | {key: r["val"].get(key) for key, _ in SUMMARY_METRICS}
                         | {"position_recall": r["val"].get("position_recall")} for r in rows]}
+    summary["calibration"], calibration_md = cv_calibration(out, oof["file"], positions)
     (out / CV_JSON).write_text(json.dumps(summary, indent=2) + "\n")
     seeds = summary["seeds"]
     if len(seeds) > 1:  # the plot labels counts as integers: draw one seed's exact matrix, not the mean
@@ -219,7 +221,7 @@ def write_summary(out: Path, runs: Sequence[tuple[int | None, int]]) -> dict[str
     else:
         plot_confusion(summary["pooled_confusion"], positions, out / CV_CONFUSION,
                        "out-of-fold confusion, every sample once")
-    (out / CV_MD).write_text(format_summary(summary) + cv_section(out, oof["file"], config))
+    (out / CV_MD).write_text(format_summary(summary) + cv_section(out, oof["file"], config) + calibration_md)
     write_html(out / CV_MD, out / CV_HTML)  # cv.html beside it, images embedded
     return summary
 

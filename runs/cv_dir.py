@@ -30,7 +30,8 @@ from cornpipe.shards.atomic import check_can_create, check_not_an_input
 
 CV_MARKER = ".cornpipe-cv"
 CV_FREE = frozenset({"out", "workers", "device", "amp", "compile", "channels_last", "verify", "dist_timeout"})
-SUMMARY_FILES = ("cv.json", "cv.md", "cv.html", "cv_confusion.png", "cv_grade_confusion.png", "oof_predictions.csv")
+SUMMARY_FILES = ("cv.json", "cv.md", "cv.html", "cv_confusion.png", "cv_grade_confusion.png", "cv_calibration.png",
+                 "oof_predictions.csv")
 RUN_NAME = re.compile(r"^(fold\d+-)?seed\d+$")  # cv.run_name's folders
 MIN_FOLD_SAMPLES = 10  # validation samples below which a fold's metrics mean little
 MIN_FOLD_PER_CLASS = 2  # validation samples of a position class (present in the data) below which, likewise

@@ -5,7 +5,8 @@
 MODEL is a run folder (its best.pt) or a checkpoint. The exported model is what predict runs: the EMA
 weights when the run kept them, in eval mode, float32 on the CPU, behind a wrapper whose outputs are
 
-    position_probs  (B, P) float32  softmax over the position classes, in the card's class order
+    position_probs  (B, P) float32  softmax of the position logits / T, in the card's class order (T: the
+                                    run's calibration temperature, baked into the graph; the card states it)
     grade           (B,)   float32  the grade in scale units (predict snaps it to the nearest level)
 
 from one input `image` (B, 3, S, S) float32, NCHW, RGB, normalised as model_card.json says.
@@ -34,6 +35,7 @@ from torch import nn
 from cornpipe.errors import ExportError
 from cornpipe.loaders.base import AugmentConfig
 from cornpipe.runs.build import Run, run_from_checkpoint
+from cornpipe.runs.calibration import temperature_of
 from cornpipe.runs.checkpoint import BEST, load_checkpoint
 from cornpipe.runs.environment import environment, installed_versions
 
@@ -56,15 +58,17 @@ class ExportSummary:
 
 
 class InferenceModel(nn.Module):
-    """A cornpipe model as deployment sees it: image batch -> (position_probs (B, P), grade (B,))."""
+    """A cornpipe model as deployment sees it: image batch -> (position_probs (B, P), grade (B,)), the
+    probabilities calibrated by `temperature` (runs.calibration; 1.0: the raw softmax)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, temperature: float = 1.0) -> None:
         super().__init__()
         self.model = model
+        self.temperature = float(temperature)  # a constant of the traced graph
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.model(image)
-        return out["position"].float().softmax(dim=1), out["grade"].float()
+        return (out["position"].float() / self.temperature).softmax(dim=1), out["grade"].float()
 
 
 def resolve_model(model: Path) -> Path:
@@ -103,7 +107,7 @@ def export_model(model: Path, out: Path, formats: str | Sequence[str] = FORMATS,
         raise ExportError(f"{out} already holds {', '.join(taken)}; pass --force to overwrite")
     state = load_checkpoint(checkpoint)
     run = run_from_checkpoint(state, str(checkpoint), device="cpu", amp="off", compile=False, channels_last=False)
-    wrapper = InferenceModel(run.model).eval()
+    wrapper = InferenceModel(run.model, temperature_of(state["data"])).eval()
     example = torch.zeros(2, 3, run.cfg.image_size, run.cfg.image_size)  # batch 2: no size-1 special cases traced
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
@@ -211,11 +215,13 @@ def model_card(state: dict[str, Any], run: Run, checkpoint: Path, files: dict[st
         "preprocessing": preprocessing(data, size, crop),
         "outputs": [
             {"name": OUTPUT_NAMES[0], "shape": ["batch", len(positions)], "dtype": "float32",
-             "meaning": "softmax probability of each position class, in classes.position order"},
+             "meaning": "softmax probability of each position class, in classes.position order, calibrated: "
+                        "softmax(logits / calibration.temperature)"},
             {"name": OUTPUT_NAMES[1], "shape": ["batch"], "dtype": "float32",
              "meaning": f"the grade in scale units ({cfg.grade_head} head); snap to the nearest grade_scale "
                         "level for a class, as cornpipe predict does"},
         ],
+        "calibration": calibration_card(data),
         "validation": {"epoch": state.get("epoch"), "metrics": state.get("val")},
         "files": {path.name: {"format": fmt, "sha256": sha256(path), "bytes": path.stat().st_size,
                               **(USAGE[fmt])} for fmt, path in files.items()},
@@ -227,6 +233,16 @@ def model_card(state: dict[str, Any], run: Run, checkpoint: Path, files: dict[st
         "environment": {**environment("cpu"), **installed_versions(EXPORT_LIBRARIES)},
         "training_environment": state.get("environment"),  # None: a checkpoint from before it was recorded
     }
+
+
+def calibration_card(data: dict[str, Any]) -> dict[str, Any]:
+    """The card's calibration block: the temperature baked into position_probs and how it was fitted."""
+    record = data.get("calibration") or {}
+    return {"temperature": temperature_of(data), "in_graph": True,
+            "method": "temperature scaling fitted on the run's validation predictions (minimum NLL)",
+            "fitted": bool(record.get("fitted")), "reason": record.get("reason"), "n": record.get("n"),
+            "ece_before": record.get("ece_before"), "ece_after": record.get("ece_after"),
+            "raw_probs": "softmax(log(position_probs) * temperature) gives the uncalibrated probabilities"}
 
 
 def preprocessing(data: dict[str, Any], size: int, crop: float) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from rich.progress import Progress
 from cornpipe.errors import ConfigError, OutputError
 from cornpipe.loaders import make_loader
 from cornpipe.runs.build import model_checkpoint, run_from_checkpoint
+from cornpipe.runs.calibration import apply_temperature, ece, temperature_of
 from cornpipe.runs.checkpoint import load_checkpoint
 from cornpipe.runs.epoch_metrics import summarize
 from cornpipe.runs.evaluation import evaluate, prediction_tensors, write_prediction_rows
@@ -55,12 +56,13 @@ def check_compatible(data: dict[str, Any], shard_set: ShardSet, source: str) -> 
                           f"the model {source} was trained on {','.join(f'{g:g}' for g in scale)}")
 
 
-def evaluate_model(model: Path, shards: Path, out: Path, *, split: str | None = None,
+def evaluate_model(model: Path, shards: Path, out: Path, *, split: str | None = None, raw: bool = False,
                    **overrides: Any) -> dict[str, Any]:
     """Evaluate MODEL (a run folder or a checkpoint) on every sample of `shards` (or one `split`) into the
     folder `out`; returns what metrics.json holds. `overrides`: TrainConfig fields (batch_size, loader,
     workers, bootstrap, tolerance; device and amp: this machine's "auto" unless given); the rest is the run's.
-    `split` "val" on the run's own shard set is a CV run's val fold, as its validation was."""
+    `split` "val" on the run's own shard set is a CV run's val fold, as its validation was. The probabilities
+    are divided by the run's calibration temperature (runs.calibration) unless `raw`."""
     checkpoint = model_checkpoint(model)
     _check_out(out, [model, checkpoint], shards)
     state = load_checkpoint(checkpoint)
@@ -85,10 +87,17 @@ def evaluate_model(model: Path, shards: Path, out: Path, *, split: str | None = 
                               task=progress.add_task("eval", total=len(loader), ips=0.0))
     finally:
         loader.close()
+    temperature = 1.0 if raw else temperature_of(state["data"])
+    raw_prob = result["position_prob"]
+    result["position_prob"] = apply_temperature(raw_prob, temperature)
     metrics = summarize(result, run.cfg, state["data"], bootstrap=run.cfg.bootstrap)
+    labels = result["position_true"]
+    calibration = {"temperature": temperature, "applied": temperature != 1.0, "raw_probs": raw,
+                   "ece_raw": ece(raw_prob, labels) if len(labels) else None,
+                   "ece": ece(result["position_prob"], labels) if len(labels) else None}
     record = {"model": str(checkpoint), "shards": str(shards), "split": split or "all",
               "fold": run.fold.name if run.fold else None, "bootstrap": run.cfg.bootstrap,
-              "tolerance": run.cfg.tolerance, "metrics": metrics}
+              "tolerance": run.cfg.tolerance, "metrics": metrics, "calibration": calibration}
     out.mkdir(parents=True, exist_ok=True)
     predictions = {k: v.numpy() for k, v in prediction_tensors(result).items()}
     write_prediction_rows(out / EVAL_PREDICTIONS_FILE, predictions, state["data"], samples)
@@ -101,6 +110,20 @@ def _write_json(path: Path, value: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(value, indent=2, default=float) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def calibration_lines(calibration: dict[str, Any] | None) -> list[str]:
+    """One paragraph: which probabilities predictions.csv holds and their ECE here, raw and calibrated."""
+    if not calibration:
+        return []
+    t = calibration["temperature"]
+    which = ("raw softmax (--raw-probs)" if calibration["raw_probs"] else
+             f"calibrated with the run's temperature T = {t:.3g}" if calibration["applied"] else
+             "raw softmax (the run has no fitted temperature: T = 1)")
+    ece_text = "" if calibration["ece_raw"] is None else (
+        f" ECE (15 bins) on these images: raw {calibration['ece_raw']:.4f}"
+        + (f", calibrated {calibration['ece']:.4f}." if calibration["applied"] else "."))
+    return ["", f"Probabilities: {which}.{ece_text}"]
 
 
 def write_eval_report(out: Path, record: dict[str, Any], positions: list[str]) -> Path:
@@ -116,6 +139,7 @@ def write_eval_report(out: Path, record: dict[str, Any], positions: list[str]) -
              "| metric | value | 95% CI |", "|---|---|---|"]
     lines += [f"| {label} | {format_value(key, metrics[key])} | {format_ci(ci.get(key))} |"
               for key, label, _ in TABLE_METRICS if metrics.get(key) is not None]
+    lines += calibration_lines(record.get("calibration"))
     never = metrics.get("never_predicted") or []
     if never:
         lines += ["", f"**WARNING: position class(es) {', '.join(never)} never predicted.**"]

@@ -26,6 +26,7 @@ from typing import Any
 from rich.table import Table
 
 from cornpipe.errors import OutputError, ReportError
+from cornpipe.runs import calibration
 from cornpipe.runs.assessment import assess, change_pct, half_width
 from cornpipe.runs.breakdown import (
     confusion_table,
@@ -374,6 +375,7 @@ def _write_report(run_dir: Path) -> Path:
         lines += confusion_table(confusion, names, "position") + [""]
         lines += [f"![position confusion matrix, epoch {shown['epoch']}]({CONFUSION_FILE})", ""]
     lines += _predictions_lines(run_dir, config, best)
+    lines += calibration.report_lines(run_dir)
     lines += _cam_lines(run_dir)
 
     lines += ["## Assessment", "", *(f"- {note}" for note in assess(records, best)), ""]

@@ -15,10 +15,12 @@ from rich.console import Console
 from torch import nn
 
 from cornpipe.errors import ConfigError, CornpipeError
+from cornpipe.runs.calibration import CALIBRATION_FILE
 from cornpipe.runs.checkpoint import BEST, LAST, load_checkpoint
 from cornpipe.runs.config import RESUME_OVERRIDABLE, TrainConfig, merge_for_resume
 from cornpipe.runs.early_stopping import EarlyStopping
 from cornpipe.runs.ema import ModelEma
+from cornpipe.runs.explain import CAM_PANEL_FILE
 from cornpipe.runs.lock import LOCK_NAME, FolderLock
 from cornpipe.runs.report import (
     CONFIG_FILE,
@@ -35,7 +37,7 @@ from cornpipe.runs.tracking import TENSORBOARD_DIR
 from cornpipe.shards.atomic import check_can_create, check_not_an_input
 
 RUN_FILES = (METRICS_FILE, CONFIG_FILE, BEST, LAST, REPORT_FILE, REPORT_HTML_FILE, CURVES_FILE, CONFUSION_FILE,
-             GRADE_CONFUSION_FILE, PREDICTIONS_FILE)
+             GRADE_CONFUSION_FILE, PREDICTIONS_FILE, CALIBRATION_FILE, CAM_PANEL_FILE)
 RUN_MARKER = ".cornpipe-run"  # written by cornpipe into every run folder it makes: what --force may clear
 OWN_ENTRIES = (RUN_MARKER, LOCK_NAME)  # entries that do not make a folder "used"
 RESUME_FREE = RESUME_OVERRIDABLE | {"channels_last"}  # may differ on resume (channels_last: resolved per machine)

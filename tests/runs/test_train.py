@@ -72,7 +72,7 @@ def test_checkpoints_load_with_weights_only(tiny_run: Path) -> None:
 def test_report_command_rebuilds_report_from_metrics(tiny_run: Path, tmp_path: Path) -> None:
     run = tmp_path / tiny_run.name  # the report's title is the run's name
     run.mkdir()
-    for name in ("metrics.jsonl", "config.json", "val_predictions.csv"):  # what the report reads
+    for name in ("metrics.jsonl", "config.json", "val_predictions.csv", "best.pt"):  # what the report reads
         (run / name).write_bytes((tiny_run / name).read_bytes())
     result = CliRunner().invoke(cli, ["report", str(run)])
     assert result.exit_code == 0, result.output
