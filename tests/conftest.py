@@ -195,3 +195,15 @@ def real_cam_panel():
     run_dir._cam_panel = lambda run, console: None
     yield real
     run_dir._cam_panel = real
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One epoch of the tiny model on `tiny_shards`, shared by the tests that use a trained model (predict,
+    evaluate, load_model, calibration, ...): read-only, copy it before changing anything."""
+    from cornpipe.runs.config import TrainConfig
+    from cornpipe.train import train
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    train(TrainConfig(shards=str(tiny_shards), out=str(out), **{**TINY, "epochs": 1}))
+    return out

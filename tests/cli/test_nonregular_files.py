@@ -15,10 +15,8 @@ from conftest import cli_run, error_line, jpeg_bytes
 from cornpipe.errors import LoaderError
 from cornpipe.loaders import make_loader
 from cornpipe.loaders.base import IMAGENET
-from cornpipe.runs.config import TrainConfig
 from cornpipe.shards import fields as F
 from cornpipe.shards.shard_set import ShardSet
-from cornpipe.train import train
 
 pytestmark = pytest.mark.timeout(120)  # a regression here is a hang: fail it instead
 run = cli_run
@@ -89,11 +87,8 @@ def test_a_val_tar_replaced_by_a_fifo_after_the_check_is_one_line(tiny_shards: P
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("fifo-predict") / "run"
-    train(TrainConfig(shards=str(tiny_shards), out=str(out), model="resnet_plus_tiny", image_size=32,
-                      batch_size=16, epochs=1, workers=0, device="cpu", bootstrap=0, loader="torch"))
-    return out / "best.pt"
+def checkpoint(trained_run: Path) -> Path:
+    return trained_run / "best.pt"
 
 
 def test_predict_with_a_fifo_among_its_images(checkpoint: Path, tmp_path: Path) -> None:

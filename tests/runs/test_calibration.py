@@ -25,10 +25,8 @@ from cornpipe.runs.calibration import (
     scaled_softmax,
 )
 from cornpipe.runs.checkpoint import load_checkpoint
-from cornpipe.runs.config import TrainConfig
 from cornpipe.runs.report import write_report
 from cornpipe.shards.shard_set import ShardSet
-from cornpipe.train import train
 
 
 def overconfident(n: int, classes: int, true_t: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -69,11 +67,8 @@ def test_too_small_or_single_class_validation_keeps_t_1() -> None:
 
 
 @pytest.fixture(scope="module")
-def run(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("calib") / "run"
-    train(TrainConfig(shards=str(tiny_shards), out=str(out), model="resnet_plus_tiny", image_size=32,
-                      batch_size=16, epochs=1, workers=0, device="cpu", bootstrap=0, loader="torch"))
-    return out
+def run(trained_run: Path) -> Path:
+    return trained_run
 
 
 @pytest.fixture(scope="module")

@@ -11,20 +11,15 @@ from pathlib import Path
 import pytest
 from conftest import cli_run
 
-from cornpipe.runs.config import TrainConfig
 from cornpipe.runs.report import load_metrics
-from cornpipe.train import train
 
 METRIC_KEYS = ("position_accuracy", "position_macro_f1", "grade_mae", "grade_within_tol", "grade_qwk",
                "position_recall")
 
 
 @pytest.fixture(scope="module")
-def run(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("evaluate") / "run"
-    train(TrainConfig(shards=str(tiny_shards), out=str(out), model="resnet_plus_tiny", image_size=32,
-                      batch_size=16, epochs=1, workers=0, device="cpu", bootstrap=50, loader="torch"))
-    return out
+def run(trained_run: Path) -> Path:
+    return trained_run
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

@@ -14,20 +14,14 @@ import pytest
 from conftest import cli_run
 from PIL import Image
 
-from cornpipe.runs.config import TrainConfig
-from cornpipe.train import train
-
 POSITIONS = ["lower", "middle", "upper"]
 COLUMNS = ["path", "position_pred", "prob_lower", "prob_middle", "prob_upper", "grade_pred", "grade_pred_level",
            "error"]
 
 
 @pytest.fixture(scope="module")
-def run(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("load_model") / "run"
-    train(TrainConfig(shards=str(tiny_shards), out=str(out), model="resnet_plus_tiny", image_size=32,
-                      batch_size=16, epochs=1, workers=0, device="cpu", bootstrap=0, loader="torch"))
-    return out
+def run(trained_run: Path) -> Path:
+    return trained_run
 
 
 @pytest.fixture(scope="module")

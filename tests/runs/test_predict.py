@@ -15,20 +15,15 @@ from cornpipe.loaders import make_loader
 from cornpipe.loaders.base import IMAGENET
 from cornpipe.models import create_model
 from cornpipe.runs.checkpoint import load_checkpoint
-from cornpipe.runs.config import TrainConfig
 from cornpipe.shards.shard_set import ShardSet
-from cornpipe.train import train
 
 POSITIONS = ["lower", "middle", "upper"]
 SCALE = [0.0, 3.0, 5.0, 7.0, 9.0]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("predict") / "run"
-    train(TrainConfig(shards=str(tiny_shards), out=str(run), model="resnet_plus_tiny", image_size=32,
-                      batch_size=16, epochs=1, workers=0, device="cpu", bootstrap=0, loader="torch"))
-    return run / "best.pt"
+def checkpoint(trained_run: Path) -> Path:
+    return trained_run / "best.pt"
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
