@@ -88,7 +88,7 @@ def _opt(*decls: str, help: str, **kwargs: Any) -> Any:
 @_opt("--device", type=str, help="auto, cpu, cuda or cuda:N.")
 @_opt("--amp", type=click.Choice(AMP_MODES), help="Mixed precision (auto: fp16 on CUDA, off on CPU).")
 @_opt("--compile/--no-compile", help="torch.compile the model [default: on for CUDA].")
-@_opt("--channels-last/--no-channels-last", help="NHWC memory format [default: on for CUDA].")
+@_opt("--channels-last/--no-channels-last", help="NHWC memory format [default: on; faster on the CPU too].")
 @_opt("--optimizer", type=click.Choice(OPTIMIZERS), help="AdamW or SGD with Nesterov momentum.")
 @_opt("--lr", type=float, help="Peak learning rate [default: 1e-3 adamw, 0.05 sgd]. Used as given, also "
       "under DDP: when the global batch grows k-fold (more processes), scale it yourself -- k x lr for SGD "
