@@ -63,6 +63,7 @@ from cornpipe.runs.checkpoint import (
     save_checkpoint,
 )
 from cornpipe.runs.config import TrainConfig, write_config_json
+from cornpipe.runs.console import BatchProgress, OnBatches, log_console
 from cornpipe.runs.distributed import (
     DistContext,
     barrier,
@@ -142,11 +143,13 @@ def train_one_epoch(model: nn.Module, loader: Any, loss_fn: nn.Module, optimizer
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
-          console: Console | None = None, verbose: bool = False, allow_new_shards: bool = False) -> TrainResult:
+          console: Console | None = None, verbose: bool = False, allow_new_shards: bool = False,
+          results: Console | None = None, on_batches: OnBatches | None = None) -> TrainResult:
     """Run (or resume) a training run as configured; see the module docstring for what it writes.
 
-    The console gets one line per epoch (and a progress bar on a terminal), then the last epoch's full
-    table; `verbose` prints the full table every epoch instead. A resumed run refuses a shard set other
+    `console` (stderr) gets one line per epoch (and a progress bar on a terminal; `on_batches` the same
+    counts), `results` (stdout) the last epoch's full table and the best epoch (runs.console); `verbose`
+    prints the full table every epoch instead. A resumed run refuses a shard set other
     than its own (manifest sha256, counts) unless `allow_new_shards`.
 
     Under torchrun every process calls this: it joins the process group (NCCL on CUDA, gloo on the CPU),
@@ -160,9 +163,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
         deterministic = set_deterministic(cfg)  # before the first cuBLAS call
         if ctx.enabled:
             cfg = dataclasses.replace(cfg, device=init_distributed(ctx, cfg.device, cfg.dist_timeout))
-        if not ctx.is_main:
-            console = Console(stderr=True, quiet=True, markup=False)  # rank 0 speaks for the group
-        console = console or Console(stderr=True, markup=False)
+        if not ctx.is_main:  # rank 0 speaks for the group
+            console = results = log_console(stderr=True, quiet=True)
+        console = console or log_console(stderr=True)
+        results = results or log_console(stderr=False)
         if deterministic:
             console.print(deterministic, soft_wrap=True)  # one line, even in a narrow log
         # one writer per run folder (rank 0 writes it): a second `train --resume RUN` is refused
@@ -170,7 +174,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
                             inputs=(cfg.shards, cfg.init_weights)) if ctx.is_main else nullcontext()
         with held:
             result = _train(cfg, ctx, resume=resume, force=force, console=console, verbose=verbose,
-                            allow_new_shards=allow_new_shards)
+                            allow_new_shards=allow_new_shards, results=results, on_batches=on_batches)
     except Exception as exc:
         name_failure(ctx, exc)
         raise
@@ -228,10 +232,10 @@ class Session:
 
 
 def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, force: bool, console: Console, verbose: bool,
-           allow_new_shards: bool) -> TrainResult:
+           allow_new_shards: bool, results: Console, on_batches: OnBatches | None) -> TrainResult:
     s = setup(cfg, ctx, resume=resume, force=force, console=console, allow_new_shards=allow_new_shards)
     try:
-        epochs_run = fit(s, console, verbose)
+        epochs_run = fit(s, console, verbose, results, on_batches)
     except NonFiniteLoss:
         if ctx.is_main and (s.out / METRICS_FILE).is_file() and (s.out / METRICS_FILE).stat().st_size:
             write_report(s.out)
@@ -243,7 +247,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, force: bool, con
     if ctx.is_main:  # the best epoch's per-sample predictions (kept in best.pt), before the report reads them
         write_predictions(s.out, s.shards.manifest["samples"])
         calibrate_run(s.out)  # T for predict/evaluate/export, fitted on best.pt's validation predictions
-    return restore_best_and_report(s.out, cfg, s.model, s.ema, s.stopper, console, epochs_run=epochs_run,
+    return restore_best_and_report(s.out, cfg, s.model, s.ema, s.stopper, results, epochs_run=epochs_run,
                                    report=ctx.is_main)
 
 
@@ -365,10 +369,12 @@ def step_and_eval_models(s: Session) -> tuple[nn.Module, nn.Module]:
     return step_model, eval_model
 
 
-def fit(s: Session, console: Console, verbose: bool) -> int:
+def fit(s: Session, console: Console, verbose: bool, results: Console, on_batches: OnBatches | None = None) -> int:
     """The epochs, from last.pt's (or 0) to cfg.epochs or early stopping; returns the epochs run."""
     cfg, ctx, out = s.cfg, s.ctx, s.out
     start_epoch = s.restore()
+    if start_epoch:
+        console.print(f"resuming at epoch {start_epoch + 1} of {cfg.epochs} (after {out / LAST})")
     if ctx.is_main:
         write_config_json(cfg, out / CONFIG_FILE, {"data": {**s.data, "world_size": ctx.world_size},
                                                     "environment": environment(s.run.device)})
@@ -381,16 +387,17 @@ def fit(s: Session, console: Console, verbose: bool) -> int:
              f"{ctx.world_size * cfg.batch_size}" if ctx.enabled else "")
     console.print(f"training {cfg.model} on {cfg.shards} ({s.data['counts']['train']} train / "
                   f"{s.data['counts']['val']} val) -> {out}  [device {cfg.device}, amp {cfg.amp}, "
-                  f"compile {cfg.compile}, loader {cfg.loader}, oversample {cfg.oversample}{ranks}]")
+                  f"compile {cfg.compile}, channels_last {cfg.channels_last}, threads {torch.get_num_threads()}, "
+                  f"loader {cfg.loader}, oversample {cfg.oversample}{ranks}]")
     previous = ([None] + read_metrics(out / METRICS_FILE))[-1] if ctx.is_main else None
     previous_record = None  # the epoch before `previous`, for the closing table
     epoch = start_epoch
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[ips]:>7.1f} img/s"), TimeRemainingColumn())
-    with (Progress(*columns, console=console, disable=not console.is_terminal) as progress,
+    with (BatchProgress(*columns, console=console, disable=not console.is_terminal, on_batches=on_batches) as progress,
           epoch_logger(cfg, out, s.data["positions"], start_epoch=start_epoch, enabled=ctx.is_main) as log_epoch):
         epochs_task = progress.add_task("epochs", total=cfg.epochs, completed=start_epoch, ips=0.0)
-        batch_task = progress.add_task("train", total=train_steps, ips=0.0)
+        progress.reported = batch_task = progress.add_task("train", total=train_steps, ips=0.0)
         for epoch in range(start_epoch, cfg.epochs):
             if s.stopper.should_stop:
                 break
@@ -398,11 +405,11 @@ def fit(s: Session, console: Console, verbose: bool) -> int:
             set_trunk_frozen(s.model, epoch < cfg.freeze_epochs)  # heads only for the first freeze_epochs
             s.train_loader.set_epoch(epoch)
             epoch_start = time.perf_counter()
-            progress.reset(batch_task, total=train_steps, description=f"train {epoch + 1}", ips=0.0)
+            progress.reset(batch_task, total=train_steps, description=f"train {epoch + 1}/{cfg.epochs}", ips=0.0)
             train_out = train_one_epoch(step_model, s.train_loader, s.run.loss_fn, s.optimizer, s.scaler, s.ema,
                                         cfg, epoch=epoch, steps=train_steps, progress=progress, task=batch_task,
                                         last_good=str(out / LAST) if epoch > 0 else "none")
-            progress.reset(batch_task, total=val_steps, description=f"val {epoch + 1}", ips=0.0)
+            progress.reset(batch_task, total=val_steps, description=f"val {epoch + 1}/{cfg.epochs}", ips=0.0)
             broadcast_buffers(ctx, unwrap(eval_model))  # every rank validates rank 0's model
             val_out = evaluate(eval_model, s.val_loader, s.run.loss_fn, cfg, steps=val_steps,
                                progress=progress, task=batch_task)
@@ -422,7 +429,7 @@ def fit(s: Session, console: Console, verbose: bool) -> int:
         else:
             epoch = cfg.epochs
     if not verbose and previous is not None and epoch > start_epoch:
-        console.print(format_epoch_table(previous, previous_record))  # the last epoch, against the one before
+        results.print(format_epoch_table(previous, previous_record))  # the last epoch, against the one before
     return epoch
 
 

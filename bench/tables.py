@@ -111,7 +111,9 @@ def loader_table(summary: dict[str, Any]) -> Table:
 def train_table(summary: dict[str, Any]) -> Table:
     cfg = summary["config"]
     table = Table(title=f"Training-step throughput: {cfg['model']}, {cfg['image_size']} px, "
-                        f"batch {cfg['batch_size']}, {cfg['device']}")
+                        f"batch {cfg['batch_size']}, {cfg['device']}"
+                        + (f", {summary['results'][0]['threads']} threads" if summary["results"]
+                           and "threads" in summary["results"][0] else ""))
     _columns(table, "variant data amp", "images/s median [min–max]|× eager-fp32|first steps s|compile s|"
                                           "data wait|× synthetic|peak MB|GPU MB")
     for entry in summary["results"]:

@@ -60,6 +60,7 @@ class TrainBenchConfig:
     shards: str | None = None  # a shard set: adds rows fed by a real loader
     loader: str = "resident"  # backend for those rows
     workers: int | None = None  # loader workers; None = the backend's default
+    threads: int | None = None  # torch's CPU threads; None = the trainer's rule (runs.build.auto_threads)
     data: str = SYNTHETIC  # synthetic | loader (set per run by the parent)
     lr: float = 1e-3
     seed: int = 0
@@ -126,7 +127,7 @@ def variant_run(variant: str, cfg: TrainBenchConfig, positions: int, scale: list
     train_cfg = TrainConfig(model=cfg.model, image_size=cfg.image_size, batch_size=cfg.batch_size, device=cfg.device,
                             amp=("fp16" if cuda else "bf16") if amp else "off", compile=compile_,
                             channels_last=channels_last, loader=cfg.loader, workers=cfg.workers, seed=cfg.seed,
-                            lr=cfg.lr, oversample="none")
+                            lr=cfg.lr, oversample="none", threads=cfg.threads)
     return build_run(train_cfg, [str(i) for i in range(positions)], scale)
 
 
@@ -235,6 +236,7 @@ def measure_variant(variant: str, cfg: TrainBenchConfig) -> dict[str, Any]:
         "variant": variant, "data": cfg.data if loader is None else f"{cfg.loader} loader",
         "device": cfg.device, "model": cfg.model, "image_size": cfg.image_size,
         "batch_size": cfg.batch_size, "channels_last": channels_last, "compile": compile_,
+        "threads": torch.get_num_threads(),  # as the trainer sets them (runs.build.set_threads)
         "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else None,
         "repeats": windows, "data_wait_shares": waits,
         "first_steps_s": first_steps_s, "warmup_steps": cfg.warmup_steps,

@@ -155,6 +155,8 @@ def loaders_command(shards: tuple[Path, ...], raw_shards: tuple[Path, ...], sour
 @click.option("--shards", type=_DIR, default=None, help="A shard set: rows fed by a real loader.")
 @click.option("--loader", default="resident", show_default=True, help="Backend for the loader rows.")
 @click.option("--workers", type=click.IntRange(1), default=None, help="Loader workers.")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="torch's CPU threads [default: as `cornpipe train` chooses them].")
 @click.option("--warmup-steps", type=click.IntRange(1), default=5, show_default=True,
               help="Timed apart from steady state (compilation happens here).")
 @click.option("--seconds", type=click.FloatRange(0, min_open=True), default=5.0, show_default=True,
@@ -167,7 +169,8 @@ def loaders_command(shards: tuple[Path, ...], raw_shards: tuple[Path, ...], sour
 @click.option("--json", "json_path", type=_OUT_FILE, default=None, help="Write the results here.")
 @click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
 def train_command(model: str | None, image_size: int, batch_size: int | None, device: str, variants: str,
-                  data: str | None, shards: Path | None, loader: str, workers: int | None, warmup_steps: int,
+                  data: str | None, shards: Path | None, loader: str, workers: int | None, threads: int | None,
+                  warmup_steps: int,
                   seconds: float, steps: int | None, repeats: int, seed: int, timeout_s: float,
                   json_path: Path | None, log_dir: Path | None) -> None:
     """Training-step images/s of each speed variant.
@@ -191,7 +194,7 @@ def train_command(model: str | None, image_size: int, batch_size: int | None, de
     cfg = TrainBenchConfig(model=model, image_size=image_size, batch_size=batch_size, device=device,
                            warmup_steps=warmup_steps, seconds=seconds, steps=steps, repeats=repeats,
                            shards=str(shards) if shards else None, loader=loader, workers=workers,
-                           seed=seed, timeout_s=timeout_s)
+                           threads=threads, seed=seed, timeout_s=timeout_s)
     summary = run_train_bench(cfg, names, datas=datas, log_dir=log_dir, echo=_echo,
                               partial=_writer(json_path, (shards,)))
     summary["machine"] = machine_facts()

@@ -17,7 +17,7 @@ from cornpipe.cli.runs import train_command
 
 # train's option -> evaluate's default (None: the value the run was trained with)
 SHARED_OPTIONS = {"batch_size": None, "loader": None, "workers": None, "device": "auto", "amp": "auto",
-                  "bootstrap": None, "tolerance": None}
+                  "bootstrap": None, "tolerance": None, "threads": None}
 
 
 def _run_option(name: str, default: str | None) -> click.Parameter:

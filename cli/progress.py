@@ -1,7 +1,9 @@
 """Progress for a log file: without a TTY there is no rich bar, so `convert` and `cv` print a plain line
-whenever 10 s or 10 % of the work have passed since the last one, whichever comes first, e.g.
+whenever 10 s or 10 % of the work have passed since the last one, whichever comes first, and `train`
+one every 30 s or 10 % of an epoch's batches, e.g.
 
     convert: 1,200/3,000 images (40 %), 85 img/s, ETA 21 s
+    train 3/30: 12/40 batches (30 %), 18.5 img/s, ETA 1 min
 
 The library reports counts (a callback); the words are chosen here, at the edge."""
 
@@ -14,6 +16,7 @@ from pathlib import Path
 
 EVERY_S = 10.0  # a line at least this often while counted work goes on ...
 EVERY_SHARE = 0.1  # ... or after this share of it, whichever comes first
+TRAIN_EVERY_S = 30.0  # train's batches: an epoch is minutes, a line every 10 s would drown the epoch lines
 
 
 def _rate(per_s: float) -> str:
@@ -50,8 +53,9 @@ class ProgressLines:
             self._t0 = self._last_t = self.clock()
             self._last_done = done
 
-    def update(self, done: int, detail: str = "") -> None:
-        """`done` units so far: a line when 10 s or 10 % have passed since the last, and at the end."""
+    def update(self, done: int, detail: str = "", rate: float | None = None) -> None:
+        """`done` units so far: a line when 10 s or 10 % have passed since the last, and at the end.
+        `rate`: the rate to show in rate_unit/s (default: units done per second)."""
         with self._lock:
             now = self.clock()
             finished = done >= self.total and self._last_done < self.total
@@ -59,15 +63,15 @@ class ProgressLines:
                     or done - self._last_done >= self.every_share * self.total):
                 return
             self._last_t, self._last_done = now, done
-            self.echo(self.line(done, now) + (f"; {detail}" if detail else ""))
+            self.echo(self.line(done, now, rate) + (f"; {detail}" if detail else ""))
 
-    def line(self, done: int, now: float) -> str:
+    def line(self, done: int, now: float, rate: float | None = None) -> str:
         share = 100.0 * done / self.total if self.total else 100.0
         text = f"{self.name}: {done:,}/{self.total:,} {self.unit} ({share:.0f} %)"
         elapsed, new = now - self._t0, done - self._first
         if elapsed > 0 and new > 0:
             per_s = new / elapsed
-            text += f", {_rate(per_s)} {self.rate_unit}/s"
+            text += f", {_rate(per_s if rate is None else rate)} {self.rate_unit}/s"
             if done < self.total:
                 text += f", ETA {_duration((self.total - done) / per_s)}"
         return text
@@ -87,6 +91,23 @@ def convert_reporter(lines: ProgressLines) -> Callable[[str, int, int | None], N
             lines.update(done)
 
     return on_progress
+
+
+def batch_reporter(echo: Callable[[str], None]) -> Callable[[str, int, int, float], None]:
+    """train's `on_batches(description, done, total, images_per_s)` as lines: a training pass every 30 s or
+    10 % of its batches; validation (a line an epoch follows it) every 30 s and at its end."""
+    current: list[ProgressLines] = []
+
+    def on_batches(description: str, done: int, total: int, images_per_s: float) -> None:
+        if done == 0:
+            share = EVERY_SHARE if description.startswith("train") else 1.0
+            current[:] = [ProgressLines(description, "batches", "img", echo, every_s=TRAIN_EVERY_S,
+                                        every_share=share)]
+            current[0].start(total)
+        elif current:
+            current[0].update(done, rate=images_per_s)
+
+    return on_batches
 
 
 class EpochWatch:

@@ -83,10 +83,12 @@ def _opt(*decls: str, help: str, **kwargs: Any) -> Any:
 @_opt("--loader", type=click.Choice(BACKENDS), help="Loader backend.")
 @_opt("--oversample", type=click.Choice(OVERSAMPLE_STRATEGIES), help="Oversampling of train rows.")
 @_opt("--workers", type=int, help="Loader worker processes [default: backend's].")
+@_opt("--threads", type=int, help="torch's CPU threads [default: the cores this process may use minus the loader's "
+      "workers, at least half of them].")
 @_opt("--device", type=str, help="auto, cpu, cuda or cuda:N.")
 @_opt("--amp", type=click.Choice(AMP_MODES), help="Mixed precision (auto: fp16 on CUDA, off on CPU).")
 @_opt("--compile/--no-compile", help="torch.compile the model [default: on for CUDA].")
-@_opt("--channels-last/--no-channels-last", help="NHWC memory format [default: on for CUDA].")
+@_opt("--channels-last/--no-channels-last", help="NHWC memory format [default: on; faster on the CPU too].")
 @_opt("--optimizer", type=click.Choice(OPTIMIZERS), help="AdamW or SGD with Nesterov momentum.")
 @_opt("--lr", type=float, help="Peak learning rate [default: 1e-3 adamw, 0.05 sgd]. Used as given, also "
       "under DDP: when the global batch grows k-fold (more processes), scale it yourself -- k x lr for SGD "
@@ -163,9 +165,12 @@ def train_command(ctx: click.Context, shards: str | None, out: str | None, confi
 
         launch(nproc, _forwarded_args(ctx, skip={"nproc"}))
         return
+    from cornpipe.cli.progress import batch_reporter
     from cornpipe.train import train  # torch and the loaders load only for the commands that use them
 
-    train(cfg, resume=bool(resume), force=force, verbose=verbose, allow_new_shards=allow_new_shards)
+    on_batches = None if sys.stderr.isatty() else batch_reporter(_echo_err)  # a log: lines, not a bar
+    train(cfg, resume=bool(resume), force=force, verbose=verbose, allow_new_shards=allow_new_shards,
+          on_batches=on_batches)
 
 
 def _given_fields(ctx: click.Context) -> dict[str, Any]:

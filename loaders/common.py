@@ -155,13 +155,17 @@ def make_spec(split: str | LoaderSpec, **overrides: Any) -> LoaderSpec:
     return LoaderSpec(split=split, **overrides).resolved()
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or taskset's share, not the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def default_workers() -> int:
     """Loader worker processes when the caller does not say: the usable cores, at most 8."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(8, cores))
+    return max(1, min(8, usable_cores()))
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

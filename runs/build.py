@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from cornpipe.loaders.base import IMAGENET, Normalization
+from cornpipe.loaders.common import default_workers, usable_cores
 from cornpipe.models import create_model, input_stats
 from cornpipe.models.losses import MultiTaskLoss
 from cornpipe.runs.checkpoint import BEST, inference_weights, load_weights
@@ -38,8 +39,31 @@ def amp_dtype(amp: str) -> torch.dtype | None:
 
 
 def runtime(cfg: TrainConfig) -> TrainConfig:
-    """`cfg` with device, amp, compile and channels_last resolved for this machine."""
+    """`cfg` with device, amp, compile and channels_last resolved for this machine, and torch's CPU threads
+    set (set_threads: cfg.threads stays as given, so a run resumed elsewhere counts that machine's cores)."""
+    set_threads(cfg.threads, cfg.workers)
     return resolve_runtime(cfg, torch.cuda.is_available())
+
+
+def auto_threads(workers: int | None) -> int:
+    """torch's threads when the user does not say: the cores this process may use minus the loader's workers
+    (`workers`, None = the loaders' default), keeping at least half of them for the model. Torch's own default
+    (every core) oversubscribes a shared machine while the loader decodes: docs/performance.md has the figures."""
+    cores = usable_cores()
+    loader = default_workers() if workers is None else workers
+    return max(1, cores - min(loader, cores // 2))
+
+
+def set_threads(threads: int | None, workers: int | None = None) -> int:
+    """Set torch's intra-op threads (and inter-op ones, when torch still allows it) to `threads`, None =
+    auto_threads(workers); returns the number set."""
+    n = auto_threads(workers) if threads is None else threads
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(n)
+    except RuntimeError:  # torch allows it once, before any inter-op work: a second run in the process keeps it
+        pass
+    return n
 
 
 class Fold(NamedTuple):

@@ -15,7 +15,7 @@ from cornpipe.cli import cli
 ROOT = Path(__file__).resolve().parents[2]  # the repository root is the `cornpipe` package
 PARTS = ("cli", "runs", "shards", "loaders", "models", "bench")  # beside train.py and predict.py at the root
 WIDE = {"COLUMNS": "1000"}  # rich wraps at 80 columns off a terminal; these tests read whole lines
-SETTINGS = re.compile(r"\[device cpu, amp \w+, compile \w+, loader torch, oversample balanced\]")
+SETTINGS = re.compile(r"\[device cpu, amp \w+, compile \w+, channels_last \w+, threads \d+, loader torch, oversample balanced\]")
 
 
 def test_train_prints_its_settings_and_a_bracketed_run_folder(tiny_shards: Path, tmp_path: Path) -> None:
