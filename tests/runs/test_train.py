@@ -181,7 +181,7 @@ def test_a_too_small_image_size_is_refused_before_any_work(tiny_shards: Path, tm
     def no_work(*args: object, **kwargs: object) -> None:
         raise AssertionError("work started on a config with an impossible image size")
 
-    monkeypatch.setattr("cornpipe.train.setup", no_work)
+    monkeypatch.setattr("cornpipe.train.setup", no_work)  # train.py calls setup by this name
     result = CliRunner().invoke(cli, ["train", str(tiny_shards), "--out", str(tmp_path / "run"), "--device", "cpu",
                                       "--image-size", "4"])
     assert result.exit_code == 1
