@@ -37,6 +37,13 @@ def amp_dtype(amp: str) -> torch.dtype | None:
     return AMP_DTYPES[amp]
 
 
+def loader_dtype(device: str | torch.device, amp: str) -> torch.dtype:
+    """The dtype of a run's batches: the autocast dtype on CUDA (bf16 batches for a bf16 run, not float16
+    re-cast at the first layer); float32 on the CPU, where the loaders finish in float32."""
+    dtype = AMP_DTYPES[amp]
+    return dtype if dtype is not None and torch.device(device).type == "cuda" else torch.float32
+
+
 def runtime(cfg: TrainConfig) -> TrainConfig:
     """`cfg` with device, amp, compile and channels_last resolved for this machine."""
     return resolve_runtime(cfg, torch.cuda.is_available())
@@ -94,7 +101,7 @@ class Run:
         return dict(backend=cfg.loader, batch_size=cfg.batch_size, image_size=cfg.image_size, device=cfg.device,
                     seed=cfg.seed, workers=cfg.workers, channels_last=cfg.channels_last,
                     normalization=self.normalization, rank=rank, world_size=world_size,
-                    dtype=torch.float32 if cfg.amp == "off" else None)  # the loader's half precision under AMP
+                    dtype=loader_dtype(cfg.device, cfg.amp))
 
     def train_request(self, train_count: int, *, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
         """make_loader keywords of the train split: drawn per epoch (oversampling, augmentation); `even`
