@@ -275,8 +275,10 @@ def test_nvjpeg_decode_matches_the_cpu_decode() -> None:
     for i, image in enumerate(got):
         assert image.shape == (3, *sizes[i])
         diff = (image.cpu().float() - _pil(i, blobs[i]).float()).abs().mean().item()
-        # nvJPEG and libjpeg-turbo may upsample chroma differently: close, not equal
-        assert diff < 3.0, f"image {i}: nvJPEG and PIL differ by {diff:.2f} grey levels on average"
+        # nvJPEG's default upsamples 4:2:0 chroma without smoothing, PIL's libjpeg-turbo smooths ("fancy
+        # upsampling"): libjpeg-turbo with fancy upsampling off (simplejpeg fastupsample=True) differs from
+        # PIL by 2.44-3.10 grey levels on these JPEGs (docs/performance.md); 4.5 leaves ~1.4 for IDCT rounding
+        assert diff < 4.5, f"image {i}: nvJPEG and PIL differ by {diff:.2f} grey levels on average"
 
 
 # ---------------------------------------------------------------------------------------------
