@@ -148,11 +148,6 @@ def test_cuda_spec_defaults_are_fp16_and_channels_last(monkeypatch: pytest.Monke
     assert make_spec("train", device="cuda", channels_last=False, dtype=torch.float32, normalization=IMAGENET).channels_last is False
 
 
-def test_resident_memory_cap_on_cuda_is_three_quarters_of_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 2**30, 16 * 2**30))
-    assert rl.default_max_bytes(torch.device("cuda", 0)) == 6 * 2**30
-
-
 # ---------------------------------------------------------------------------------------------
 # 3. resident's one-time decode: batched (nvJPEG on CUDA) with a per-image CPU fallback
 
