@@ -37,12 +37,12 @@
 # bench-train 23, bench-loaders 20, pytest-gpu 12 s, the rest start-up and summary).
 # Estimated on one H100/H200 (16 cores), from the step sizes (limits in brackets):
 #   prelude (import torch twice, CUDA init, machine facts), compile preflight        ~10 + ~15 s
-#   data: 36 s for these 900 images on 2 CPU cores here, ~7 s on 16                  ~10 s   [40]
+#   data: 36 s for these 900 images on 2 CPU cores here, ~7 s on 16                  ~10 s   [35]
 #   train-run: process start + CUDA init 10 s; cold compile of resnet_plus18 fwd+bwd (72-85 s on
 #     a CPU alone) and of its eval forward; 2 x (8 + 2) steps of 90 images; report + plots 5 s ~100 s [140]
 #   bench-train: 3 fresh processes x (start 10 s + 3 warm-up steps + 2 windows x 2 s) = ~50 s,
-#     plus one cold compile of resnet_plus50 fwd+bwd (up to the 110 s a variant may take)      ~130 s [170]
-#   bench-loaders: 2 backends + ceiling, fresh processes x (start 8 s + setup + 2 s)             ~35 s  [45]
+#     plus one cold compile of resnet_plus50 fwd+bwd (up to the 110 s a variant may take)      ~130 s [160]
+#   bench-loaders: 2 backends + ceiling, fresh processes x (start 8 s + setup + 2 s)             ~35 s  [60]
 #   pytest-gpu: collection ~10 s; tests/runs/test_gpu_train.py (tiny model: one cold compile
 #     ~25 s, resume and predict ~10 s); the other gpu tests ~50 s                                ~95 s [110]
 #   summary                                                                                      ~3 s
@@ -232,7 +232,7 @@ timeout 60 "$PY" -m cornpipe.bench.machine "$SCRATCH/machine.json" > /dev/null 2
 
 # 1. a small synthetic shard set, tar shards only (no FFCV here)
 DATA="$SCRATCH/data"
-step data 40 340 bash -c '"$0" -m cornpipe synth "$1/raw" --per-source "$2" --image-size "$3" --seed 0 \
+step data 35 340 bash -c '"$0" -m cornpipe synth "$1/raw" --per-source "$2" --image-size "$3" --seed 0 \
     --force && "$0" -m cornpipe convert "$1/raw" "$1/shards" --formats wds --max-resolution "$4" --force' \
     "$PY" "$DATA" $PER_SOURCE $SYNTH_PX $MAX_RES
 HAVE_DATA=$?
@@ -250,16 +250,16 @@ fi
 
 # 3. training-step throughput, synthetic tensors on the device; one compiled variant at most
 skip_line "bench train (eager-fp32, amp, all; resnet_plus50, 224 px)"
-step bench-train 170 120 "$PY" -m cornpipe bench train --device "$DEVICE" --model $MODEL \
+step bench-train 160 120 "$PY" -m cornpipe bench train --device "$DEVICE" --model $MODEL \
     --image-size $PX --batch-size $BATCH --variants "$VARIANTS" --warmup-steps $WARMUP --seconds $SECONDS_ \
     --repeats $REPEATS --timeout 110 --json "$SCRATCH/bench_train.json" --log-dir "$LOGS/bench-train"
 
 # 4. loaders on the device: resident and the torch baseline, with the CPU decode ceiling
 skip_line "bench loaders (resident, torch)"
 if [ "$HAVE_DATA" = 0 ]; then
-    step bench-loaders 45 90 "$PY" -m cornpipe bench loaders "$DATA/shards" --backends resident,torch \
+    step bench-loaders 60 90 "$PY" -m cornpipe bench loaders "$DATA/shards" --backends resident,torch \
         --device "$DEVICE" --image-size $LOADER_PX --batch-size $LOADER_BATCH --seconds $LOADER_SECONDS \
-        --repeats 1 --timeout 40 --json "$SCRATCH/bench_loaders.json" --log-dir "$LOGS/bench-loaders"
+        --repeats 1 --timeout 55 --json "$SCRATCH/bench_loaders.json" --log-dir "$LOGS/bench-loaders"
 else
     echo "SKIP: bench-loaders: no shard set (the data step failed)"; record bench-loaders skip 0 "no shard set"
     FAILED=$((FAILED + 1))

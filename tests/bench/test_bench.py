@@ -523,7 +523,7 @@ def test_gpu_check_script_runs_without_gpu_and_brings_back_a_few_small_files(tmp
     took = time.monotonic() - start
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
-    assert took < 360, took  # the script's own budget (~85 s measured here)
+    assert took < 560, took  # the script's own ceiling: its 540 s budget, a kill grace, the summary
     assert "SKIP: no CUDA GPU (" in output
     for what in ("bench train", "bench loaders", "train ("):
         assert any(line.startswith("SKIP: no CUDA GPU") and what in line for line in output.splitlines()), what
