@@ -70,3 +70,22 @@ def test_a_run_on_the_resident_loader_hands_both_splits_one_budget(tmp_path):
     run = build_run(cfg, ("a", "b"), (0.0, 1.0))
     budget = run.train_request(10)["options"]["budget"]
     assert isinstance(budget, MemoryBudget) and run.val_request()["options"]["budget"] is budget
+
+
+def test_a_run_whose_stores_do_not_fit_together_ends_with_one_error_line(tiny_shards, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import cornpipe.loaders.backends.resident_budget as rb
+    from cornpipe.cli import cli
+
+    train = _store(tiny_shards, "train", MemoryBudget("cpu", total=10**9))
+    room = train.nbytes + 1000  # the train store fits, the val store not beside it
+    train.close()
+    monkeypatch.setattr(rb, "free_bytes", lambda device: (room, "as measured"))
+    result = CliRunner().invoke(cli, ["train", str(tiny_shards), "--out", str(tmp_path / "run"), "--loader",
+                                      "resident", "--model", "resnet_plus_tiny", "--image-size", "32", "--epochs",
+                                      "1", "--workers", "1", "--device", "cpu", "--no-compile"])
+    assert result.exit_code == 1
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("Error: resident backend needs ") and " val images " in last, result.output[-2000:]
+    assert f"{room / 2**30:.2f} GiB on cpu (as measured)" in last and "the train store holds" in last
