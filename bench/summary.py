@@ -12,6 +12,7 @@ its unit and its ratio to the baseline measured in the same run) is at most SUMM
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -58,6 +59,31 @@ def pytest_counts(path: Path) -> dict[str, int] | None:
         return None
     n = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
     n["passed"] = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
+    return n
+
+
+# one line per test as `pytest -v` runs it: "tests/a.py::test_b[x y] PASSED   [ 40%]"
+PYTEST_LINE = re.compile(r"^(\S+\.py::.*?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+
+
+def pytest_counts_from_log(path: Path) -> dict[str, Any] | None:
+    """What a pytest killed before its junit file had run: the per-test lines of its `-v` log."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return None
+    seen: dict[str, str] = {}
+    for line in text.splitlines():
+        m = PYTEST_LINE.match(line)
+        if m:
+            seen[m.group(1)] = m.group(2)  # a test's teardown ERROR follows its PASSED: the last word wins
+    if not seen:
+        return None
+    words = list(seen.values())
+    n: dict[str, Any] = {"tests": len(words), "passed": words.count("PASSED") + words.count("XPASS"),
+                         "failures": words.count("FAILED"), "errors": words.count("ERROR"),
+                         "skipped": words.count("SKIPPED") + words.count("XFAIL"), "partial": True}
+    n["failed_tests"] = [t for t, w in seen.items() if w in ("FAILED", "ERROR")]
     return n
 
 
@@ -118,7 +144,8 @@ def figures(scratch: Path) -> dict[str, Any]:
     return {"data": data_figures(scratch), "train-run": run_figures(scratch),
             "bench-train": bench_figures(scratch, "bench_train.json", TRAIN_KEYS),
             "bench-loaders": bench_figures(scratch, "bench_loaders.json", LOADER_KEYS),
-            "pytest-gpu": pytest_counts(scratch / "pytest.xml")}
+            "pytest-gpu": (pytest_counts(scratch / "pytest.xml")
+                           or pytest_counts_from_log(scratch / "logs" / "pytest-gpu.log"))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,7 +224,11 @@ def _step_detail(name: str, fig: Any) -> list[str]:
                          f"{ceiling.get('workers')} processes)")
         return lines
     if name == "pytest-gpu":
-        return [f"    {fig['passed']} passed, {fig['failures'] + fig['errors']} failed, {fig['skipped']} skipped"]
+        counts = f"    {fig['passed']} passed, {fig['failures'] + fig['errors']} failed, {fig['skipped']} skipped"
+        if not fig.get("partial"):
+            return [counts]
+        return [counts + " before the step ended (no junit file: counted from its log)",
+                *(f"      failed: {t}" for t in fig["failed_tests"])]
     return []
 
 

@@ -208,7 +208,7 @@ def measure_variant(variant: str, cfg: TrainBenchConfig) -> dict[str, Any]:
     optimizer = make_optimizer(model, run.cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     if loader is None:
-        in_dtype = torch.float16 if (cuda and amp_dtype is not None) else torch.float32  # what the loader would deliver
+        in_dtype = run.loader_fields()["dtype"]  # what the run's loader would deliver
         batches = _synthetic_batches(cfg, positions, scale, in_dtype, channels_last)
     else:
         batches = _loader_batches(loader)

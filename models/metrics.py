@@ -91,22 +91,41 @@ def _percentile_ci(samples: np.ndarray) -> list[float] | None:
     return [float(lo), float(hi)]
 
 
+_CHUNK_ELEMENTS = 2**20  # resampled indices held at once: ~8 arrays of this many elements (~64 MB) at peak
+
+
 def _bootstrap(
     pos_true: np.ndarray, pos_pred: np.ndarray, g_true: np.ndarray, g_pred: np.ndarray,
     t_idx: np.ndarray, p_idx: np.ndarray, *, num_classes: int, num_levels: int, tolerance: float,
-    resamples: int, seed: int,
+    resamples: int, seed: int, chunk_elements: int = _CHUNK_ELEMENTS,
 ) -> dict[str, list[float] | None]:
-    """Percentile 95% intervals over `resamples` resamples of the samples, vectorised."""
+    """Percentile 95% intervals over `resamples` resamples of the samples, vectorised over a chunk of
+    resamples at a time (peak memory bounded by `chunk_elements`, not R x N; the same draws in any chunking)."""
     n = pos_true.size
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(resamples, n))  # (R, N)
+    step = max(1, chunk_elements // max(n, 1))
+    parts: list[dict[str, np.ndarray]] = []
+    for start in range(0, resamples, step):
+        idx = rng.integers(0, n, size=(min(step, resamples - start), n))  # (r, N)
+        parts.append(_resample_stats(idx, pos_true, pos_pred, g_true, g_pred, t_idx, p_idx,
+                                     num_classes=num_classes, num_levels=num_levels, tolerance=tolerance))
+    return {name: _percentile_ci(np.concatenate([p[name] for p in parts])) for name in CI_METRICS}
+
+
+def _resample_stats(
+    idx: np.ndarray, pos_true: np.ndarray, pos_pred: np.ndarray, g_true: np.ndarray, g_pred: np.ndarray,
+    t_idx: np.ndarray, p_idx: np.ndarray, *, num_classes: int, num_levels: int, tolerance: float,
+) -> dict[str, np.ndarray]:
+    """Each metric of CI_METRICS on each resample (row) of `idx`, (r,) arrays."""
+    resamples, n = idx.shape
     rows = np.arange(resamples)[:, None]
 
-    pt, pp = pos_true[idx], pos_pred[idx]  # (R, N)
+    pt, pp = pos_true[idx], pos_pred[idx]  # (r, N)
     out: dict[str, np.ndarray] = {"position_accuracy": (pt == pp).mean(axis=1)}
-    # per-resample confusion matrices via one bincount: (R, C, C), rows = true
+    # per-resample confusion matrices via one bincount: (r, C, C), rows = true
     cm = np.bincount((rows * num_classes * num_classes + pt * num_classes + pp).ravel(),
                      minlength=resamples * num_classes * num_classes).reshape(resamples, num_classes, num_classes)
+    del pt, pp
     tp = np.diagonal(cm, axis1=1, axis2=2)
     denom = cm.sum(axis=2) + cm.sum(axis=1)  # true count + predicted count = 2tp + fp + fn
     f1 = np.divide(2 * tp, denom, out=np.zeros(tp.shape, dtype=np.float64), where=denom > 0)
@@ -115,6 +134,7 @@ def _bootstrap(
     err = np.abs(g_pred[idx] - g_true[idx])
     out["grade_mae"] = err.mean(axis=1)
     out["grade_within_tol"] = (err <= tolerance).mean(axis=1)
+    del err
     ti, pi = t_idx[idx], p_idx[idx]
     out["grade_accuracy"] = (ti == pi).mean(axis=1)
 
@@ -128,7 +148,7 @@ def _bootstrap(
     ratio = np.divide(num, den, out=np.zeros(den.shape), where=den > 0)
     defined = (den > 0) & (np.count_nonzero(gcm.sum(axis=2), axis=1) >= 2)  # >= 2 true levels
     out["grade_qwk"] = np.where(defined, 1.0 - ratio, np.nan)  # undefined resamples are left out
-    return {name: _percentile_ci(out[name]) for name in CI_METRICS}
+    return out
 
 
 def compute_metrics(

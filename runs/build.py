@@ -13,6 +13,7 @@ the fold's sample ids. Everything below takes these as given: a loader never re-
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from cornpipe.loaders.backends.resident_budget import MemoryBudget
 from cornpipe.loaders.base import IMAGENET, Normalization
 from cornpipe.loaders.common import default_workers, usable_cores
 from cornpipe.models import create_model, input_stats
@@ -36,6 +38,13 @@ AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "fp16": torch.float16,
 def amp_dtype(amp: str) -> torch.dtype | None:
     """The autocast dtype of a resolved amp mode (resolve_runtime has replaced "auto")."""
     return AMP_DTYPES[amp]
+
+
+def loader_dtype(device: str | torch.device, amp: str) -> torch.dtype:
+    """The dtype of a run's batches: the autocast dtype on CUDA (bf16 batches for a bf16 run, not float16
+    re-cast at the first layer); float32 on the CPU, where the loaders finish in float32."""
+    dtype = AMP_DTYPES[amp]
+    return dtype if dtype is not None and torch.device(device).type == "cuda" else torch.float32
 
 
 def runtime(cfg: TrainConfig) -> TrainConfig:
@@ -112,13 +121,21 @@ class Run:
     def amp_dtype(self) -> torch.dtype | None:
         return amp_dtype(self.cfg.amp)
 
+    @functools.cached_property
+    def memory_budget(self) -> MemoryBudget:
+        """The one budget all of this run's resident stores share (measured when the first is built)."""
+        return MemoryBudget(self.cfg.device)
+
     def loader_fields(self, *, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
         """The make_loader keywords every loader of this run shares (device, memory format, dtype, ...)."""
         cfg = self.cfg
-        return dict(backend=cfg.loader, batch_size=cfg.batch_size, image_size=cfg.image_size, device=cfg.device,
-                    seed=cfg.seed, workers=cfg.workers, channels_last=cfg.channels_last,
-                    normalization=self.normalization, rank=rank, world_size=world_size,
-                    dtype=torch.float32 if cfg.amp == "off" else None)  # the loader's half precision under AMP
+        fields = dict(backend=cfg.loader, batch_size=cfg.batch_size, image_size=cfg.image_size,
+                      device=cfg.device, seed=cfg.seed, workers=cfg.workers, channels_last=cfg.channels_last,
+                      normalization=self.normalization, rank=rank, world_size=world_size,
+                      dtype=loader_dtype(cfg.device, cfg.amp))
+        if cfg.loader == "resident":
+            fields["options"] = {"budget": self.memory_budget}
+        return fields
 
     def train_request(self, train_count: int, *, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
         """make_loader keywords of the train split: drawn per epoch (oversampling, augmentation); `even`

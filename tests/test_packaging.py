@@ -64,6 +64,10 @@ def test_the_wheel_declares_extras_and_a_bare_install_needs_no_compiler(wheel: P
     assert any(r.startswith("nvidia-dali-cuda130") and 'extra == "dali-cuda13"' in r for r in requires)
     assert any(r.startswith("onnxruntime") and 'extra == "export"' in r for r in requires)
     assert any(r.startswith("cleanlab") and 'extra == "audit"' in r for r in requires)
+    # `all` installs DALI beside the torch PyPI serves, which is built for CUDA 13 (torch.version.cuda)
+    assert any(r.startswith("cornpipe[") and "dali-cuda13" in r and 'extra == "all"' in r for r in requires)
+    assert not any("dali]" in r.replace(" ", "") or "dali," in r for r in requires if 'extra == "all"' in r)
+    assert any(r.startswith("psutil") for r in bare)  # the resident store's CPU memory cap reads it
     assert "cornpipe = cornpipe.cli:main" in entry_points
 
 

@@ -10,9 +10,10 @@ of shape (N, 3, H_max, W_max), H_max/W_max the largest height/width in the split
 exactly the image it would see on any other backend. The padding repeats each image's last row
 and column once (roi_align's bilinear taps at the border read one pixel past it) and is zero beyond.
 Memory: N * 3 * H_max * W_max bytes, e.g. 3000 images at max_resolution 512 with mixed portrait
-and landscape orientation = 3000 * 3 * 512 * 512 = 2.2 GiB. `options["max_bytes"]` caps it
-(default: 75 % of free CUDA memory, or half the available RAM on CPU); over the cap is a
-LoaderError before anything is decoded. Decoding happens once, here: nvJPEG batches on CUDA with a
+and landscape orientation = 3000 * 3 * 512 * 512 = 2.2 GiB. `options["budget"]` (a
+`resident_budget.MemoryBudget`, one per run, shared by its splits) caps all stores together;
+without one the store has a budget of its own. `options["max_bytes"]` caps this store alone.
+Over either is a LoaderError before anything is decoded. Decoding happens once, here: nvJPEG batches on CUDA with a
 per-image CPU fallback, PIL on threads on the CPU (`loaders.backends.resident_decode`).
 
 Augmentation draws: one generator per batch, seeded by (seed, epoch, rank, batch index).
@@ -38,6 +39,7 @@ from PIL import Image
 
 from cornpipe.errors import LoaderError
 from cornpipe.loaders.backends.crop_threads import CropThreads
+from cornpipe.loaders.backends.resident_budget import MemoryBudget
 from cornpipe.loaders.backends.resident_decode import batch_decoder, chunks, decode_images, place
 from cornpipe.loaders.backends.torch_loader import shard_of
 from cornpipe.loaders.base import Batch, to_device
@@ -46,18 +48,6 @@ from cornpipe.loaders.pixels.augment import augment_batch
 from cornpipe.loaders.pixels.geometry import CROP_KERNELS, roi_align_window, use_interpolate
 
 _DECODE_CHUNK = 64  # images decoded at a time (one nvJPEG batch on CUDA)
-
-
-def default_max_bytes(device: torch.device) -> int | None:
-    """How much the resident tensor may take on `device` when the caller does not say."""
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free * 0.75)
-    try:
-        import psutil
-    except ImportError:
-        return None
-    return int(psutil.virtual_memory().available * 0.5)
 
 
 def _gib(n: float) -> str:
@@ -76,14 +66,15 @@ class ResidentLoader(EpochLoader):
                               dtype=np.int64).reshape(-1, 2)  # (N, 2): height, width
         height, width = (self.sizes.max(axis=0) + 1).tolist() if self.rows else (1, 1)
         need = self.rows * 3 * height * width
+        what = f"{self.rows} {spec.split} images padded to {height - 1}x{width - 1}"
         limit = spec.options.get("max_bytes")
-        limit = default_max_bytes(spec.device) if limit is None else int(limit)
-        if limit is not None and need > limit:
+        if limit is not None and need > int(limit):
             raise LoaderError(
-                f"resident backend needs {_gib(need)} for {self.rows} {spec.split} images padded to "
-                f"{height - 1}x{width - 1} but may use {_gib(limit)} on {spec.device}; use backend "
-                f"torch, ffcv or dali, or convert with a smaller --max-resolution"
+                f"resident backend needs {_gib(need)} for {what} but may use {_gib(int(limit))} on "
+                f"{spec.device}; use backend torch, ffcv or dali, or convert with a smaller --max-resolution"
             )
+        budget = spec.options.get("budget") or MemoryBudget(spec.device)
+        budget.take(spec.split, need, what)
         self.crop_kernel = str(spec.options.get("crop_kernel", "auto"))
         if self.crop_kernel not in CROP_KERNELS or (self.crop_kernel == "interpolate" and spec.on_cuda):
             raise LoaderError(f"crop_kernel {self.crop_kernel!r} is not available on {spec.device}; "

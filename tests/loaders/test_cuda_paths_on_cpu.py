@@ -148,11 +148,6 @@ def test_cuda_spec_defaults_are_fp16_and_channels_last(monkeypatch: pytest.Monke
     assert make_spec("train", device="cuda", channels_last=False, dtype=torch.float32, normalization=IMAGENET).channels_last is False
 
 
-def test_resident_memory_cap_on_cuda_is_three_quarters_of_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 2**30, 16 * 2**30))
-    assert rl.default_max_bytes(torch.device("cuda", 0)) == 6 * 2**30
-
-
 # ---------------------------------------------------------------------------------------------
 # 3. resident's one-time decode: batched (nvJPEG on CUDA) with a per-image CPU fallback
 
@@ -275,8 +270,10 @@ def test_nvjpeg_decode_matches_the_cpu_decode() -> None:
     for i, image in enumerate(got):
         assert image.shape == (3, *sizes[i])
         diff = (image.cpu().float() - _pil(i, blobs[i]).float()).abs().mean().item()
-        # nvJPEG and libjpeg-turbo may upsample chroma differently: close, not equal
-        assert diff < 3.0, f"image {i}: nvJPEG and PIL differ by {diff:.2f} grey levels on average"
+        # nvJPEG's default upsamples 4:2:0 chroma without smoothing, PIL's libjpeg-turbo smooths ("fancy
+        # upsampling"): libjpeg-turbo with fancy upsampling off (simplejpeg fastupsample=True) differs from
+        # PIL by 2.44-3.10 grey levels on these JPEGs (docs/performance.md); 4.5 leaves ~1.4 for IDCT rounding
+        assert diff < 4.5, f"image {i}: nvJPEG and PIL differ by {diff:.2f} grey levels on average"
 
 
 # ---------------------------------------------------------------------------------------------
