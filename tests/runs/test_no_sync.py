@@ -34,7 +34,9 @@ READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")  
 def _ours() -> bool:
     """Whether the patched call comes from cornpipe's code (not torch's, not a test's)."""
     name = sys._getframe(2).f_code.co_filename
-    return name.startswith(PACKAGE) and f"{PACKAGE}/tests/" not in name
+    # a venv inside the checkout (make test's .venv) holds torch under PACKAGE too: its files are not ours
+    return (name.startswith(PACKAGE) and f"{PACKAGE}/tests/" not in name and "site-packages" not in name
+            and not name.startswith(sys.prefix))
 
 
 def _has_device(args: tuple, kwargs: dict) -> bool:
