@@ -411,7 +411,8 @@ def _discover_manifest(csv_path: Path, scale: tuple[float, ...]) -> Discovery:
             found.rejected.append(Rejection(rel, labels))
             continue
         source, stage, position, grade = labels
-        meta = {k: v.strip() for k, v in row.items() if k and k not in MANIFEST_COLUMNS and (v or "").strip()}
+        first = entries[0][1]  # the row kept: its other columns are the sample's metadata
+        meta = {k: v.strip() for k, v in first.items() if k and k not in MANIFEST_COLUMNS and (v or "").strip()}
         found.samples.append(Candidate(path.resolve(), rel, source, stage, position, grade, meta))
     if not rows:
         raise DatasetError(f"manifest {csv_path.name} has no rows")
