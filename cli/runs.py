@@ -215,21 +215,29 @@ def cv_command(ctx: click.Context, shards: str, out: str, folds: int, group: str
     predictions (CVDIR/oof_predictions.csv: every sample once per seed), per-position recall across
     folds, and the pooled out-of-fold confusion matrix (each sample counted once).
     """
-    sub = train_command.make_context("cornpipe cv", [shards, "--out", out, *ctx.args])
-    for name in ("resume", "seeds", "folds", "fold", "fold_group", "fold_seed"):
-        if sub.get_parameter_source(name) not in (None, ParameterSource.DEFAULT):
-            raise ConfigError(f"cornpipe cv sets --{name.replace('_', '-')} itself; leave it out")
-    if group is not None and group.strip().lower() in ("", "none"):
-        raise ConfigError("--group needs a key (stage, source or a manifest column); leave it out for K folds")
-    given = _given_fields(sub)
-    given.update(shards=shards, out=out, folds=0 if group else folds, fold_group=group or "none",
-                 fold_seed=fold_seed)
+    sub, given = fold_settings(ctx, "cornpipe cv", shards, out, folds, group, fold_seed)
     cfg = config_from_sources(given, config_file=sub.params.get("config_file"))
     if sub.params.get("print_config"):
         click.echo(to_toml(cfg), nl=False)
         return
     _run_folds(cfg, _parse_seeds(seeds), sub.params.get("nproc"), sub.params.get("config_file"),
                bool(sub.params.get("force")))
+
+
+def fold_settings(ctx: click.Context, command: str, shards: str, out: str, folds: int, group: str | None,
+                  fold_seed: int, sets_itself: tuple[str, ...] = ()) -> tuple[click.Context, dict[str, Any]]:
+    """(the train options after a fold command's own, the TrainConfig fields they give plus the folds):
+    `cornpipe cv` and `cornpipe sweep` take train options but set the fold options themselves."""
+    sub = train_command.make_context(command, [shards, "--out", out, *ctx.args])
+    for name in ("resume", "seeds", "folds", "fold", "fold_group", "fold_seed", *sets_itself):
+        if sub.get_parameter_source(name) not in (None, ParameterSource.DEFAULT):
+            raise ConfigError(f"{command} sets --{name.replace('_', '-')} itself; leave it out")
+    if group is not None and group.strip().lower() in ("", "none"):
+        raise ConfigError("--group needs a key (stage, source or a manifest column); leave it out for K folds")
+    given = _given_fields(sub)
+    given.update(shards=shards, out=out, folds=0 if group else folds, fold_group=group or "none",
+                 fold_seed=fold_seed)
+    return sub, given
 
 
 def _run_folds(cfg: TrainConfig, seeds: list[int], nproc: int | None, config_file: str | None,

@@ -5,10 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from click.core import ParameterSource
 
 from cornpipe.cli.handler import CornpipeCommand
-from cornpipe.errors import ConfigError
 
 SWEEP_METRICS = ("position_macro_f1", "position_accuracy", "grade_mae", "grade_within_tol", "grade_qwk", "loss")
 
@@ -45,18 +43,11 @@ def sweep_command(ctx: click.Context, shards: str, out: str, trials: int, space_
     DIR/best.toml is the best config: `cornpipe train SHARDS --config DIR/best.toml --out RUN`.
     Needs the `sweep` extra (optuna).
     """
-    from cornpipe.cli.runs import _given_fields, _parse_seeds, _torchrun_train, train_command
+    from cornpipe.cli.runs import _parse_seeds, _torchrun_train, fold_settings
     from cornpipe.runs.config import MONITORS, config_from_sources, load_toml
 
-    sub = train_command.make_context("cornpipe sweep", [shards, "--out", out, *ctx.args])
-    for name in ("resume", "seeds", "folds", "fold", "fold_group", "fold_seed", "force", "print_config"):
-        if sub.get_parameter_source(name) not in (None, ParameterSource.DEFAULT):
-            raise ConfigError(f"cornpipe sweep sets --{name.replace('_', '-')} itself; leave it out")
-    if group is not None and group.strip().lower() in ("", "none"):
-        raise ConfigError("--group needs a key (stage, source or a manifest column); leave it out for K folds")
-    given = _given_fields(sub)
-    given.update(shards=shards, out=out, folds=0 if group else folds, fold_group=group or "none",
-                 fold_seed=fold_seed)
+    sub, given = fold_settings(ctx, "cornpipe sweep", shards, out, folds, group, fold_seed,
+                               sets_itself=("force", "print_config"))
     config_file = sub.params.get("config_file")
     from_file = {k.replace("-", "_") for k in load_toml(config_file)} if config_file else set()
     if metric in MONITORS and "monitor" not in given and "monitor" not in from_file:

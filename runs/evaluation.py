@@ -34,7 +34,7 @@ from torch import nn
 
 from cornpipe.loaders import make_loader
 from cornpipe.models.metrics import snap_to_scale
-from cornpipe.runs.build import amp_dtype, run_from_checkpoint
+from cornpipe.runs.build import Run, amp_dtype, run_from_checkpoint
 from cornpipe.runs.checkpoint import BEST, load_checkpoint
 from cornpipe.runs.config import TrainConfig
 from cornpipe.runs.epoch_metrics import Collector, TimedBatches, summarize
@@ -77,14 +77,20 @@ def evaluate_checkpoint(checkpoint: Path | str, shards: Path | str | None = None
                               workers=workers, max_batches=0,
                               samples=shard_set.manifest["samples"] if split == "val" else None)  # its val fold
     request = run.val_request() if split == "val" else dict(run.loader_fields(), oversample="none", shuffle=False)
+    out = evaluate_split(run, shard_set, split, request)
+    return summarize(out, run.cfg, state["data"], bootstrap=run.cfg.bootstrap)
+
+
+def evaluate_split(run: Run, shard_set: ShardSet, split: str, request: dict[str, Any]) -> dict[str, Any]:
+    """The run's model over `split` of `shard_set`, read as `request` says (make_loader's keywords) without
+    augmentation: the raw outputs `summarize` takes (evaluate_checkpoint and `cornpipe evaluate` share it)."""
     loader = make_loader(shard_set, split, augment=False, **request)
     try:
         with Progress(disable=True) as progress:
-            out = evaluate(run.model, loader, run.loss_fn, run.cfg, steps=len(loader), progress=progress,
-                           task=progress.add_task("eval", total=len(loader), ips=0.0))
+            return evaluate(run.model, loader, run.loss_fn, run.cfg, steps=len(loader), progress=progress,
+                            task=progress.add_task("eval", total=len(loader), ips=0.0))
     finally:
         loader.close()
-    return summarize(out, run.cfg, state["data"], bootstrap=run.cfg.bootstrap)
 
 
 # ---- the best epoch's predictions ---------------------------------------------------------------------

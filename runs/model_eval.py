@@ -18,15 +18,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rich.progress import Progress
-
 from cornpipe.errors import ConfigError, OutputError
-from cornpipe.loaders import make_loader
 from cornpipe.runs.build import model_checkpoint, run_from_checkpoint
 from cornpipe.runs.calibration import apply_temperature, ece, temperature_of
 from cornpipe.runs.checkpoint import load_checkpoint
 from cornpipe.runs.epoch_metrics import summarize
-from cornpipe.runs.evaluation import evaluate, prediction_tensors, write_prediction_rows
+from cornpipe.runs.evaluation import evaluate_split, prediction_tensors, write_prediction_rows
 from cornpipe.runs.report import CONFUSION_FILE, REPORT_FILE, TABLE_METRICS, format_ci, format_value
 from cornpipe.shards.shard_set import ShardSet
 
@@ -80,13 +77,7 @@ def evaluate_model(model: Path, shards: Path, out: Path, *, split: str | None = 
         request = run.val_request()
     else:
         request = dict(run.loader_fields(), oversample="none", shuffle=False)
-    loader = make_loader(shard_set, split or "val", augment=False, **request)
-    try:
-        with Progress(disable=True) as progress:
-            result = evaluate(run.model, loader, run.loss_fn, run.cfg, steps=len(loader), progress=progress,
-                              task=progress.add_task("eval", total=len(loader), ips=0.0))
-    finally:
-        loader.close()
+    result = evaluate_split(run, shard_set, split or "val", request)
     temperature = 1.0 if raw else temperature_of(state["data"])
     raw_prob = result["position_prob"]
     result["position_prob"] = apply_temperature(raw_prob, temperature)
