@@ -82,8 +82,8 @@ def ddp_run(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 @pytest.mark.slow
 def test_two_ranks_write_one_run_that_a_single_process_reproduces(ddp_run: Path) -> None:
     assert sorted(p.name for p in ddp_run.iterdir() if not p.name.startswith(".")) == sorted(
-        ["best.pt", "cam_panel.png", "config.json", "confusion_matrix.png", "curves.png", "grade_confusion.png", "last.pt",
-         "metrics.jsonl", "report.md", "val_predictions.csv"])
+        ["best.pt", "calibration.png", "cam_panel.png", "config.json", "confusion_matrix.png", "curves.png",
+         "grade_confusion.png", "last.pt", "metrics.jsonl", "report.html", "report.md", "val_predictions.csv"])
     lines = records(ddp_run)
     assert [r["epoch"] for r in lines] == [1, 2, 3]  # rank 0 alone writes: no line twice
     assert json.loads((ddp_run / "config.json").read_text())["data"]["world_size"] == 2

@@ -114,7 +114,7 @@ def test_cv_html_beside_cv_md(tmp_path: Path) -> None:
     write_summary(tmp_path, [(f, 0) for f in range(3)])
     page = parse(tmp_path / "cv.html")
     assert all(h in page.headings for h in md_headings(tmp_path / "cv.md"))
-    assert_self_contained(page, images=2)  # pooled position confusion, grade confusion
+    assert_self_contained(page, images=3)  # pooled position confusion, grade confusion, reliability diagram
 
 
 def find_browser() -> str | None:
