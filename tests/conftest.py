@@ -207,3 +207,16 @@ def trained_run(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     out = tmp_path_factory.mktemp("trained") / "run"
     train(TrainConfig(shards=str(tiny_shards), out=str(out), **{**TINY, "epochs": 1}))
     return out
+
+
+def shards_from_csv(raw: Path, header: str, rows: list[str]) -> Path:
+    """A shard set converted (tar shards only) from a manifest CSV in `raw`: one noise JPEG per row, named by
+    the row's first cell; `rows` are the CSV lines under `header`."""
+    from cornpipe.shards.convert import convert_dataset
+
+    for i, row in enumerate(rows):
+        (raw / row.split(",")[0]).write_bytes(jpeg_bytes(i))
+    (raw / "labels.csv").write_text("\n".join([header, *rows]) + "\n")
+    out = raw / "shards"
+    convert_dataset(None, out, manifest_csv=raw / "labels.csv", max_resolution=32, workers=1, formats=("wds",))
+    return out

@@ -8,10 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import cli_run, jpeg_bytes
+from conftest import cli_run, shards_from_csv
 
 from cornpipe.runs.early_stopping import monitor_value
-from cornpipe.shards.convert import convert_dataset
 from cornpipe.shards.shard_set import ShardSet
 
 TINY_ARGS = ["--model", "resnet_plus_tiny", "--image-size", "32", "--batch-size", "8", "--workers", "0",
@@ -22,15 +21,8 @@ METRICS = {"position_macro_f1": 0.6, "grade_mae": 1.8}
 @pytest.fixture(scope="module")
 def grade_zero_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """18 images, every grade 0 (a survey of healthy leaves), positions l/m/t in turn."""
-    raw = tmp_path_factory.mktemp("gradezero")
-    lines = ["path,position,grade"]
-    for i in range(18):
-        (raw / f"img{i:02d}.jpg").write_bytes(jpeg_bytes(i))
-        lines.append(f"img{i:02d}.jpg,{'lmt'[i % 3]},0")
-    (raw / "labels.csv").write_text("\n".join(lines) + "\n")
-    out = raw / "shards"
-    convert_dataset(None, out, manifest_csv=raw / "labels.csv", max_resolution=32, workers=1, formats=("wds",))
-    return out
+    return shards_from_csv(tmp_path_factory.mktemp("gradezero"), "path,position,grade",
+                           [f"img{i:02d}.jpg,{'lmt'[i % 3]},0" for i in range(18)])
 
 
 def records(run: Path) -> list[dict]:

@@ -6,26 +6,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import cli_run, error_line, jpeg_bytes
+from conftest import cli_run, error_line, shards_from_csv
 
 from cornpipe.errors import ConfigError
 from cornpipe.runs.config import TrainConfig
 from cornpipe.runs.cv import fold_assignment
-from cornpipe.shards.convert import convert_dataset
 
 
 @pytest.fixture(scope="module")
 def field_lab_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """12 images from a manifest CSV without source or stage, with an `origin` (field/lab) column."""
-    raw = tmp_path_factory.mktemp("fieldlab")
-    lines = ["path,position,grade,origin"]
-    for i in range(12):
-        (raw / f"img{i:02d}.jpg").write_bytes(jpeg_bytes(i))
-        lines.append(f"img{i:02d}.jpg,{'lmt'[i % 3]},{(0, 3)[i % 2]},{'field' if i % 4 == 0 else 'lab'}")
-    (raw / "labels.csv").write_text("\n".join(lines) + "\n")
-    out = raw / "shards"
-    convert_dataset(None, out, manifest_csv=raw / "labels.csv", max_resolution=32, workers=1, formats=("wds",))
-    return out
+    return shards_from_csv(tmp_path_factory.mktemp("fieldlab"), "path,position,grade,origin",
+                           [f"img{i:02d}.jpg,{'lmt'[i % 3]},{(0, 3)[i % 2]},{'field' if i % 4 == 0 else 'lab'}"
+                            for i in range(12)])
 
 
 # should a refusal regress, the runs it would start are over in seconds
