@@ -38,14 +38,18 @@ def _run_option(name: str, default: str | None) -> click.Parameter:
                    "sample].")
 @click.option("--raw-probs", "raw_probs", is_flag=True,
               help="Uncalibrated softmax probabilities (default: divided by the run's fitted temperature).")
-def evaluate_command(model: str, shards: str, out: str, split: str | None, raw_probs: bool, **flags: Any) -> None:
+@click.option("--tta", is_flag=True, help="Test-time augmentation: average each image's probabilities and grade "
+              "with its horizontal mirror's (as `predict --tta`).")
+def evaluate_command(model: str, shards: str, out: str, split: str | None, raw_probs: bool, tta: bool,
+                     **flags: Any) -> None:
     """Evaluate MODEL (a run folder, which uses RUN/best.pt, or a checkpoint) on SHARDS (a `cornpipe convert`
     output): the metrics, 95 % intervals, confusion matrix and per-sample predictions a run's validation
     writes, computed by the same code."""
     from cornpipe.runs.model_eval import EVAL_METRICS_FILE, evaluate_model
 
     overrides = {k: v for k, v in flags.items() if v is not None}
-    record = evaluate_model(Path(model), Path(shards), Path(out), split=split, raw=raw_probs, **overrides)
+    record = evaluate_model(Path(model), Path(shards), Path(out), split=split, raw=raw_probs, tta=tta,
+                            **overrides)
     m = record["metrics"]
     click.echo(f"{m['n_samples']} images: position accuracy {m['position_accuracy']:.4f}, macro-F1 "
                f"{m['position_macro_f1']:.4f}, grade MAE {m['grade_mae']:.4f} -> {Path(out) / EVAL_METRICS_FILE}")

@@ -99,6 +99,8 @@ def _opt(*decls: str, help: str, **kwargs: Any) -> Any:
 @_opt("--grad-clip", type=float, help="Max gradient norm; 0 = off.")
 @_opt("--ema/--no-ema", help="Keep and evaluate an EMA of the weights.")
 @_opt("--label-smoothing", type=float, help="Position label smoothing.")
+@_opt("--jitter", type=float, help="Train-time colour jitter: brightness, contrast and saturation each scaled by a "
+      "factor in [1 - J, 1 + J]; 0 = off (disease colour is the signal: see docs/recipes.md).")
 @_opt("--loss-weights", type=str, help="POSITION,GRADE loss weights [default: 0.7,0.3, and 0 for a task whose "
       "labels are constant in the train split; given here, they are used as given].")
 @_opt("--monitor", type=click.Choice(MONITORS), help="Validation metric for best.pt/early stopping.")

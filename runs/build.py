@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from cornpipe.loaders.backends.resident_budget import MemoryBudget
-from cornpipe.loaders.base import IMAGENET, Normalization
+from cornpipe.loaders.base import IMAGENET, AugmentConfig, Normalization
 from cornpipe.loaders.common import default_workers, usable_cores
 from cornpipe.models import create_model, input_stats
 from cornpipe.models.losses import MultiTaskLoss
@@ -140,8 +140,9 @@ class Run:
     def train_request(self, train_count: int, *, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
         """make_loader keywords of the train split: drawn per epoch (oversampling, augmentation); `even`
         so every rank runs the same number of steps; `train_count`: images in the train split (or fold)."""
+        jitter = self.cfg.jitter
         return dict(self.loader_fields(rank=rank, world_size=world_size), oversample=self.cfg.oversample,
-                    even=True, sample_ids=self.fold.train_ids if self.fold else None,
+                    augment=AugmentConfig(brightness=jitter, contrast=jitter, saturation=jitter), even=True, sample_ids=self.fold.train_ids if self.fold else None,
                     drop_last=train_count // world_size > self.cfg.batch_size)
 
     def val_request(self, *, rank: int = 0, world_size: int = 1) -> dict[str, Any]:

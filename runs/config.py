@@ -81,6 +81,8 @@ class TrainConfig:
     # split weighted 0 (runs.tasks: the run's config.json holds the weights used)
     loss_weights: tuple[float, float] | None = None
     label_smoothing: float = 0.0  # position cross-entropy smoothing, fraction of the target mass
+    # augmentation
+    jitter: float = 0.2  # train-time colour jitter: brightness, contrast and saturation factors in [1 - j, 1 + j]
     # optimisation
     epochs: int = 30  # maximum epochs (early stopping may end sooner)
     optimizer: str = "adamw"  # adamw | sgd (Nesterov momentum)
@@ -155,7 +157,7 @@ class TrainConfig:
         for name in ("batch_size", "epochs"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1 (got {getattr(self, name)})")
         for name in ("lr", "weight_decay", "momentum", "min_lr", "grad_clip", "min_delta", "tolerance",
-                     "drop_path", "label_smoothing", "warmup_epochs", "patience", "plateau_patience", "freeze_epochs",
+                     "drop_path", "label_smoothing", "jitter", "warmup_epochs", "patience", "plateau_patience", "freeze_epochs",
                      "bootstrap", "max_batches", "max_val_batches"):
             value = getattr(self, name)
             check(math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0 (got {value})")
@@ -175,6 +177,7 @@ class TrainConfig:
         check(0 < self.plateau_factor < 1, f"plateau_factor must be in (0, 1) (got {self.plateau_factor})")
         check(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1) (got {self.ema_decay})")
         check(self.drop_path < 1 and self.label_smoothing < 1, "drop_path and label_smoothing must be < 1")
+        check(self.jitter < 1, f"jitter must be in [0, 1): a factor 1 - jitter of 0 would blank the image (got {self.jitter})")
         check(self.loss_weights is None or len(self.loss_weights) == 2 and all(math.isfinite(w) and w >= 0 for w in self.loss_weights)
               and sum(self.loss_weights) > 0,
               f"loss_weights must be two non-negative numbers, not both 0 (got {self.loss_weights})")

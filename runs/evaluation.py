@@ -47,22 +47,32 @@ SAMPLE_COLUMNS = ("sample_id", "path", "source", "stage", "split")
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: Any, loss_fn: nn.Module, cfg: TrainConfig, *, steps: int,
-             progress: Progress, task: Any) -> dict[str, Any]:
-    """Predictions and losses over the validation loader (deterministic transform, no dropout)."""
+             progress: Progress, task: Any, tta: bool = False) -> dict[str, Any]:
+    """Predictions and losses over the validation loader (deterministic transform, no dropout). `tta`: the
+    softmax probabilities and grades averaged over each image and its horizontal mirror (as predict's)."""
     model.eval()
     device = torch.device(cfg.device)
     dtype = amp_dtype(cfg.amp)
     collected = Collector(device)
     timed = TimedBatches(loader, steps, device)
     for batch in timed:
-        images = batch.images  # (B, 3, H, W)
+        views = (batch.images, batch.images.flip(3)) if tta else (batch.images,)  # (B, 3, H, W)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            outputs = model(images)
-        outputs = {k: v.float() for k, v in outputs.items()}
+            outputs = _mean_view(model, views)
         loss, parts = loss_fn(outputs, batch.position, batch.grade)
         collected.add(outputs, batch.position, batch.grade, batch.sample_id, loss, parts)
         progress.update(task, advance=1, ips=collected.images / timed.elapsed())
     return {**collected.arrays(), **timed.finish(), "images": collected.images}
+
+
+def _mean_view(model: nn.Module, views: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's outputs on one view, or on several averaged: mean softmax as log-probabilities (so the
+    Collector's softmax gives the mean back) and mean grade."""
+    if len(views) == 1:
+        return {k: v.float() for k, v in model(views[0]).items()}
+    outs = [model(view) for view in views]
+    prob = torch.stack([o["position"].float().softmax(dim=1) for o in outs]).mean(0)
+    return {"position": prob.log(), "grade": torch.stack([o["grade"].float() for o in outs]).mean(0)}
 
 
 def evaluate_checkpoint(checkpoint: Path | str, shards: Path | str | None = None, split: str = "val", *,
@@ -81,14 +91,16 @@ def evaluate_checkpoint(checkpoint: Path | str, shards: Path | str | None = None
     return summarize(out, run.cfg, state["data"], bootstrap=run.cfg.bootstrap)
 
 
-def evaluate_split(run: Run, shard_set: ShardSet, split: str, request: dict[str, Any]) -> dict[str, Any]:
+def evaluate_split(run: Run, shard_set: ShardSet, split: str, request: dict[str, Any], *,
+                   tta: bool = False) -> dict[str, Any]:
     """The run's model over `split` of `shard_set`, read as `request` says (make_loader's keywords) without
-    augmentation: the raw outputs `summarize` takes (evaluate_checkpoint and `cornpipe evaluate` share it)."""
+    augmentation: the raw outputs `summarize` takes (evaluate_checkpoint and `cornpipe evaluate` share it).
+    `tta`: averaged with each image's mirror (evaluate)."""
     loader = make_loader(shard_set, split, augment=False, **request)
     try:
         with Progress(disable=True) as progress:
             return evaluate(run.model, loader, run.loss_fn, run.cfg, steps=len(loader), progress=progress,
-                            task=progress.add_task("eval", total=len(loader), ips=0.0))
+                            task=progress.add_task("eval", total=len(loader), ips=0.0), tta=tta)
     finally:
         loader.close()
 

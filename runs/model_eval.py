@@ -54,12 +54,13 @@ def check_compatible(data: dict[str, Any], shard_set: ShardSet, source: str) -> 
 
 
 def evaluate_model(model: Path, shards: Path, out: Path, *, split: str | None = None, raw: bool = False,
-                   **overrides: Any) -> dict[str, Any]:
+                   tta: bool = False, **overrides: Any) -> dict[str, Any]:
     """Evaluate MODEL (a run folder or a checkpoint) on every sample of `shards` (or one `split`) into the
     folder `out`; returns what metrics.json holds. `overrides`: TrainConfig fields (batch_size, loader,
     workers, bootstrap, tolerance; device and amp: this machine's "auto" unless given); the rest is the run's.
     `split` "val" on the run's own shard set is a CV run's val fold, as its validation was. The probabilities
-    are divided by the run's calibration temperature (runs.calibration) unless `raw`."""
+    are divided by the run's calibration temperature (runs.calibration) unless `raw`; `tta`: each image's
+    probabilities and grade averaged with its horizontal mirror's."""
     checkpoint = model_checkpoint(model)
     _check_out(out, [model, checkpoint], shards)
     state = load_checkpoint(checkpoint)
@@ -77,7 +78,7 @@ def evaluate_model(model: Path, shards: Path, out: Path, *, split: str | None = 
         request = run.val_request()
     else:
         request = dict(run.loader_fields(), oversample="none", shuffle=False)
-    result = evaluate_split(run, shard_set, split or "val", request)
+    result = evaluate_split(run, shard_set, split or "val", request, tta=tta)
     temperature = 1.0 if raw else temperature_of(state["data"])
     raw_prob = result["position_prob"]
     result["position_prob"] = apply_temperature(raw_prob, temperature)
@@ -87,7 +88,7 @@ def evaluate_model(model: Path, shards: Path, out: Path, *, split: str | None = 
                    "ece_raw": ece(raw_prob, labels) if len(labels) else None,
                    "ece": ece(result["position_prob"], labels) if len(labels) else None}
     record = {"model": str(checkpoint), "shards": str(shards), "split": split or "all",
-              "fold": run.fold.name if run.fold else None, "bootstrap": run.cfg.bootstrap,
+              "fold": run.fold.name if run.fold else None, "tta": tta, "bootstrap": run.cfg.bootstrap,
               "tolerance": run.cfg.tolerance, "metrics": metrics, "calibration": calibration}
     out.mkdir(parents=True, exist_ok=True)
     predictions = {k: v.numpy() for k, v in prediction_tensors(result).items()}
@@ -126,7 +127,8 @@ def write_eval_report(out: Path, record: dict[str, Any], positions: list[str]) -
     lines = [f"# Evaluation: {record['model']}", "",
              f"Shards `{record['shards']}`, split `{record['split']}`"
              + (f" (fold {record['fold']})" if record["fold"] else "") + f", {metrics.get('n_samples')} images, "
-             f"grade tolerance ±{record['tolerance']}, bootstrap {record['bootstrap']}.", "",
+             f"grade tolerance ±{record['tolerance']}, bootstrap {record['bootstrap']}"
+             + (", each image averaged with its horizontal mirror (TTA)" if record.get("tta") else "") + ".", "",
              "| metric | value | 95% CI |", "|---|---|---|"]
     lines += [f"| {label} | {format_value(key, metrics[key])} | {format_ci(ci.get(key))} |"
               for key, label, _ in TABLE_METRICS if metrics.get(key) is not None]

@@ -8,7 +8,9 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from conftest import cli_run
 
 from cornpipe.runs.report import load_metrics
@@ -99,3 +101,49 @@ def test_out_that_is_an_input_is_refused(run: Path, tiny_shards: Path, which: st
     result = cli_run("evaluate", run, tiny_shards, "--out", out, "--device", "cpu")
     assert result.exit_code == 1 and result.output.startswith(f"Error: --out {out} is an input")
     assert (run / "report.md").read_text() == before and not (tiny_shards / "eval").exists()
+
+
+class _LeftRight(torch.nn.Module):
+    """Logits (mean of the left half, mean of the right half, 0) and grade left - right: its mirror swaps
+    the first two classes and negates the grade, so the mirror average is symmetric."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        half = x.shape[3] // 2
+        left, right = x[..., :half].mean((1, 2, 3)), x[..., half:].mean((1, 2, 3))
+        return {"position": torch.stack([left, right, torch.zeros_like(left)], 1), "grade": left - right}
+
+
+def test_tta_averages_the_probabilities_of_the_image_and_its_mirror() -> None:
+    from rich.progress import Progress
+
+    from cornpipe.loaders.base import Batch
+    from cornpipe.models.losses import MultiTaskLoss
+    from cornpipe.runs.config import TrainConfig
+    from cornpipe.runs.evaluation import evaluate
+
+    gen = torch.Generator().manual_seed(0)
+    batch = Batch(torch.rand(6, 3, 8, 8, generator=gen) * 4, torch.tensor([0, 1, 2, 0, 1, 2]),
+                  torch.full((6,), 5.0), torch.arange(6))
+    loss = MultiTaskLoss(grade_scale=[0.0, 3.0, 5.0, 7.0, 9.0])
+    cfg = TrainConfig(device="cpu", amp="off")
+    results = {}
+    for tta in (False, True):
+        with Progress(disable=True) as progress:
+            results[tta] = evaluate(_LeftRight(), [batch], loss, cfg, steps=1, progress=progress,
+                                    task=progress.add_task("eval", total=1, ips=0.0), tta=tta)
+    plain = torch.from_numpy(results[False]["position_prob"])
+    logits = _LeftRight()(batch.images)["position"]
+    mirrored = _LeftRight()(batch.images.flip(3))["position"]
+    assert not torch.allclose(plain[:, 0], plain[:, 1])  # the test can tell
+    expected = (logits.softmax(1) + mirrored.softmax(1)) / 2
+    assert results[True]["position_prob"] == pytest.approx(expected.numpy(), abs=1e-6)
+    assert results[True]["grade_pred"] == pytest.approx(np.zeros(6), abs=1e-6)
+
+
+def test_evaluate_tta_on_the_command_line_is_recorded(run: Path, tiny_shards: Path, tmp_path: Path) -> None:
+    result = cli_run("evaluate", run, tiny_shards, "--split", "val", "--out", tmp_path / "ev", "--device", "cpu",
+                     "--tta")
+    assert result.exit_code == 0, result.output
+    got = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert got["tta"] is True
+    assert "mirror" in (tmp_path / "ev" / "report.md").read_text()

@@ -90,3 +90,28 @@ def test_best_checkpoint_is_the_best_validation_epoch_and_only_changes_when_it_i
     mae = sum(abs(float(p["grade_pred"]) - float(p["grade_true"])) for p in preds) / len(preds)
     assert mae == pytest.approx(best["val"]["grade_mae"], rel=1e-5)
     assert mae != pytest.approx(lines[-1]["val"]["grade_mae"], rel=1e-5)
+
+
+@pytest.mark.parametrize("jitter", [0.0, 0.4])
+def test_jitter_is_the_colour_jitter_of_the_train_loader_and_never_of_validation(jitter: float) -> None:
+    from cornpipe.runs.build import build_run
+
+    cfg = TrainConfig(model="resnet_plus_tiny", image_size=32, device="cpu", jitter=jitter)
+    run = build_run(cfg, ["lower", "middle", "upper"], SCALE)
+    augment = run.train_request(100)["augment"]
+    assert (augment.brightness, augment.contrast, augment.saturation) == (jitter, jitter, jitter)
+    assert augment.hflip and augment.vflip  # only the colour part changes
+    assert run.val_request().get("augment") in (None, False)
+
+
+def test_jitter_from_the_command_line_is_recorded_and_a_negative_one_is_one_error_line(
+        tiny_shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", str(tiny_shards), "--out", str(run), *TINY_ARGS, "--epochs", "1",
+                                      "--max-batches", "1", "--jitter", "0"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "config.json").read_text())["jitter"] == 0.0
+    bad = CliRunner().invoke(cli, ["train", str(tiny_shards), "--out", str(tmp_path / "bad"), *TINY_ARGS,
+                                   "--jitter", "-0.1"])
+    assert bad.exit_code != 0
+    assert bad.output.strip().splitlines()[-1].startswith("Error: jitter"), bad.output
