@@ -141,7 +141,7 @@ class Run:
         """make_loader keywords of the train split: drawn per epoch (oversampling, augmentation); `even`
         so every rank runs the same number of steps; `train_count`: images in the train split (or fold)."""
         return dict(self.loader_fields(rank=rank, world_size=world_size), oversample=self.cfg.oversample,
-                    even=True, sample_ids=self.fold.train_ids if self.fold else None,
+                    oversample_by=self.cfg.oversample_by, even=True, sample_ids=self.fold.train_ids if self.fold else None,
                     drop_last=train_count // world_size > self.cfg.batch_size)
 
     def val_request(self, *, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
