@@ -190,12 +190,13 @@ def fit(s: Session, console: Console, verbose: bool, results: Console, on_batche
     step_model, eval_model = step_and_eval_models(s)
     train_steps = int(min(len(s.train_loader), cfg.max_batches or math.inf))
     val_steps = int(min(len(s.val_loader), cfg.max_val_batches or math.inf))  # val is in class order: all of it
+    by = f" by {cfg.oversample_by}" if cfg.oversample != "none" and cfg.oversample_by != "position" else ""
     ranks = (f", {ctx.world_size} ranks x batch {cfg.batch_size} = global batch "
              f"{ctx.world_size * cfg.batch_size}" if ctx.enabled else "")
     console.print(f"training {cfg.model} on {cfg.shards} ({s.data['counts']['train']} train / "
                   f"{s.data['counts']['val']} val) -> {out}  [device {cfg.device}, amp {cfg.amp}, "
                   f"compile {cfg.compile}, channels_last {cfg.channels_last}, threads {torch.get_num_threads()}, "
-                  f"loader {cfg.loader}, oversample {cfg.oversample}{ranks}]")
+                  f"loader {cfg.loader}, oversample {cfg.oversample}{by}{ranks}]")
     previous = ([None] + read_metrics(out / METRICS_FILE))[-1] if ctx.is_main else None
     previous_record = None  # the epoch before `previous`, for the closing table
     epoch = start_epoch

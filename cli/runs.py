@@ -82,6 +82,9 @@ def _opt(*decls: str, help: str, **kwargs: Any) -> Any:
 @_opt("--drop-path", type=float, help="Stochastic depth rate.")
 @_opt("--loader", type=click.Choice(BACKENDS), help="Loader backend.")
 @_opt("--oversample", type=click.Choice(OVERSAMPLE_STRATEGIES), help="Oversampling of train rows.")
+@_opt("--oversample-by", type=str, metavar="KEYS", help="The cells --oversample balances: position plus any of "
+      "grade, stage, source or a manifest metadata column, e.g. position,origin (field photos of each position "
+      "drawn as often as lab ones; a missing value is its own cell, unknown). none ignores it.")
 @_opt("--workers", type=int, help="Loader worker processes [default: backend's].")
 @_opt("--threads", type=int, help="torch's CPU threads [default: the cores this process may use minus the loader's "
       "workers, at least half of them].")

@@ -56,7 +56,7 @@ def make_loader(shards: Any, split: str | LoaderSpec = "train", backend: str = "
 
     `split` is a split name or a whole `LoaderSpec`; `fields` are LoaderSpec fields, each documented
     there: normalization (required with a split name: the trunk's mean and std), batch_size,
-    image_size, device, oversample, seed, workers, rank, world_size, augment, drop_last, dtype,
+    image_size, device, oversample, oversample_by, seed, workers, rank, world_size, augment, drop_last, dtype,
     shuffle, channels_last, num_samples, even, options. One request object
     goes to the backend; nothing is re-listed on the way.
 

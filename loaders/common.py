@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cornpipe.choices import DEFAULT_OVERSAMPLE_BY, oversample_keys
 from cornpipe.errors import LoaderError
 from cornpipe.loaders.base import (
     DEFAULT_IMAGE_SIZE,
@@ -52,6 +53,9 @@ class LoaderSpec:
     image_size: int = DEFAULT_IMAGE_SIZE  # px, output images are (image_size, image_size)
     device: str | torch.device = "cpu"
     oversample: str = DEFAULT_OVERSAMPLE  # none | balanced | sqrt | joint (cornpipe.loaders.sampling)
+    # the keys whose cells the draw balances: position, plus grade, stage, source or metadata columns
+    # (cornpipe.loaders.cells); a comma-separated string is taken too
+    oversample_by: tuple[str, ...] | str = DEFAULT_OVERSAMPLE_BY
     seed: int = 0
     # worker processes (torch/ffcv/dali), or decode and CPU crop threads (resident); None: cores, max 8
     workers: int | None = None
@@ -90,6 +94,10 @@ class LoaderSpec:
         """This request with every default filled in for this machine; LoaderError for a bad value."""
         dev = resolve_device(self.device)
         check_strategy(self.oversample)
+        try:
+            oversample_by = oversample_keys(self.oversample_by)
+        except ValueError as exc:
+            raise LoaderError(str(exc)) from None
         if self.batch_size < 1:
             raise LoaderError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.image_size < MIN_IMAGE_SIZE:
@@ -126,7 +134,7 @@ class LoaderSpec:
             crop = (augment if isinstance(augment, AugmentConfig) else AugmentConfig()).val_crop_fraction
         return LoaderSpec(
             split=self.split, batch_size=int(self.batch_size), image_size=int(self.image_size), device=dev,
-            oversample=self.oversample, seed=int(self.seed),
+            oversample=self.oversample, oversample_by=oversample_by, seed=int(self.seed),
             workers=default_workers() if self.workers is None else int(self.workers),
             rank=int(self.rank), world_size=int(self.world_size), augment=config, val_crop_fraction=float(crop),
             drop_last=bool(self.drop_last), dtype=dtype,
@@ -200,12 +208,24 @@ def source_rows(shards: Any, spec: LoaderSpec) -> tuple[list[tuple[str, int]], n
             np.array([s["id"] for s in chosen], dtype=np.int64))
 
 
-def epoch_rows(spec: LoaderSpec, position: np.ndarray, grade: np.ndarray, epoch: int) -> np.ndarray:
-    """This rank's rows of `epoch` (int64), the oversampling draw of every backend."""
+def row_cells(shards: Any, spec: LoaderSpec, locations: list[tuple[str, int]], grade: np.ndarray) -> np.ndarray | None:
+    """The oversampling cells (int64 codes, loaders.cells) of the rows at `locations` for
+    `spec.oversample_by`; None when the draw balances position alone or draws nothing (`none`)."""
+    from cornpipe.loaders.cells import cell_codes, check_keys
+
+    if spec.oversample == "none" or tuple(spec.oversample_by) == ("position",):
+        return None
+    check_keys(spec.oversample_by, shards.manifest["samples"])
+    return cell_codes(spec.oversample_by, [shards.samples(split)[row] for split, row in locations], grade)
+
+
+def epoch_rows(spec: LoaderSpec, position: np.ndarray, grade: np.ndarray, epoch: int,
+               cells: np.ndarray | None = None) -> np.ndarray:
+    """This rank's rows of `epoch` (int64), the oversampling draw of every backend; `cells`: row_cells'."""
     return epoch_indices(
         len(position), position=position, grade=grade, strategy=spec.oversample, shuffle=spec.shuffle,
         seed=spec.seed, epoch=epoch, rank=spec.rank, world_size=spec.world_size,
-        num_samples=spec.num_samples, even=spec.even,
+        num_samples=spec.num_samples, even=spec.even, cells=cells,
     )
 
 
@@ -227,17 +247,19 @@ def augment_params(spec: LoaderSpec, sizes: np.ndarray, epoch: int, slot: int) -
 class EpochLoader:
     """Epoch bookkeeping shared by the backends; subclasses implement `__iter__` and `close`.
 
-    `position`, `grade`, `sample_id` are the split's labels in row order (numpy arrays).
+    `position`, `grade`, `sample_id` are the split's labels in row order (numpy arrays); `cells` the rows'
+    oversampling cells (row_cells), None: position alone.
     """
 
     def __init__(self, spec: LoaderSpec, position: np.ndarray, grade: np.ndarray,
-                 sample_id: np.ndarray) -> None:
+                 sample_id: np.ndarray, cells: np.ndarray | None = None) -> None:
         self.spec = spec
         self.position = np.asarray(position, dtype=np.int64)
         self.grade = np.asarray(grade, dtype=np.float32)
         self.sample_id = np.asarray(sample_id, dtype=np.int64)
         if not len(self.position) == len(self.grade) == len(self.sample_id):
             raise LoaderError("position, grade and sample_id label counts differ")
+        self.cells = cells
         self.epoch = 0
 
     @property
@@ -251,7 +273,7 @@ class EpochLoader:
 
     def indices(self, epoch: int | None = None) -> np.ndarray:
         """This rank's rows for `epoch` (default: the current one), int64[num_samples]."""
-        return epoch_rows(self.spec, self.position, self.grade, self.epoch if epoch is None else epoch)
+        return epoch_rows(self.spec, self.position, self.grade, self.epoch if epoch is None else epoch, self.cells)
 
     @property
     def num_samples(self) -> int:

@@ -3,7 +3,10 @@ column) and the grade confusion matrix, from per-sample predictions.
 
 The rows are those of RUN/val_predictions.csv (or a cv's oof_predictions.csv), one dict per sample with
 `position_true`, `position_pred`, `grade_true`, `grade_pred` and the sample's keys; `join_manifest` adds the
-manifest's per-sample keys the file does not carry. `breakdown(rows, key)` is generic over the key:
+manifest's per-sample keys the file does not carry, its metadata columns included. The keys shown
+(`breakdown_keys`): source and stage, each metadata key the run's draw balanced (--oversample-by), and every
+manifest metadata column with 2 to MAX_BREAKDOWN_VALUES values (field vs lab photos without asking).
+`breakdown(rows, key)` is generic over the key:
 accuracy, macro-F1 and grade MAE per value, with percentile 95 % bootstrap intervals when the group
 holds at least MIN_N_FOR_INTERVAL samples. Macro-F1 per group averages over the positions present in the
 group's truth: a source folder (9l, 14m ...) holds one position only, and averaging over absent classes
@@ -24,6 +27,7 @@ from cornpipe.models.metrics import scale_indices
 
 BREAKDOWN_KEYS = ("source", "stage")
 UNKNOWN = "unknown"
+MAX_BREAKDOWN_VALUES = 20  # a metadata column with more values (field_id, ...) is broken down only when asked
 MIN_N_FOR_INTERVAL = 10  # fewer samples: a bootstrap interval would only repeat the handful seen
 RESAMPLES = 1000
 CV_GRADE_CONFUSION = "cv_grade_confusion.png"  # beside cv.md
@@ -34,21 +38,54 @@ def read_predictions(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def join_manifest(rows: Sequence[dict[str, Any]], shards: str | Path | None) -> list[dict[str, Any]]:
-    """Rows with the manifest's per-sample keys added where the row lacks them (joined on sample_id)."""
+def _manifest_samples(shards: str | Path | None) -> list[dict[str, Any]]:
+    """The manifest's sample dicts; [] when there is no readable manifest."""
     manifest = Path(shards) / "manifest.json" if shards else None
     if manifest is None or not manifest.is_file():
-        return list(rows)
+        return []
     try:
         samples = json.loads(manifest.read_text(encoding="utf-8")).get("samples") or []
     except (json.JSONDecodeError, OSError, AttributeError):
-        return list(rows)  # the report still reads the columns the predictions carry
-    by_id = {str(s.get("id")): s for s in samples if isinstance(s, dict)}
+        return []  # the report still reads the columns the predictions carry
+    return [s for s in samples if isinstance(s, dict)]
+
+
+def join_manifest(rows: Sequence[dict[str, Any]], shards: str | Path | None) -> list[dict[str, Any]]:
+    """Rows with the manifest's per-sample keys, metadata columns included, added where the row lacks them
+    (joined on sample_id)."""
+    return _join(rows, _manifest_samples(shards))
+
+
+def _join(rows: Sequence[dict[str, Any]], samples: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    by_id = {str(s.get("id")): s for s in samples}
     joined = []
     for row in rows:
         extra = by_id.get(str(row.get("sample_id")), {})
-        joined.append({**{k: v for k, v in extra.items() if not isinstance(v, (dict, list))}, **row})
+        meta = extra.get("meta") if isinstance(extra.get("meta"), dict) else {}
+        joined.append({**meta, **{k: v for k, v in extra.items() if not isinstance(v, (dict, list))}, **row})
     return joined
+
+
+def breakdown_keys(rows: Sequence[dict[str, Any]], metadata: Sequence[str], oversample_by: str | None = None) -> list[str]:
+    """source, stage, each metadata key of `oversample_by` ("position,origin") and each of the `metadata`
+    columns whose known values in `rows` number 2 to MAX_BREAKDOWN_VALUES."""
+    keys = list(BREAKDOWN_KEYS)
+    for key in str(oversample_by or "").split(","):
+        if key.strip() and key.strip() not in ("position", "grade", *keys):
+            keys.append(key.strip())
+    for key in metadata:
+        if key not in keys and 2 <= len({_value(r, key) for r in rows} - {UNKNOWN}) <= MAX_BREAKDOWN_VALUES:
+            keys.append(key)
+    return keys
+
+
+def manifest_breakdown(rows: Sequence[dict[str, Any]], shards: str | Path | None,
+                       oversample_by: str | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """(rows joined with the manifest of `shards`, the keys to break them down by: breakdown_keys)."""
+    samples = _manifest_samples(shards)
+    joined = _join(rows, samples)
+    metadata = sorted({k for s in samples if isinstance(s.get("meta"), dict) for k in s["meta"]})
+    return joined, breakdown_keys(joined, metadata, oversample_by)
 
 
 def _value(row: dict[str, Any], key: str) -> str:
@@ -172,7 +209,8 @@ def predictions_section(rows: Sequence[dict[str, Any]], grade_scale: Sequence[fl
         lines += [f"### Grade confusion, {what}", "",
                   "Predicted grades are snapped to the nearest level of the scale.", "",
                   *confusion_table(confusion, names, "grade"), "", f"![grade confusion matrix]({png.name})", ""]
-    lines += [f"## Breakdown by {' and '.join(keys)}, {what}", "", *breakdown_section(rows, keys)]
+    named = ", ".join(keys[:-1]) + f" and {keys[-1]}" if len(keys) > 1 else keys[0]
+    lines += [f"## Breakdown by {named}, {what}", "", *breakdown_section(rows, keys)]
     return lines
 
 
@@ -185,7 +223,8 @@ def cv_section(out: Path, oof_file: str | None, config: dict[str, Any]) -> str:
     if not rows:
         return ""
     seed = rows[0]["seed"]
-    rows = join_manifest([r for r in rows if r["seed"] == seed], config.get("shards"))
+    rows, keys = manifest_breakdown([r for r in rows if r["seed"] == seed], config.get("shards"),
+                                    config.get("oversample_by"))
     scale = (config.get("data") or {}).get("grade_scale")
-    lines = predictions_section(rows, scale, out / CV_GRADE_CONFUSION, f"out-of-fold, seed {seed}")
+    lines = predictions_section(rows, scale, out / CV_GRADE_CONFUSION, f"out-of-fold, seed {seed}", keys)
     return "\n" + "\n".join(lines)

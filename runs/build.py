@@ -142,7 +142,9 @@ class Run:
         so every rank runs the same number of steps; `train_count`: images in the train split (or fold)."""
         jitter = self.cfg.jitter
         return dict(self.loader_fields(rank=rank, world_size=world_size), oversample=self.cfg.oversample,
-                    augment=AugmentConfig(brightness=jitter, contrast=jitter, saturation=jitter), even=True, sample_ids=self.fold.train_ids if self.fold else None,
+                    oversample_by=self.cfg.oversample_by,
+                    augment=AugmentConfig(brightness=jitter, contrast=jitter, saturation=jitter), even=True,
+                    sample_ids=self.fold.train_ids if self.fold else None,
                     drop_last=train_count // world_size > self.cfg.batch_size)
 
     def val_request(self, *, rank: int = 0, world_size: int = 1) -> dict[str, Any]:

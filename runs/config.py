@@ -30,11 +30,13 @@ from cornpipe.choices import (
     BACKENDS,
     DEFAULT_IMAGE_SIZE,
     DEFAULT_OVERSAMPLE,
+    DEFAULT_OVERSAMPLE_BY,
     GRADE_HEADS,
     LOGGERS,
     MIN_IMAGE_SIZE,
     OVERSAMPLE_STRATEGIES,
     SEED_MAX,
+    oversample_keys,
 )
 from cornpipe.errors import ConfigError
 
@@ -62,6 +64,9 @@ class TrainConfig:
     out: str = ""  # run directory (config.json, metrics.jsonl, best.pt, last.pt, report.md, plots)
     loader: str = "torch"  # backend: ffcv | dali | torch | resident
     oversample: str = DEFAULT_OVERSAMPLE  # per-epoch draw of train rows: none | balanced | sqrt | joint
+    # comma-separated keys whose cells the draw balances: position plus any of grade, stage, source or a
+    # manifest metadata column, e.g. "position,origin" (loaders.cells; TOML: a string or a list)
+    oversample_by: str = ",".join(DEFAULT_OVERSAMPLE_BY)
     image_size: int = DEFAULT_IMAGE_SIZE  # pixels, side of the square crop the model sees
     batch_size: int = 64  # images per optimiser step PER PROCESS; under torchrun the global batch is x world size
     workers: int | None = None  # loader worker processes; None = the backend's default
@@ -142,6 +147,10 @@ class TrainConfig:
 
         choice("loader", BACKENDS)
         choice("oversample", OVERSAMPLE_STRATEGIES)
+        try:  # one spelling saved ("position,origin"), whichever was given
+            object.__setattr__(self, "oversample_by", ",".join(oversample_keys(self.oversample_by)))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         choice("grade_head", GRADE_HEADS)
         choice("optimizer", OPTIMIZERS)
         choice("schedule", SCHEDULES)
@@ -195,6 +204,8 @@ class TrainConfig:
         """Build from plain values (TOML, JSON, a checkpoint); unknown keys and bad types are errors."""
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k.replace("-", "_"): v for k, v in values.items()}
+        if isinstance(values.get("oversample_by"), list):  # TOML's list form of the comma string
+            values["oversample_by"] = ",".join(str(v) for v in values["oversample_by"])
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"unknown key(s) in {source}: {', '.join(unknown)}")

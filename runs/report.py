@@ -30,7 +30,7 @@ from cornpipe.runs import calibration
 from cornpipe.runs.assessment import assess, change_pct, half_width
 from cornpipe.runs.breakdown import (
     confusion_table,
-    join_manifest,
+    manifest_breakdown,
     md_table,
     predictions_section,
     read_predictions,
@@ -70,7 +70,7 @@ HEADLINE_METRICS = (("position_accuracy", "position accuracy"), ("position_macro
                     ("grade_mae", "grade MAE"), ("grade_qwk", "grade QWK"))
 UNDEFINED = {"grade_qwk": "undefined (one true grade level only)"}  # why compute_metrics returns None
 CONFIG_SUMMARY_KEYS = ("model", "grade_head", "loader", "epochs", "batch_size", "image_size", "lr",
-                       "optimizer", "oversample", "loss_weights", "device", "amp", "monitor", "seed")
+                       "optimizer", "oversample", "oversample_by", "loss_weights", "device", "amp", "monitor", "seed")
 
 
 
@@ -294,13 +294,14 @@ def _predictions_lines(run_dir: Path, config: dict[str, Any], best: dict[str, An
     if not path.is_file():
         return [f"No {PREDICTIONS_FILE} yet (written when training ends): the grade confusion and the breakdown "
                 "by source and stage need the per-sample predictions.", ""]
-    rows = join_manifest(read_predictions(path), config_get(config, "shards"))
+    rows, keys = manifest_breakdown(read_predictions(path), config_get(config, "shards"),
+                                    config_get(config, "oversample_by"))
     if not rows:
         return [f"{PREDICTIONS_FILE} holds no samples.", ""]
     scale = config_get(config, "grade_scale")
     what = f"validation, epoch {best['epoch']} (best.pt)" if best is not None else "validation, best.pt"
     return predictions_section(rows, scale if isinstance(scale, list) else None, run_dir / GRADE_CONFUSION_FILE,
-                               what)
+                               what, keys)
 
 
 def _cam_lines(run_dir: Path) -> list[str]:

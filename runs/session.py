@@ -19,6 +19,7 @@ from torch import nn
 from cornpipe.errors import ConfigError
 from cornpipe.loaders import make_loader
 from cornpipe.loaders.base import IMAGENET
+from cornpipe.loaders.cells import check_keys
 from cornpipe.models import input_stats
 from cornpipe.models.init_weights import load_init_weights
 from cornpipe.runs.build import Fold, Run, build_run, run_fold
@@ -130,6 +131,7 @@ def setup(cfg: TrainConfig, ctx: DistContext, *, resume: bool, force: bool, cons
         raise ConfigError(f"shard set directory not found: {cfg.shards}")
     shards = ShardSet(cfg.shards)
     fold = run_fold(cfg, shards.manifest["samples"])  # None: the convert-time train/val split
+    check_keys(cfg.oversample_by.split(","), shards.manifest["samples"])  # before the model is built
     data = run_data(cfg, shards, fold)
     cfg, tasks, said = run_tasks(cfg, shards.manifest["samples"], fold.train_ids if fold else None,
                                  checkpoint["data"] if checkpoint else None, data["positions"])

@@ -49,7 +49,7 @@ from cornpipe.loaders.backends.dali_source import (
     worker_error,
 )
 from cornpipe.loaders.base import Batch
-from cornpipe.loaders.common import AUGMENT_STREAM, EpochLoader, LoaderSpec, source_rows
+from cornpipe.loaders.common import AUGMENT_STREAM, EpochLoader, LoaderSpec, row_cells, source_rows
 from cornpipe.loaders.pixels.finish import Finisher
 from cornpipe.shards import fields as F
 
@@ -81,7 +81,7 @@ class DaliLoader(EpochLoader):
 
     def __init__(self, shards, spec: LoaderSpec) -> None:
         locations, position, grade, sample_id = source_rows(shards, spec)  # a split, or any sample ids
-        super().__init__(spec, position, grade, sample_id)
+        super().__init__(spec, position, grade, sample_id, row_cells(shards, spec, locations, grade))
         self.shards = shards
         self.reader = str(spec.options.get("reader", "external"))
         if self.reader not in READERS:
@@ -99,7 +99,8 @@ class DaliLoader(EpochLoader):
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._tmp), True)
         self.plan = EpochPlan(self._tmp / "plan.bin")
         self.source_spec = SourceSpec(loader=spec, tars=self.tars, shard=shard, offset=offset, size=size, hw=hw,
-                                      position=self.position, grade=self.grade, plan=str(self.plan.path))
+                                      position=self.position, grade=self.grade, plan=str(self.plan.path),
+                                      cells=self.cells)
         self._pipe: Pipeline | None = None
         self._wds_iter: DALIGenericIterator | None = None
         self._dali_epoch = 0  # DALI's own epoch counter (one per pipeline reset)

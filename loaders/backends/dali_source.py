@@ -124,6 +124,7 @@ class SourceSpec:
     position: np.ndarray  # (N,) the split's labels: the oversampling draw depends on them
     grade: np.ndarray
     plan: str  # EpochPlan path
+    cells: np.ndarray | None = None  # the rows' oversampling cells (loaders.common.row_cells)
 
     @property
     def rotates(self) -> bool:
@@ -138,7 +139,7 @@ class SourceSpec:
 
     def rows(self, user_epoch: int) -> np.ndarray:
         """This rank's rows of `user_epoch` (without the last, partial batch when drop_last)."""
-        return cut_to_batches(epoch_rows(self.loader, self.position, self.grade, user_epoch), self.loader)
+        return cut_to_batches(epoch_rows(self.loader, self.position, self.grade, user_epoch, self.cells), self.loader)
 
 
 class Geometry(NamedTuple):

@@ -59,7 +59,14 @@ import torch
 
 from cornpipe.errors import LoaderError, MissingDependency, install_hint
 from cornpipe.loaders.base import HOST_DTYPE, Batch
-from cornpipe.loaders.common import EpochLoader, LoaderSpec, augment_params, cut_to_batches, source_rows
+from cornpipe.loaders.common import (
+    EpochLoader,
+    LoaderSpec,
+    augment_params,
+    cut_to_batches,
+    row_cells,
+    source_rows,
+)
 from cornpipe.loaders.pixels.finish import Finisher
 from cornpipe.loaders.pixels.memory import OutputPool
 from cornpipe.shards import fields as F
@@ -242,7 +249,7 @@ class FfcvLoader(EpochLoader):
 
     def __init__(self, shards, spec: LoaderSpec) -> None:
         locations, position, grade, sample_id = source_rows(shards, spec)  # a split, or any sample ids
-        super().__init__(spec, position, grade, sample_id)
+        super().__init__(spec, position, grade, sample_id, row_cells(shards, spec, locations, grade))
         self.betons = BetonSet.open(shards, locations, spec.split)
         self.path = self.betons.paths[0]
         self.sizes = self.betons.sizes  # (N, 2) stored height, width of each row

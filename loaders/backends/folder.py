@@ -17,6 +17,7 @@ from PIL import Image
 
 from cornpipe.errors import LoaderError
 from cornpipe.loaders.backends.torch_loader import ImageDataset, TorchLoader
+from cornpipe.loaders.cells import cell_codes, check_keys
 from cornpipe.loaders.common import LoaderSpec, make_spec
 
 FOLDER_SPLITS: tuple[str, ...] = ("all", "train", "val")
@@ -56,7 +57,12 @@ def build_folder(src: Path | str | None, spec: LoaderSpec) -> TorchLoader:
                                 split_seed=opts.get("split_seed", 0))
     position = np.array([s.position for s in samples], dtype=np.int64)
     grade = np.array([s.grade for s in samples], dtype=np.float32)
-    return TorchLoader(FolderImages([s.path for s in samples], spec), spec, position, grade, ids)
+    cells = None
+    if spec.oversample != "none" and tuple(spec.oversample_by) != ("position",):  # as a shard set's (row_cells)
+        found = [{"source": s.source, "stage": s.stage, "meta": s.meta} for s in samples]
+        check_keys(spec.oversample_by, found)
+        cells = cell_codes(spec.oversample_by, found, grade)
+    return TorchLoader(FolderImages([s.path for s in samples], spec), spec, position, grade, ids, cells)
 
 
 def folder_split(src: Path | str | None, split: str, *, manifest_csv: Path | str | None = None,

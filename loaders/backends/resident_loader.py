@@ -43,7 +43,14 @@ from cornpipe.loaders.backends.resident_budget import MemoryBudget
 from cornpipe.loaders.backends.resident_decode import batch_decoder, chunks, decode_images, place
 from cornpipe.loaders.backends.torch_loader import shard_of
 from cornpipe.loaders.base import Batch, to_device
-from cornpipe.loaders.common import EpochLoader, LoaderSpec, augment_params, cut_to_batches, source_rows
+from cornpipe.loaders.common import (
+    EpochLoader,
+    LoaderSpec,
+    augment_params,
+    cut_to_batches,
+    row_cells,
+    source_rows,
+)
 from cornpipe.loaders.pixels.augment import augment_batch
 from cornpipe.loaders.pixels.geometry import CROP_KERNELS, roi_align_window, use_interpolate
 
@@ -59,7 +66,7 @@ class ResidentLoader(EpochLoader):
 
     def __init__(self, shards, spec: LoaderSpec) -> None:
         self.locations, position, grade, sample_id = source_rows(shards, spec)  # (split, row) of each row
-        super().__init__(spec, position, grade, sample_id)
+        super().__init__(spec, position, grade, sample_id, row_cells(shards, spec, self.locations, grade))
         self._shards = shards
         blobs = [shards.read_image_bytes(split, row) for split, row in self.locations]
         self.sizes = np.array([self._header_size(row, b) for row, b in enumerate(blobs)],

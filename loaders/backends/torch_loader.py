@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cornpipe.errors import LoaderError
 from cornpipe.loaders.base import Batch
-from cornpipe.loaders.common import EpochLoader, LoaderSpec, augment_params, source_rows
+from cornpipe.loaders.common import EpochLoader, LoaderSpec, augment_params, row_cells, source_rows
 from cornpipe.loaders.pixels.augment import apply_geometry_pil
 from cornpipe.loaders.pixels.finish import finish_batch, one_cpu_thread
 
@@ -129,8 +129,8 @@ class TorchLoader(EpochLoader):
     """DataLoader over `dataset` with the shared epoch draw; yields `Batch`es on the device."""
 
     def __init__(self, dataset: ImageDataset, spec: LoaderSpec, position: np.ndarray, grade: np.ndarray,
-                 sample_id: np.ndarray) -> None:
-        super().__init__(spec, position, grade, sample_id)
+                 sample_id: np.ndarray, cells: np.ndarray | None = None) -> None:
+        super().__init__(spec, position, grade, sample_id, cells)
         workers = spec.workers
         extra = {}
         if workers > 0:
@@ -174,4 +174,4 @@ def build(shards, spec: LoaderSpec) -> TorchLoader:
                 if not Path(path).is_file():
                     raise LoaderError(f"missing shard file {path}")
     dataset = ShardImages(shards.root, locations, spec)
-    return TorchLoader(dataset, spec, position, grade, sample_id)
+    return TorchLoader(dataset, spec, position, grade, sample_id, row_cells(shards, spec, locations, grade))

@@ -47,8 +47,13 @@ def colour_labels(i: int) -> tuple[tuple[int, int, int], int, int]:
     return (40 + 80 * position, 30 + 45 * g, 20 + 30 * (i % 8)), position, GRADES[g]
 
 
+def origin_of(i: int) -> str:
+    """Image i's `origin` metadata column: blocks of ten field photos, 10 % of the set, every position."""
+    return "field" if (i // 10) % 10 == 0 else "lab"
+
+
 def write_colour_survey(folder: Path, n: int = N_IMAGES) -> Path:
-    """n flat-colour PNGs and a manifest CSV (path, position, grade); returns the CSV."""
+    """n flat-colour PNGs and a manifest CSV (path, position, grade, origin); returns the CSV."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(n):
@@ -57,10 +62,10 @@ def write_colour_survey(folder: Path, n: int = N_IMAGES) -> Path:
         pixels = np.full((h, w, 3), colour, np.uint8)
         pixels[0, :10, 0] += np.array([(i >> k) & 1 for k in range(10)], np.uint8)  # unique bytes: convert drops duplicates
         Image.fromarray(pixels).save(folder / f"{i:04d}.png")
-        rows.append((f"{i:04d}.png", position, grade))
+        rows.append((f"{i:04d}.png", position, grade, origin_of(i)))
     csv_path = folder / "labels.csv"
     with open(csv_path, "w", newline="") as f:
-        csv.writer(f).writerows([("path", "position", "grade"), *rows])
+        csv.writer(f).writerows([("path", "position", "grade", "origin"), *rows])
     return csv_path
 
 
@@ -221,6 +226,50 @@ def test_balanced_gives_each_position_a_third(backend, colour_jpg):
     assert len(got) == 1200
     shares = np.bincount(got.numpy(), minlength=3) / len(got)
     assert np.all(np.abs(shares - 1 / 3) <= 0.05), shares
+
+
+@pytest.mark.parametrize("backend", LOADER_BACKENDS)
+def test_every_backend_draws_the_shared_position_by_origin_cells(backend, colour_jpg):
+    """--oversample-by position,origin: each backend reads the rows loaders.sampling draws over the cells,
+    so the field photos (10 % of the set) fill about half the epoch."""
+    from cornpipe.loaders.cells import cell_codes
+
+    shards = ShardSet(colour_jpg)
+    position, grade, ids = shards.labels("train")
+    origin = np.array([s["meta"]["origin"] for s in shards.samples("train")])
+    loader = loader_for(colour_jpg, backend, oversample="balanced", oversample_by="position,origin", augment=False,
+                        num_samples=600, seed=9)
+    try:
+        *_, got, _ = run_epoch(loader, 2)
+    finally:
+        loader.close()
+    cells = cell_codes(("position", "origin"), shards.samples("train"), grade)
+    rows = epoch_indices(len(ids), position=position, grade=grade, strategy="balanced", seed=9, epoch=2,
+                         num_samples=600, cells=cells)
+    assert got.tolist() == ids[rows].tolist()
+    present = set(zip(position.tolist(), origin.tolist(), strict=True))
+    field_cells = sum(o == "field" for _, o in present)
+    # 600 draws: one standard deviation of a half share is 0.02
+    assert abs(np.mean(origin[rows] == "field") - field_cells / len(present)) < 0.08
+
+
+def test_the_folder_backend_draws_the_same_cells(colour_csv):
+    from cornpipe.loaders.cells import cell_codes
+
+    loader = make_loader(None, "all", backend="torch-folder", batch_size=50, image_size=IMAGE_SIZE, workers=0,
+                         augment=False, options={"manifest_csv": colour_csv}, normalization=IMAGENET,
+                         oversample="sqrt", oversample_by="position,origin", seed=1)
+    try:
+        _, position, grade, sample_id, _ = run_epoch(loader, 0)
+    finally:
+        loader.close()
+    # discovery order = file name order here, so sample id i is image i
+    labels = [colour_labels(i) for i in range(N_IMAGES)]
+    grades = np.array([g for _, _, g in labels], dtype=np.float32)
+    cells = cell_codes(("position", "origin"), [{"meta": {"origin": origin_of(i)}} for i in range(N_IMAGES)], grades)
+    rows = epoch_indices(N_IMAGES, position=np.array([p for _, p, _ in labels]), grade=grades, strategy="sqrt",
+                         seed=1, epoch=0, cells=cells)
+    assert sample_id.tolist() == rows.tolist()
 
 
 @pytest.mark.parametrize("backend", LOADER_BACKENDS)

@@ -134,3 +134,62 @@ def test_num_batches_honours_drop_last():
     assert num_batches(10, 4, drop_last=False) == 3
     assert num_batches(10, 4, drop_last=True) == 2
     assert num_batches(0, 4, drop_last=False) == 0
+
+
+# --oversample-by: the draw over position x metadata cells (loaders.cells gives the codes)
+
+OLD_POSITION = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 2, 0, 1])
+OLD_GRADE = np.array([0, 3, 3, 5, 9, 0, 0, 3, 5, 9, 9, 0], dtype=np.float32)
+# epoch_indices(12, ..., seed=3, epoch=1, num_samples=16) as the draw gave them before --oversample-by existed
+OLD_DRAWS = {"balanced": [5, 7, 6, 7, 9, 10, 6, 8, 9, 9, 9, 6, 6, 11, 0, 5],
+             "sqrt": [3, 6, 5, 6, 7, 10, 4, 7, 9, 8, 8, 4, 5, 11, 0, 4],
+             "joint": [3, 5, 4, 5, 6, 10, 4, 6, 8, 7, 7, 3, 4, 11, 0, 3],
+             "none": [0, 4, 11, 1, 2, 5, 10, 7, 9, 8, 6, 3, 5, 9, 2, 6]}
+
+
+@pytest.mark.parametrize("strategy", OVERSAMPLE_STRATEGIES)
+def test_the_default_keys_draw_what_runs_drew_before(strategy):
+    from cornpipe.loaders.cells import cell_codes
+
+    cells = cell_codes(("position",), [{}] * 12, OLD_GRADE)  # the default keys: no cells
+    rows = epoch_indices(12, position=OLD_POSITION, grade=OLD_GRADE, strategy=strategy, seed=3, epoch=1,
+                         num_samples=16, cells=cells)
+    assert rows.tolist() == OLD_DRAWS[strategy]
+
+
+def test_position_by_origin_gives_field_photos_a_share_of_their_own():
+    """90 % lab, 10 % field photos: balanced over position x origin draws each of the 6 cells a sixth of the epoch."""
+    from cornpipe.loaders.cells import cell_codes
+
+    position, grade = mix(1000)
+    origin = np.where(np.random.default_rng(1).random(len(position)) < 0.1, "field", "lab")
+    samples = [{"meta": {"origin": o}} for o in origin]
+    cells = cell_codes(("position", "origin"), samples, grade)
+    rows = epoch_indices(len(position), position=position, grade=grade, strategy="balanced", seed=4,
+                         num_samples=30000, cells=cells)
+    drawn = {(p, o): np.mean((position[rows] == p) & (origin[rows] == o)) for p in range(3) for o in ("field", "lab")}
+    # 30000 draws: one standard deviation of a 1/6 share is 0.002
+    assert all(abs(share - 1 / 6) < 0.01 for share in drawn.values()), drawn
+    assert np.mean(origin[rows] == "field") == pytest.approx(0.5, abs=0.01)  # from 10 % of the data
+    position_only = epoch_indices(len(position), position=position, grade=grade, strategy="balanced", seed=4,
+                                  num_samples=30000)
+    assert np.mean(origin[position_only] == "field") == pytest.approx(0.1, abs=0.02)  # what the default gave
+
+
+def test_a_missing_value_is_its_own_cell_and_grade_as_a_key_is_joints_own_cell():
+    from cornpipe.loaders.cells import cell_codes
+
+    samples = [{"meta": {"origin": "field"}}, {"meta": {}}, {"meta": {"origin": " "}}, {"meta": {"origin": "lab"}}]
+    codes = cell_codes(("position", "origin"), samples, np.zeros(4, np.float32))[:, 0]
+    assert codes[1] == codes[2] and len({codes[0], codes[1], codes[3]}) == 3  # field, unknown, lab
+    position, grade = mix(300)
+    by_grade = cell_codes(("position", "grade"), [{}] * len(grade), grade)
+    assert np.array_equal(sample_weights(position, grade, "joint", by_grade), sample_weights(position, grade, "joint"))
+
+
+def test_an_unknown_key_names_the_keys_of_the_shard_set():
+    from cornpipe.loaders.cells import check_keys
+
+    samples = [{"source": "unknown", "stage": None, "meta": {"origin": "lab"}}]
+    with pytest.raises(LoaderError, match=r"camera: this shard set's keys are position, grade, origin$"):
+        check_keys(("position", "camera"), samples)

@@ -140,3 +140,20 @@ def test_a_trained_run_reports_every_validated_source(tiny_shards: Path, tmp_pat
     for source, n in counts.items():
         assert f"| {source} | {n} |" in text
     assert (run / "grade_confusion.png").is_file()
+
+
+def test_a_manifest_column_of_a_few_values_is_broken_down_without_asking(tmp_path: Path) -> None:
+    """origin (field/lab) is shown though nobody asked; field_id, one value per image, is not."""
+    rows = _prediction_rows(SOURCES)
+    run = make_run(tmp_path, rows)
+    samples = [{"id": int(r["sample_id"]), "source": r["source"],
+                "meta": {"origin": "field" if i % 6 == 0 else "lab", "field_id": f"f{i}"}} for i, r in enumerate(rows)]
+    (run / "manifest.json").write_text(json.dumps({"samples": samples}))
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "shards": str(run)}))
+    text = write_report(run).read_text()
+    assert "## Breakdown by source, stage and origin" in text and "### By field_id" not in text
+    field = sum(s["meta"]["origin"] == "field" for s in samples)
+    assert f"| field | {field} |" in text and f"| lab | {len(rows) - field} |" in text
+    (run / "config.json").write_text(json.dumps({**config, "shards": str(run), "oversample_by": "position,field_id"}))
+    assert "### By field_id" in write_report(run).read_text()  # the key the draw balanced: shown whatever its size
