@@ -287,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=None, help="comma-separated recipe names (the baseline always runs)")
     parser.add_argument("--metadata", default=None, help="a manifest column: OOF accuracy per value")
     args = parser.parse_args(argv)
+    import cornpipe.runs.model_eval  # noqa: F401  # now: the TTA step hours later runs the code this process started with
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         base, recipes = load_recipes(args.recipes)

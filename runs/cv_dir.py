@@ -95,6 +95,9 @@ def _check_or_claim(out: Path, base: TrainConfig, force: bool, log: Callable[[st
         if saved is None:
             raise ConfigError(f"{out} is not a cv folder cornpipe made (no {CV_MARKER}) and is not empty; "
                               "cv never writes into it: give another --out")
+    if saved is not None:  # a setting added since the cv started: the default it ran with, not a change
+        defaults = _comparable(TrainConfig())
+        saved = {**{k: defaults[k] for k in current.keys() - saved.keys() if k in defaults}, **saved}
     if saved is not None and saved != current:
         changed = ", ".join(f"{k} {saved.get(k)!r} -> {current.get(k)!r}"
                             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k))

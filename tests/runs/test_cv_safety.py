@@ -73,6 +73,20 @@ def test_cv_rerun_under_the_same_config_continues(a_cv: Path, tiny_shards: Path)
     assert "fold0-seed0: finished earlier, skipped" in result.output
 
 
+def test_a_cv_started_by_an_older_cornpipe_continues_under_a_newer_one(a_cv: Path, tiny_shards: Path) -> None:
+    # a setting added since the cv started is missing from its marker: the default it had then, not a change
+    marker = json.loads((a_cv / ".cornpipe-cv").read_text())
+    for key in ("jitter", "oversample_by"):
+        del marker["config"][key]
+    (a_cv / ".cornpipe-cv").write_text(json.dumps(marker))
+    (a_cv / "fold1-seed0" / "cv_result.json").unlink()
+    result = cli_run("cv", tiny_shards, "--out", a_cv, "--folds", "2", *TINY)
+    assert result.exit_code == 0, result.output
+    assert "fold0-seed0: finished earlier, skipped" in result.output
+    changed = cli_run("cv", tiny_shards, "--out", a_cv, "--folds", "2", *TINY, "--jitter", "0.1")
+    assert "another config (jitter 0.2 -> 0.1)" in error_line(changed)  # a real change is still refused
+
+
 def test_cv_into_a_folder_cornpipe_did_not_make_is_refused(tiny_shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "thesis"
     out.mkdir()
