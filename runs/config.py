@@ -95,7 +95,7 @@ class TrainConfig:
     weight_decay: float | None = None  # conv/linear weights only; None = 0.05 (adamw) / 5e-4 (sgd)
     momentum: float = 0.9  # SGD momentum
     warmup_epochs: int = 1  # epochs of per-step linear warm-up from lr / 10 to lr
-    schedule: str = "plateau"  # after warm-up: plateau (ReduceLROnPlateau on the monitor) | cosine
+    schedule: str = "cosine"  # after warm-up: cosine (decays within any epoch budget) | plateau (ReduceLROnPlateau on the monitor)
     plateau_factor: float = 0.5  # lr multiplier when the monitor stalls
     plateau_patience: int = 2  # epochs without improvement before the lr drops
     min_lr: float = 1e-6  # floor of both schedules

@@ -89,7 +89,7 @@ def test_resumed_run_matches_uninterrupted_run(tiny_shards: Path, tmp_path: Path
     # from epoch 2 after the warm-up) halves the lr after epoch 4, and early stopping (patience 4) ends
     # the run after epoch 5 -- only if the resumed run (stopped after epoch 3) restored both states.
     cfg = TrainConfig(shards=str(tiny_shards), out=str(tmp_path / "straight"), epochs=7, ema=True,
-                      drop_path=0.1, oversample="balanced", plateau_patience=1, warmup_epochs=1, patience=4,
+                      drop_path=0.1, oversample="balanced", schedule="plateau", plateau_patience=1, warmup_epochs=1, patience=4,
                       min_delta=10.0, **TINY)
     straight_result = train(cfg)
     interrupted = dataclasses.replace(cfg, out=str(tmp_path / "resumed"), epochs=3)
@@ -116,7 +116,7 @@ def test_early_stopping_stops_patience_epochs_after_the_best_and_restores_it(tin
     # min_delta 0: every validation gain counts. At a constant lr this high the tiny model's val
     # monitor (seed 2) rises to epoch 4, then falls; the run must stop `patience` epochs after its best.
     cfg = TrainConfig(shards=str(tiny_shards), out=str(tmp_path / "run"), epochs=12, patience=2,
-                      min_delta=0.0, bootstrap=0, lr=0.03, seed=2, warmup_epochs=0, plateau_patience=100,
+                      min_delta=0.0, bootstrap=0, lr=0.03, seed=2, warmup_epochs=0, schedule="plateau", plateau_patience=100,
                       **{k: v for k, v in TINY.items() if k != "bootstrap"})
     result = train(cfg)
     lines = records(tmp_path / "run")
@@ -251,6 +251,16 @@ def test_optimizer_defaults_and_lr_schedule() -> None:
     assert all(a >= b for a, b in zip(lrs[10:-1], lrs[11:], strict=True)) and lrs[-1] < 0.0002
     plateau = dataclasses.replace(cfg, schedule="plateau")
     assert scheduled_lr(plateau, 9, 5) == pytest.approx(0.01) and scheduled_lr(plateau, 10, 5) is None
+
+
+@pytest.mark.parametrize("epochs", [2, 5, 30])
+def test_the_default_schedule_decays_within_any_epoch_budget(epochs: int) -> None:
+    # the plateau schedule's patience outlasted a 5-epoch run and the lr never moved (issue 25)
+    from cornpipe.runs.optim import scheduled_lr
+
+    cfg = TrainConfig(epochs=epochs)
+    lrs = [scheduled_lr(cfg, step, steps_per_epoch=10) for step in range(epochs * 10)]
+    assert max(lrs) == pytest.approx(cfg.lr) and lrs[-1] < 0.05 * cfg.lr
 
 
 @pytest.mark.slow

@@ -58,7 +58,8 @@ def test_best_checkpoint_is_the_best_validation_epoch_and_only_changes_when_it_i
     # of seed 2 rises to epoch 4, then falls back while the training-set monitor still rises
     cfg = TrainConfig(shards=str(tiny_shards), out=str(tmp_path / "run"), model="resnet_plus_tiny", image_size=32,
                       batch_size=16, workers=0, device="cpu", loader="torch", bootstrap=0, epochs=8,
-                      min_delta=0.0, patience=0, lr=0.03, seed=2, warmup_epochs=0, plateau_patience=100)
+                      min_delta=0.0, patience=0, lr=0.03, seed=2, warmup_epochs=0, schedule="plateau",
+                      plateau_patience=100)
     result = train(cfg)
     lines = records(tmp_path / "run")
     val = [monitor_value(r["val"], "combined", SCALE) for r in lines]
