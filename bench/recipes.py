@@ -16,7 +16,8 @@ as mean ± sd over folds with the cv's 95 % t-interval, the pooled out-of-fold m
 difference in macro-F1 from the baseline over the same (fold, seed) runs with its 95 % t-interval: the
 runs share their folds, so the paired interval is the one that can tell two recipes apart. With
 `--metadata KEY` (a manifest column such as origin), out-of-fold accuracy per value of KEY, with a
-percentile bootstrap interval. DIR/recipes.json holds the same numbers.
+percentile bootstrap interval, and its difference from the baseline's on the same samples (paired
+bootstrap over the samples). DIR/recipes.json holds the same numbers.
 
 Every fold's best epoch is chosen on that fold's own validation, so every figure is optimistic by the
 same selection for every recipe; the differences are what the table is for.
@@ -178,9 +179,25 @@ def group_accuracy(rows: Sequence[dict[str, str]], values: dict[int, str], seed:
     for value, samples in sorted(by_value.items()):
         acc = np.array([np.mean(v) for v in samples.values()])  # per sample: the share of its seeds right
         boot = acc[rng.integers(0, len(acc), size=(RESAMPLES, len(acc)))].mean(1) if len(acc) >= 10 else None
-        out[value] = {"n": len(acc), "accuracy": float(acc.mean()),
-                      "ci95": None if boot is None else [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]}
+        out[value] = {"n": len(acc), "accuracy": float(acc.mean()), "ci95": _percentiles(boot),
+                      "correct": {str(k): float(np.mean(v)) for k, v in samples.items()}}
     return out
+
+
+def _percentiles(boot: np.ndarray | None) -> list[float] | None:
+    return None if boot is None else [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+
+
+def paired_groups(groups: dict[str, Any], base: dict[str, Any], seed: int = 0) -> None:
+    """Adds `delta` to each metadata value: its accuracy minus the baseline's on the same samples, with a
+    percentile bootstrap over those samples (paired: each sample's share right in both recipes)."""
+    rng = np.random.default_rng(seed)
+    for value, g in groups.items():
+        other = base.get(value, {}).get("correct", {})
+        shared = sorted(set(g["correct"]) & set(other))
+        d = np.array([g["correct"][k] - other[k] for k in shared])
+        boot = d[rng.integers(0, len(d), size=(RESAMPLES, len(d)))].mean(1) if len(d) >= 10 else None
+        g["delta"] = {"mean": float(d.mean()) if len(d) else None, "ci95": _percentiles(boot), "n": len(d)}
 
 
 def paired(diff: Sequence[float]) -> dict[str, Any]:
@@ -216,12 +233,15 @@ def summarize_recipe(cv_dir: Path, shards: Path, recipe: dict[str, Any], metadat
 
 def compare(results: Sequence[dict[str, Any]], baseline: str) -> None:
     """Adds `vs_baseline` (paired macro-F1 differences over the shared runs) to each result (and its TTA)."""
-    base = next(r for r in results if r["name"] == baseline)["run_f1"]
+    first = next(r for r in results if r["name"] == baseline)
+    base = first["run_f1"]
     for r in results:
         for part in (r, r.get("tta")):
             if part is not None:
                 shared = sorted(set(base) & set(part["run_f1"]))
                 part["vs_baseline"] = paired([part["run_f1"][k] - base[k] for k in shared])
+                for key in [k for k in part if k.startswith("by_")]:  # per metadata value, paired over samples
+                    paired_groups(part[key], first[key])
 
 
 def _f(x: float | None, signed: bool = False) -> str:
@@ -260,7 +280,11 @@ def format_table(results: Sequence[dict[str, Any]], baseline: str, metadata: str
 
 
 def _group_cell(g: dict[str, Any] | None) -> str:
-    return "—" if not g else f"{_f(g['accuracy'])} {_ci(g['ci95'])} (n={g['n']})"
+    if not g:
+        return "—"
+    delta = g.get("delta") or {}
+    shift = f", Δ {_f(delta['mean'], True)} {_ci(delta.get('ci95'), True)}" if delta.get("mean") else ""
+    return f"{_f(g['accuracy'])} {_ci(g['ci95'])} (n={g['n']}{shift})"
 
 
 def metadata_values(shards: Path, key: str | None) -> dict[int, str]:

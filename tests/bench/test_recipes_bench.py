@@ -71,6 +71,8 @@ def test_two_recipes_on_the_same_folds_give_one_table_with_their_paired_differen
     assert results["cosine"]["vs_baseline"]["mean"] == pytest.approx(expected)
     assert set(results["cosine"]["by_origin"]) == {"field", "lab"}
     assert results["cosine"]["by_origin"]["field"]["n"] + results["cosine"]["by_origin"]["lab"]["n"] == 36
+    field = {name: results[name]["by_origin"]["field"] for name in results}  # same photos: a paired difference
+    assert field["cosine"]["delta"]["mean"] == pytest.approx(field["cosine"]["accuracy"] - field["plain"]["accuracy"])
     assert sorted(results["cosine"]["tta"]["run_f1"]) == ["fold0-seed0", "fold1-seed0"]
     table = (out / "recipes.md").read_text()
     assert "cosine + TTA" in table and "origin=field accuracy" in table
