@@ -1,7 +1,7 @@
 """Recipe benchmark: several training recipes over the same cv folds and seeds of one shard set, one table.
 
-    python -m cornpipe.bench.recipes SHARDS --out DIR --recipes bench/recipes.toml [--folds 3 --seeds 0,1]
-        [--only NAME,NAME] [--metadata origin]
+    python -m cornpipe.bench.recipes SHARDS --out DIR --recipes RECIPES.toml [--folds 3 --seeds 0,1]
+        [--only NAME,NAME] [--metadata origin] [--against NAME]
 
 The recipes file is TOML: a `[base]` table of `cornpipe train` settings every recipe shares, then one
 `[[recipe]]` per row: `name`, the settings it changes (any `cornpipe train` config key) and optionally
@@ -14,7 +14,8 @@ user runs; a rerun after a kill resumes it, and cv refuses a changed recipe unde
 recipe sees the same folds and seeds. DIR/recipes.md then has, per recipe: position macro-F1 and accuracy
 as mean ± sd over folds with the cv's 95 % t-interval, the pooled out-of-fold macro-F1, and the paired
 difference in macro-F1 from the baseline over the same (fold, seed) runs with its 95 % t-interval: the
-runs share their folds, so the paired interval is the one that can tell two recipes apart. With
+runs share their folds, so the paired interval is the one that can tell two recipes apart (`--against NAME`
+adds a second such column: against the recipe the others each change one setting of, say). With
 `--metadata KEY` (a manifest column such as origin), out-of-fold accuracy per value of KEY, with a
 percentile bootstrap interval, and its difference from the baseline's on the same samples (paired
 bootstrap over the samples). DIR/recipes.json holds the same numbers.
@@ -231,17 +232,21 @@ def summarize_recipe(cv_dir: Path, shards: Path, recipe: dict[str, Any], metadat
     return result
 
 
-def compare(results: Sequence[dict[str, Any]], baseline: str) -> None:
-    """Adds `vs_baseline` (paired macro-F1 differences over the shared runs) to each result (and its TTA)."""
+def compare(results: Sequence[dict[str, Any]], baseline: str, against: str | None = None) -> None:
+    """Adds `vs_baseline` (paired macro-F1 differences over the shared runs) to each result (and its TTA), and
+    `vs_against`: the same against a second recipe (`--against`, e.g. the one the others each change)."""
     first = next(r for r in results if r["name"] == baseline)
-    base = first["run_f1"]
+    second = next((r for r in results if r["name"] == against), None)
     for r in results:
         for part in (r, r.get("tta")):
-            if part is not None:
-                shared = sorted(set(base) & set(part["run_f1"]))
-                part["vs_baseline"] = paired([part["run_f1"][k] - base[k] for k in shared])
-                for key in [k for k in part if k.startswith("by_")]:  # per metadata value, paired over samples
-                    paired_groups(part[key], first[key])
+            if part is None:
+                continue
+            for name, other in (("vs_baseline", first), ("vs_against", second)):
+                if other is not None:
+                    shared = sorted(set(other["run_f1"]) & set(part["run_f1"]))
+                    part[name] = paired([part["run_f1"][k] - other["run_f1"][k] for k in shared])
+            for key in [k for k in part if k.startswith("by_")]:  # per metadata value, paired over samples
+                paired_groups(part[key], first[key])
 
 
 def _f(x: float | None, signed: bool = False) -> str:
@@ -252,28 +257,36 @@ def _ci(ci: Sequence[float] | None, signed: bool = False) -> str:
     return "—" if not ci else f"[{_f(ci[0], signed)}, {_f(ci[1], signed)}]"
 
 
-def format_table(results: Sequence[dict[str, Any]], baseline: str, metadata: str | None) -> str:
+def _delta(part: dict[str, Any], key: str) -> str:
+    d = part.get(key)
+    return "—" if not d or d["mean"] is None else f"{_f(d['mean'], True)} {_ci(d['ci95'], True)}"
+
+
+def format_table(results: Sequence[dict[str, Any]], baseline: str, metadata: str | None,
+                 against: str | None = None) -> str:
     """recipes.md: one row per recipe (and per recipe's TTA evaluation)."""
     groups = sorted({v for r in results for v in r.get("by_" + metadata, {})}) if metadata else []
     head = ["recipe", "changes from base", "macro-F1 mean ± sd [95 % CI]", "accuracy mean ± sd",
-            "pooled OOF macro-F1", f"Δ macro-F1 vs {baseline} [95 % CI, paired]", "best epochs"]
+            "pooled OOF macro-F1", f"Δ macro-F1 vs {baseline} [95 % CI, paired]"]
+    head += [f"Δ vs {against} [95 % CI, paired]"] if against else []
+    head += ["best epochs"]
     head += [f"{metadata}={g} accuracy [95 % CI]" for g in groups]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         f1, acc = r["cv"]["position_macro_f1"], r["cv"]["position_accuracy"]
         changes = ", ".join(f"{k}={v}" for k, v in r["settings"].items() if k != "init_weights") or "—"
-        vs = r["vs_baseline"]
         cells = [r["name"], changes, f"{_f(f1['mean'])} ± {_f(f1['sd'])} {_ci(f1['ci95'])}",
                  f"{_f(acc['mean'])} ± {_f(acc['sd'])}", _f(r["oof_macro_f1"]),
-                 "—" if r["name"] == baseline else f"{_f(vs['mean'], True)} {_ci(vs['ci95'], True)}",
-                 ",".join(map(str, r["best_epochs"]))]
+                 "—" if r["name"] == baseline else _delta(r, "vs_baseline")]
+        cells += (["—" if r["name"] == against else _delta(r, "vs_against")] if against else [])
+        cells += [",".join(map(str, r["best_epochs"]))]
         cells += [_group_cell(r.get("by_" + metadata, {}).get(g)) for g in groups]
         lines.append("| " + " | ".join(cells) + " |")
         if r.get("tta"):
             t, runs = r["tta"], list(r["tta"]["run_f1"].values())
             cells = [f"{r['name']} + TTA", "mirror-averaged evaluation of the same runs",
-                     f"{_f(float(np.mean(runs)))} (run mean)", "—", "—",
-                     f"{_f(t['vs_baseline']['mean'], True)} {_ci(t['vs_baseline']['ci95'], True)}", "same"]
+                     f"{_f(float(np.mean(runs)))} (run mean)", "—", "—", _delta(t, "vs_baseline")]
+            cells += ([_delta(t, "vs_against")] if against else []) + ["same"]
             cells += [_group_cell(t.get("by_" + metadata, {}).get(g)) for g in groups]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -310,14 +323,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fold-seed", type=int, default=0)
     parser.add_argument("--only", default=None, help="comma-separated recipe names (the baseline always runs)")
     parser.add_argument("--metadata", default=None, help="a manifest column: OOF accuracy per value")
+    parser.add_argument("--against", default=None, help="a second recipe to give paired differences from")
     args = parser.parse_args(argv)
     import cornpipe.runs.model_eval  # noqa: F401  # now: the TTA step hours later runs the code this process started with
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         base, recipes = load_recipes(args.recipes)
         baseline = next(r["name"] for r in recipes if r["baseline"])
+        if args.against and args.against not in {r["name"] for r in recipes}:
+            raise BenchError(f"--against: no recipe named {args.against}")
         if args.only:
-            wanted = {n.strip() for n in args.only.split(",")} | {baseline}
+            wanted = {n.strip() for n in args.only.split(",")} | {baseline} | ({args.against} if args.against else set())
             unknown = wanted - {r["name"] for r in recipes}
             if unknown:
                 raise BenchError(f"--only: no recipe named {', '.join(sorted(unknown))}")
@@ -329,9 +345,9 @@ def main(argv: list[str] | None = None) -> int:
             cv_dir = run_recipe(args.shards, args.out, recipe, base, folds=args.folds, seeds=seeds,
                                 fold_seed=args.fold_seed)
             results.append(summarize_recipe(cv_dir, args.shards, recipe, args.metadata, values))
-            compare(results, baseline)  # the table so far, after every recipe: a kill loses nothing written
+            compare(results, baseline, args.against)  # the table so far, after every recipe: a kill loses nothing written
             (args.out / "recipes.json").write_text(json.dumps({"base": base, "results": results}, indent=2) + "\n")
-            (args.out / "recipes.md").write_text(format_table(results, baseline, args.metadata), encoding="utf-8")
+            (args.out / "recipes.md").write_text(format_table(results, baseline, args.metadata, args.against), encoding="utf-8")
     except BenchError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 1

@@ -59,7 +59,7 @@ def test_two_recipes_on_the_same_folds_give_one_table_with_their_paired_differen
                                  "[[recipe]]\nname = \"cosine\"\nschedule = \"cosine\"\njitter = 0.0\ntta = true\n")
     out = tmp_path / "bench"
     assert main([str(shards), "--out", str(out), "--recipes", str(recipes), "--folds", "2", "--seeds", "0",
-                 "--metadata", "origin"]) == 0
+                 "--metadata", "origin", "--against", "cosine"]) == 0
     results = {r["name"]: r for r in json.loads((out / "recipes.json").read_text())["results"]}
     assert set(results) == {"plain", "cosine"}
     for name in results:  # each recipe is a real cv: its folder, its config, its runs
@@ -69,6 +69,7 @@ def test_two_recipes_on_the_same_folds_give_one_table_with_their_paired_differen
     assert sorted(plain) == sorted(cosine) == ["fold0-seed0", "fold1-seed0"]
     expected = sum(cosine[k] - plain[k] for k in plain) / 2
     assert results["cosine"]["vs_baseline"]["mean"] == pytest.approx(expected)
+    assert results["plain"]["vs_against"]["mean"] == pytest.approx(-expected)
     assert set(results["cosine"]["by_origin"]) == {"field", "lab"}
     assert results["cosine"]["by_origin"]["field"]["n"] + results["cosine"]["by_origin"]["lab"]["n"] == 36
     field = {name: results[name]["by_origin"]["field"] for name in results}  # same photos: a paired difference
