@@ -220,3 +220,11 @@ def shards_from_csv(raw: Path, header: str, rows: list[str]) -> Path:
     out = raw / "shards"
     convert_dataset(None, out, manifest_csv=raw / "labels.csv", max_resolution=32, workers=1, formats=("wds",))
     return out
+
+
+def field_lab_shards_of(n: int, tmp: Path) -> Path:
+    """`n` noise images from a manifest CSV without source or stage, with an `origin` column: every fourth
+    a field photo, the rest lab photos; positions and grades (0, 3) cycle."""
+    return shards_from_csv(tmp, "path,position,grade,origin",
+                           [f"img{i:02d}.jpg,{'lmt'[i % 3]},{(0, 3)[i % 2]},{'field' if i % 4 == 0 else 'lab'}"
+                            for i in range(n)])

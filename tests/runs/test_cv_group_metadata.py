@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import cli_run, error_line, shards_from_csv
+from conftest import cli_run, error_line, field_lab_shards_of
 
 from cornpipe.errors import ConfigError
 from cornpipe.runs.config import TrainConfig
@@ -16,9 +16,7 @@ from cornpipe.runs.cv import fold_assignment
 @pytest.fixture(scope="module")
 def field_lab_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """12 images from a manifest CSV without source or stage, with an `origin` (field/lab) column."""
-    return shards_from_csv(tmp_path_factory.mktemp("fieldlab"), "path,position,grade,origin",
-                           [f"img{i:02d}.jpg,{'lmt'[i % 3]},{(0, 3)[i % 2]},{'field' if i % 4 == 0 else 'lab'}"
-                            for i in range(12)])
+    return field_lab_shards_of(12, tmp_path_factory.mktemp("fieldlab"))
 
 
 # should a refusal regress, the runs it would start are over in seconds

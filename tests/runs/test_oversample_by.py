@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import cli_run, error_line, shards_from_csv
+from conftest import cli_run, error_line, field_lab_shards_of
 
 from cornpipe.errors import ConfigError
 from cornpipe.runs.config import TrainConfig, load_toml, to_toml
@@ -17,9 +17,7 @@ from cornpipe.runs.config import TrainConfig, load_toml, to_toml
 @pytest.fixture(scope="module")
 def field_lab_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """16 images from a manifest CSV with an `origin` column: a quarter field photos."""
-    return shards_from_csv(tmp_path_factory.mktemp("overby"), "path,position,grade,origin",
-                           [f"img{i:02d}.jpg,{'lmt'[i % 3]},{(0, 3)[i % 2]},{'field' if i % 4 == 0 else 'lab'}"
-                            for i in range(16)])
+    return field_lab_shards_of(16, tmp_path_factory.mktemp("overby"))
 
 
 QUICK = ["--model", "resnet_plus_tiny", "--image-size", "32", "--epochs", "1", "--workers", "0", "--device", "cpu",
