@@ -67,12 +67,14 @@ def evaluate(model: nn.Module, loader: Any, loss_fn: nn.Module, cfg: TrainConfig
 
 def _mean_view(model: nn.Module, views: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
     """The model's outputs on one view, or on several averaged: mean softmax as log-probabilities (so the
-    Collector's softmax gives the mean back) and mean grade."""
+    Collector's softmax gives the mean back) and mean grade. A calibration temperature then divides these
+    log-probabilities (predict divides each view's logits): the argmax, and so every class metric, is the same."""
     if len(views) == 1:
         return {k: v.float() for k, v in model(views[0]).items()}
     outs = [model(view) for view in views]
     prob = torch.stack([o["position"].float().softmax(dim=1) for o in outs]).mean(0)
-    return {"position": prob.log(), "grade": torch.stack([o["grade"].float() for o in outs]).mean(0)}
+    log_prob = prob.clamp_min(torch.finfo(prob.dtype).tiny).log()  # a softmax underflowed to 0: finite loss
+    return {"position": log_prob, "grade": torch.stack([o["grade"].float() for o in outs]).mean(0)}
 
 
 def evaluate_checkpoint(checkpoint: Path | str, shards: Path | str | None = None, split: str = "val", *,
