@@ -54,7 +54,8 @@ def _opt(*decls: str, help: str, **kwargs: Any) -> Any:
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
               help="run.toml with any of the options below (flags given here override it).")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False),
-              help="Continue RUN from RUN/last.pt (flags such as --epochs/--patience may change).")
+              help="Continue RUN from RUN/last.pt (flags such as --epochs/--patience may change; a new --epochs "
+                   "stretches the cosine schedule over the new total from where the run stopped).")
 @click.option("--force", is_flag=True, help="Overwrite the run files in an existing --out.")
 @click.option("--allow-new-shards", is_flag=True,
               help="With --resume: continue on a shard set other than the run's own (the report says so).")
