@@ -94,7 +94,7 @@ def _opt(*decls: str, help: str, **kwargs: Any) -> Any:
 @_opt("--compile/--no-compile", help="torch.compile the model [default: on for CUDA].")
 @_opt("--channels-last/--no-channels-last", help="NHWC memory format [default: on; faster on the CPU too].")
 @_opt("--optimizer", type=click.Choice(OPTIMIZERS), help="AdamW or SGD with Nesterov momentum.")
-@_opt("--lr", type=float, help="Peak learning rate [default: 1e-3 adamw, 0.05 sgd]. Used as given, also "
+@_opt("--lr", type=float, help="Peak learning rate [default: 2e-3 adamw, 0.05 sgd]. Used as given, also "
       "under DDP: when the global batch grows k-fold (more processes), scale it yourself -- k x lr for SGD "
       "(linear rule, keep the warm-up), about sqrt(k) x lr for AdamW.")
 @_opt("--weight-decay", type=float, help="Weight decay, not on norms/biases [default: 0.05 adamw, 5e-4 sgd].")

@@ -41,7 +41,7 @@ from cornpipe.choices import (
 from cornpipe.errors import ConfigError
 
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
-OPTIMIZER_DEFAULTS: dict[str, tuple[float, float]] = {"adamw": (1e-3, 0.05), "sgd": (0.05, 5e-4)}  # lr, wd
+OPTIMIZER_DEFAULTS: dict[str, tuple[float, float]] = {"adamw": (2e-3, 0.05), "sgd": (0.05, 5e-4)}  # lr, wd
 SCHEDULES: tuple[str, ...] = ("plateau", "cosine")
 AMP_MODES: tuple[str, ...] = ("auto", "fp16", "bf16", "off")
 # Every monitor is "higher is better"; metrics where lower is better enter negated.
@@ -91,7 +91,7 @@ class TrainConfig:
     # optimisation
     epochs: int = 30  # maximum epochs (early stopping may end sooner)
     optimizer: str = "adamw"  # adamw | sgd (Nesterov momentum)
-    lr: float | None = None  # peak learning rate after warm-up; None = 1e-3 (adamw) / 0.05 (sgd)
+    lr: float | None = None  # peak learning rate after warm-up; None = 2e-3 (adamw; docs/recipes.md) / 0.05 (sgd)
     weight_decay: float | None = None  # conv/linear weights only; None = 0.05 (adamw) / 5e-4 (sgd)
     momentum: float = 0.9  # SGD momentum
     warmup_epochs: int = 1  # epochs of per-step linear warm-up from lr / 10 to lr

@@ -41,7 +41,7 @@ def test_cv_rerun_with_another_config_is_refused_and_nothing_changes(a_cv: Path,
     (a_cv / "fold1-seed0" / "cv_result.json").unlink()  # killed in fold 1
     result = cli_run("cv", tiny_shards, "--out", a_cv, "--folds", "2", *TINY, "--lr", "0.01")
     assert result.exit_code == 1
-    assert error_line(result) == (f"Error: {a_cv} holds a cv started with another config (lr 0.001 -> 0.01); "
+    assert error_line(result) == (f"Error: {a_cv} holds a cv started with another config (lr 0.002 -> 0.01); "
                                   "rerun it with the options it started with to continue it, or add --force "
                                   "to start a new cv there")
     assert (a_cv / "cv.json").read_text() == before

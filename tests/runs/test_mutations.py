@@ -62,10 +62,11 @@ def test_ema_weights_are_the_warmed_up_exponential_average() -> None:
 def plateau_run(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Four one-batch epochs on the plateau schedule, no warm-up, patience 0; read-only below.
 
-    min_delta 0.05 (combined-monitor units) makes this run's monitor alternate: better, not, better, not."""
+    min_delta 0.05 (combined-monitor units) at lr 1e-3 makes this run's monitor alternate: better, not, better,
+    not."""
     run = tmp_path_factory.mktemp("plateau") / "run"
     train(TrainConfig(shards=str(tiny_shards), out=str(run), epochs=4, max_batches=1, schedule="plateau",
-                      warmup_epochs=0, plateau_patience=0, plateau_factor=0.5, min_delta=0.05, **TINY))
+                      warmup_epochs=0, plateau_patience=0, plateau_factor=0.5, min_delta=0.05, lr=1e-3, **TINY))
     return run
 
 
