@@ -77,3 +77,14 @@ def test_two_recipes_on_the_same_folds_give_one_table_with_their_paired_differen
     assert sorted(results["cosine"]["tta"]["run_f1"]) == ["fold0-seed0", "fold1-seed0"]
     table = (out / "recipes.md").read_text()
     assert "cosine + TTA" in table and "origin=field accuracy" in table
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "configs" / "benchmarks").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_the_benchmark_recipe_files_of_docs_recipes_are_valid(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cornpipe.bench.recipes import load_recipes
+
+    monkeypatch.setenv("LITE0", "efficientnet-lite0.pth")
+    base, recipes = load_recipes(path)
+    assert len(recipes) >= 2 and sum(r["baseline"] for r in recipes) == 1
+    assert path.name in (Path(__file__).parents[2] / "docs" / "recipes.md").read_text()
